@@ -1,0 +1,18 @@
+//! The federated-simulation glue and the `fibecfed` command-line tool.
+//!
+//! Owns: reading the nine TSV dataset layouts ([`data`]), centralised LoRA training
+//! ([`train`]), sentence embeddings ([`embed`]) and safe output files ([`output`]).
+//! Partitioners, clients, servers and rounds arrive with the federated issue and will
+//! live here too. The numerics live in `fibecfed-transformer` and `fibecfed-lora`.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! let ds = fibecfed_sim::data::read_tsv(Path::new("../shared/data/mr/dev.tsv"))?;
+//! assert_eq!(ds.label_names, ["0", "1"]);
+//! # Ok::<(), fibecfed_sim::data::DataError>(())
+//! ```
+
+pub mod data;
+pub mod embed;
+pub mod output;
+pub mod train;

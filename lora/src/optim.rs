@@ -1,0 +1,66 @@
+//! AdamW with PyTorch's semantics (decoupled weight decay, bias-corrected moments).
+
+use crate::Real;
+use crate::params::LoraParams;
+
+/// Hyper-parameters; defaults are `torch.optim.AdamW`'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// Optimiser state for one [`LoraParams`]: first and second moments of the same shapes.
+#[derive(Debug, Clone)]
+pub struct AdamW<F> {
+    pub config: AdamWConfig,
+    m: LoraParams<F>,
+    v: LoraParams<F>,
+    step: u64,
+}
+
+impl<F: Real> AdamW<F> {
+    pub fn new(config: AdamWConfig, params: &LoraParams<F>) -> Self {
+        Self { config, m: params.zeros_like(), v: params.zeros_like(), step: 0 }
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// One update, as `torch.optim.AdamW.step()` (non-foreach path) computes it:
+    /// p ← p·(1 − lr·wd); p ← p − (lr / bc1) · m / (√v / √bc2 + eps).
+    pub fn step(&mut self, params: &mut LoraParams<F>, grads: &LoraParams<F>) {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        let decay = F::from_f64(1.0 - c.lr * c.weight_decay);
+        let step_size = F::from_f64(c.lr / bc1);
+        let (b1, b2) = (F::from_f64(c.beta1), F::from_f64(c.beta2));
+        let (one_b1, one_b2) = (F::from_f64(1.0 - c.beta1), F::from_f64(1.0 - c.beta2));
+        let (bc2_sqrt, eps) = (F::from_f64(bc2_sqrt), F::from_f64(c.eps));
+        let mut ms = self.m.slices_mut();
+        let mut vs = self.v.slices_mut();
+        let gs = grads.slices();
+        for (((p, g), m), v) in params.slices_mut().into_iter().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+            for i in 0..p.len() {
+                let gi = g[i];
+                m[i] = b1 * m[i] + one_b1 * gi;
+                v[i] = b2 * v[i] + one_b2 * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] = p[i] * decay - step_size * m[i] / denom;
+            }
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Forward and hand-written backward pass of the encoder with LoRA sites and a
+//! mean-pool classification head. Only LoRA factors and the head receive gradients;
+//! the base model is frozen, so its weight gradients are never formed.
+
+use std::collections::BTreeMap;
+
+use fibecfed_lora::{Head, LoraParams, LoraWeights, Real, SiteId, SiteKind};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, Axis, s};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::ModelError;
+use crate::ops::{NormCache, activate, layer_norm, layer_norm_backward, masked_softmax_rows, softmax_backward_rows};
+use crate::tokenize::Batch;
+use crate::weights::{BertModel, Linear};
+
+/// Trainable state applied on top of the frozen model.
+#[derive(Debug, Clone, Copy)]
+pub struct Adapter<'a, F> {
+    pub params: &'a LoraParams<F>,
+    /// alpha / r (or alpha / √r with rsLoRA).
+    pub scale: F,
+}
+
+/// What a site hook sees during backward: enough to form the per-sample gradients
+/// ∂ℓ/∂A = scale · Σ_t (B·δ_t)... without the encoder knowing about Fisher.
+#[derive(Debug)]
+pub struct SiteTrace<'a, F> {
+    pub site: SiteId,
+    /// The LoRA input rows (after LoRA dropout), B·T × d_in, row b·T + t.
+    pub x: ArrayView2<'a, F>,
+    /// ∂loss/∂(site output) rows, B·T × d_out. Exactly zero on padding rows.
+    pub delta: ArrayView2<'a, F>,
+    /// 1 for real tokens, 0 for padding, length B·T.
+    pub mask: ArrayView1<'a, F>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub weights: &'a LoraWeights<F>,
+    pub scale: F,
+}
+
+/// Receives per-site activations and output gradients during backward. The
+/// `fibecfed-fisher` crate implements it; the encoder does not depend on it.
+pub trait SiteHook<F> {
+    fn site(&mut self, trace: &SiteTrace<'_, F>);
+    /// The head's input (mean-pooled features, B×H) and ∂loss/∂logits (B×C).
+    fn head(&mut self, _pooled: ArrayView2<'_, F>, _dlogits: ArrayView2<'_, F>) {}
+}
+
+/// A hook that does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHook;
+impl<F> SiteHook<F> for NoHook {
+    fn site(&mut self, _trace: &SiteTrace<'_, F>) {}
+}
+
+#[derive(Debug, Clone)]
+struct SiteCache<F> {
+    /// LoRA input after dropout; None when dropout is off (then it is the base input).
+    x_drop: Option<Array2<F>>,
+    /// Dropout multipliers (0 or 1/(1−p)), None when dropout is off.
+    drop_mask: Option<Array2<F>>,
+    /// u = x_drop · Aᵀ, N × r.
+    u: Array2<F>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache<F> {
+    input: Array2<F>,
+    q: Array2<F>,
+    k: Array2<F>,
+    v: Array2<F>,
+    probs: Array3<F>,
+    context: Array2<F>,
+    attention_norm: NormCache<F>,
+    h1: Array2<F>,
+    act_grad: Array2<F>,
+    act: Array2<F>,
+    output_norm: NormCache<F>,
+    sites: BTreeMap<SiteKind, SiteCache<F>>,
+}
+
+/// The result of a training forward pass: logits and what backward needs.
+#[derive(Debug, Clone)]
+pub struct Forward<F> {
+    pub logits: Array2<F>,
+    pub pooled: Array2<F>,
+    layers: Vec<LayerCache<F>>,
+}
+
+/// LoRA dropout, as PEFT applies it: on the adapter's input only.
+#[derive(Debug)]
+pub struct Dropout<'a> {
+    pub p: f32,
+    pub rng: &'a mut ChaCha8Rng,
+}
+
+fn linear<F: Real>(x: &ArrayView2<F>, lin: &Linear<F>) -> Array2<F> {
+    let mut y = Array2::zeros((x.nrows(), lin.weight.nrows()));
+    general_mat_mul(F::one(), x, &lin.weight.t(), F::zero(), &mut y);
+    y += &lin.bias;
+    y
+}
+
+/// Base linear map plus scale·(x_drop·Aᵀ)·Bᵀ when the site has an adapter.
+fn site_forward<F: Real>(
+    x: &Array2<F>,
+    lin: &Linear<F>,
+    lora: Option<(&LoraWeights<F>, F)>,
+    dropout: &mut Option<Dropout<'_>>,
+    record: bool,
+) -> (Array2<F>, Option<SiteCache<F>>) {
+    let mut y = linear(&x.view(), lin);
+    let Some((w, scale)) = lora else { return (y, None) };
+    let (x_drop, drop_mask) = match dropout.as_mut().filter(|d| d.p > 0.0) {
+        Some(d) => {
+            let keep = F::from_f64(1.0 / (1.0 - f64::from(d.p)));
+            let mask = Array2::from_shape_simple_fn(x.raw_dim(), || {
+                if d.rng.random::<f32>() < d.p { F::zero() } else { keep }
+            });
+            (Some(x * &mask), Some(mask))
+        }
+        None => (None, None),
+    };
+    let xin = x_drop.as_ref().unwrap_or(x);
+    let mut u = Array2::zeros((x.nrows(), w.a.nrows()));
+    general_mat_mul(F::one(), xin, &w.a.t(), F::zero(), &mut u);
+    general_mat_mul(scale, &u, &w.b.t(), F::one(), &mut y);
+    let cache = record.then(|| SiteCache { x_drop, drop_mask, u });
+    (y, cache)
+}
+
+/// Backward of one site. Accumulates the LoRA gradients, calls the hook, and returns
+/// dx when `need_dx`.
+#[allow(clippy::too_many_arguments)]
+fn site_backward<F: Real>(
+    dy: &Array2<F>,
+    x: &Array2<F>,
+    lin: &Linear<F>,
+    site: SiteId,
+    lora: Option<(&LoraWeights<F>, F, &SiteCache<F>, &mut LoraWeights<F>)>,
+    ctx: &mut BackwardCtx<'_, '_, F>,
+    need_dx: bool,
+) -> Option<Array2<F>> {
+    let mut dx = need_dx.then(|| {
+        let mut dx = Array2::zeros((dy.nrows(), lin.weight.ncols()));
+        general_mat_mul(F::one(), dy, &lin.weight, F::zero(), &mut dx);
+        dx
+    });
+    if let Some((w, scale, cache, grad)) = lora {
+        let xin = cache.x_drop.as_ref().unwrap_or(x);
+        // dy·B (N×r) serves both dA and the adapter's share of dx.
+        let dyb = dy.dot(&w.b);
+        general_mat_mul(scale, &dyb.t(), xin, F::one(), &mut grad.a);
+        general_mat_mul(scale, &dy.t(), &cache.u, F::one(), &mut grad.b);
+        if let Some(dx) = dx.as_mut() {
+            let mut through = dyb.dot(&w.a);
+            if let Some(m) = &cache.drop_mask {
+                through *= m;
+            }
+            dx.scaled_add(scale, &through);
+        }
+        ctx.hook.site(&SiteTrace {
+            site,
+            x: xin.view(),
+            delta: dy.view(),
+            mask: ctx.mask.view(),
+            batch: ctx.batch,
+            seq_len: ctx.seq_len,
+            weights: w,
+            scale,
+        });
+    }
+    dx
+}
+
+struct BackwardCtx<'h, 'm, F> {
+    hook: &'h mut dyn SiteHook<F>,
+    mask: &'m Array1<F>,
+    batch: usize,
+    seq_len: usize,
+}
+
+/// How far down a layer's backward must go: 0 = output dense, 1 = intermediate,
+/// 2 = attention output, 3 = q/k/v, 4 = the layer's input.
+fn depth(kind: SiteKind) -> u8 {
+    match kind {
+        SiteKind::Output => 0,
+        SiteKind::Intermediate => 1,
+        SiteKind::AttentionOutput => 2,
+        SiteKind::Query | SiteKind::Key | SiteKind::Value => 3,
+    }
+}
+
+impl<F: Real> BertModel<F> {
+    fn check_batch(&self, batch: &Batch) -> Result<(), ModelError> {
+        let c = &self.config;
+        if batch.seq_len > c.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "sequence length {} exceeds max_position_embeddings {}",
+                batch.seq_len, c.max_position_embeddings
+            )));
+        }
+        if let Some((i, id)) = batch.input_ids.iter().enumerate().find(|&(_, &id)| id as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {id} (sequence {}, position {}) is outside the vocabulary of {} entries: \
+                 tokenizer and model do not match",
+                i / batch.seq_len,
+                i % batch.seq_len,
+                c.vocab_size
+            )));
+        }
+        if let Some(&t) = batch.token_type_ids.iter().find(|&&t| t as usize >= c.type_vocab_size) {
+            return Err(ModelError::Input(format!("token type {t} exceeds type_vocab_size {}", c.type_vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// Checks that every adapter site exists in this model with fitting shapes and
+    /// that the head reads this hidden size.
+    pub fn check_adapter(&self, params: &LoraParams<F>) -> Result<(), ModelError> {
+        for (site, w) in &params.sites {
+            let Some(layer) = self.layers.get(site.layer) else {
+                return Err(ModelError::Input(format!(
+                    "adapter site {site} is outside this {}-layer model",
+                    self.layers.len()
+                )));
+            };
+            let lin = layer.linear(site.kind);
+            let r = w.a.nrows();
+            if w.a.ncols() != lin.weight.ncols() || w.b.nrows() != lin.weight.nrows() || w.b.ncols() != r {
+                return Err(ModelError::Input(format!(
+                    "adapter site {site}: A is {:?} and B is {:?}, but the base weight is {:?} (expected A [r, {}], B [{}, r])",
+                    w.a.shape(),
+                    w.b.shape(),
+                    lin.weight.shape(),
+                    lin.weight.ncols(),
+                    lin.weight.nrows()
+                )));
+            }
+        }
+        let h = self.config.hidden_size;
+        if params.head.weight.ncols() != h || params.head.bias.len() != params.head.weight.nrows() {
+            return Err(ModelError::Input(format!(
+                "classifier weight is {:?} and bias {:?}, expected [labels, {h}] and [labels]",
+                params.head.weight.shape(),
+                params.head.bias.shape()
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, batch: &Batch) -> Array2<F> {
+        let e = &self.embeddings;
+        let h = self.config.hidden_size;
+        let mut x = Array2::zeros((batch.batch * batch.seq_len, h));
+        for (i, mut row) in x.axis_iter_mut(Axis(0)).enumerate() {
+            let t = i % batch.seq_len;
+            row.assign(&e.word.row(batch.input_ids[i] as usize));
+            row += &e.position.row(t);
+            row += &e.token_type.row(batch.token_type_ids[i] as usize);
+        }
+        layer_norm(x, &e.norm, false).0
+    }
+
+    /// Multi-head self-attention over keys that are not padding. Returns the
+    /// context (N×H) and, with `record`, the probabilities (B·heads × T × T).
+    fn attention(&self, q: &Array2<F>, k: &Array2<F>, v: &Array2<F>, batch: &Batch, record: bool) -> (Array2<F>, Array3<F>) {
+        let (b, t) = (batch.batch, batch.seq_len);
+        let heads = self.config.num_attention_heads;
+        let dh = self.config.head_dim();
+        let scale = F::one() / F::from_f64((dh as f64).sqrt());
+        let mut ctx = Array2::zeros(q.raw_dim());
+        let mut probs = if record { Array3::zeros((b * heads, t, t)) } else { Array3::zeros((0, 0, 0)) };
+        let mut sc = Array2::zeros((t, t));
+        for bi in 0..b {
+            let rows = bi * t..(bi + 1) * t;
+            let key_mask = &batch.mask[rows.clone()];
+            for h in 0..heads {
+                let cols = h * dh..(h + 1) * dh;
+                let qh = q.slice(s![rows.clone(), cols.clone()]);
+                let kh = k.slice(s![rows.clone(), cols.clone()]);
+                let vh = v.slice(s![rows.clone(), cols.clone()]);
+                general_mat_mul(scale, &qh, &kh.t(), F::zero(), &mut sc);
+                masked_softmax_rows(&mut sc, key_mask);
+                let mut ch = ctx.slice_mut(s![rows.clone(), cols]);
+                general_mat_mul(F::one(), &sc, &vh, F::zero(), &mut ch);
+                if record {
+                    probs.index_axis_mut(Axis(0), bi * heads + h).assign(&sc);
+                }
+            }
+        }
+        (ctx, probs)
+    }
+
+    fn attention_backward(&self, dctx: &Array2<F>, cache: &LayerCache<F>, batch: &Batch) -> (Array2<F>, Array2<F>, Array2<F>) {
+        let (b, t) = (batch.batch, batch.seq_len);
+        let heads = self.config.num_attention_heads;
+        let dh = self.config.head_dim();
+        let scale = F::one() / F::from_f64((dh as f64).sqrt());
+        let mut dq = Array2::zeros(dctx.raw_dim());
+        let mut dk = Array2::zeros(dctx.raw_dim());
+        let mut dv = Array2::zeros(dctx.raw_dim());
+        let mut dp = Array2::zeros((t, t));
+        for bi in 0..b {
+            let rows = bi * t..(bi + 1) * t;
+            for h in 0..heads {
+                let cols = h * dh..(h + 1) * dh;
+                let p = cache.probs.index_axis(Axis(0), bi * heads + h);
+                let dc = dctx.slice(s![rows.clone(), cols.clone()]);
+                let qh = cache.q.slice(s![rows.clone(), cols.clone()]);
+                let kh = cache.k.slice(s![rows.clone(), cols.clone()]);
+                let vh = cache.v.slice(s![rows.clone(), cols.clone()]);
+                general_mat_mul(F::one(), &dc, &vh.t(), F::zero(), &mut dp);
+                general_mat_mul(F::one(), &p.t(), &dc, F::zero(), &mut dv.slice_mut(s![rows.clone(), cols.clone()]));
+                softmax_backward_rows(&mut dp, &p, scale);
+                general_mat_mul(F::one(), &dp, &kh, F::zero(), &mut dq.slice_mut(s![rows.clone(), cols.clone()]));
+                general_mat_mul(F::one(), &dp.t(), &qh, F::zero(), &mut dk.slice_mut(s![rows.clone(), cols]));
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    /// Runs the encoder; with `record`, keeps what backward needs.
+    fn run(
+        &self,
+        batch: &Batch,
+        adapter: Option<Adapter<'_, F>>,
+        mut dropout: Option<Dropout<'_>>,
+        record: bool,
+    ) -> Result<(Array2<F>, Vec<LayerCache<F>>), ModelError> {
+        self.check_batch(batch)?;
+        if let Some(a) = adapter {
+            self.check_adapter(a.params)?;
+        }
+        let mut x = self.embed(batch);
+        let mut caches = Vec::with_capacity(if record { self.layers.len() } else { 0 });
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut sites = BTreeMap::new();
+            let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
+                let lora = adapter.and_then(|a| a.params.sites.get(&SiteId::new(l, kind)).map(|w| (w, a.scale)));
+                let (y, c) = site_forward(input, layer.linear(kind), lora, dropout, record);
+                if let Some(c) = c {
+                    sites.insert(kind, c);
+                }
+                y
+            };
+            let q = fwd(&x, SiteKind::Query, &mut dropout);
+            let k = fwd(&x, SiteKind::Key, &mut dropout);
+            let v = fwd(&x, SiteKind::Value, &mut dropout);
+            let (context, probs) = self.attention(&q, &k, &v, batch, record);
+            let mut a = fwd(&context, SiteKind::AttentionOutput, &mut dropout);
+            a += &x;
+            let (h1, attention_norm) = layer_norm(a, &layer.attention_norm, record);
+            let mut act = fwd(&h1, SiteKind::Intermediate, &mut dropout);
+            let act_grad = activate(&mut act, self.config.hidden_act, record);
+            let mut o = fwd(&act, SiteKind::Output, &mut dropout);
+            o += &h1;
+            let (h2, output_norm) = layer_norm(o, &layer.output_norm, record);
+            if let (Some(attention_norm), Some(act_grad), Some(output_norm)) = (attention_norm, act_grad, output_norm) {
+                caches.push(LayerCache {
+                    input: x,
+                    q,
+                    k,
+                    v,
+                    probs,
+                    context,
+                    attention_norm,
+                    h1,
+                    act_grad,
+                    act,
+                    output_norm,
+                    sites,
+                });
+            }
+            x = h2;
+        }
+        Ok((x, caches))
+    }
+
+    /// The last hidden state, B·T × H (row b·T + t), with an optional adapter.
+    pub fn encode(&self, batch: &Batch, adapter: Option<Adapter<'_, F>>) -> Result<Array2<F>, ModelError> {
+        Ok(self.run(batch, adapter, None, false)?.0)
+    }
+
+    /// Logits for evaluation (no dropout, nothing kept for backward).
+    pub fn logits(&self, batch: &Batch, adapter: Adapter<'_, F>) -> Result<Array2<F>, ModelError> {
+        let hidden = self.encode(batch, Some(adapter))?;
+        let pooled = mean_pool(&hidden, batch);
+        Ok(head_forward(&pooled, &adapter.params.head))
+    }
+
+    /// Training forward pass: logits plus the cache for [`BertModel::backward`].
+    pub fn forward(&self, batch: &Batch, adapter: Adapter<'_, F>, dropout: Option<Dropout<'_>>) -> Result<Forward<F>, ModelError> {
+        let (hidden, layers) = self.run(batch, Some(adapter), dropout, true)?;
+        let pooled = mean_pool(&hidden, batch);
+        let logits = head_forward(&pooled, &adapter.params.head);
+        Ok(Forward { logits, pooled, layers })
+    }
+
+    /// Gradients of the loss whose ∂/∂logits is `dlogits` with respect to every LoRA
+    /// factor and the head. The hook sees each site's (x, δ) as they are formed.
+    pub fn backward(
+        &self,
+        batch: &Batch,
+        adapter: Adapter<'_, F>,
+        fwd: &Forward<F>,
+        dlogits: &Array2<F>,
+        hook: &mut dyn SiteHook<F>,
+    ) -> Result<LoraParams<F>, ModelError> {
+        let params = adapter.params;
+        if dlogits.dim() != fwd.logits.dim() || fwd.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "dlogits is {:?} but the forward pass produced logits {:?}",
+                dlogits.dim(),
+                fwd.logits.dim()
+            )));
+        }
+        let mut grads = params.zeros_like();
+        // Head: logits = pooled·Wᵀ + b.
+        general_mat_mul(F::one(), &dlogits.t(), &fwd.pooled, F::zero(), &mut grads.head.weight);
+        grads.head.bias = dlogits.sum_axis(Axis(0));
+        hook.head(fwd.pooled.view(), dlogits.view());
+        let Some(lowest) = params.sites.keys().map(|s| s.layer).min() else {
+            return Ok(grads);
+        };
+        let mask: Array1<F> = batch.mask.iter().map(|&m| if m { F::one() } else { F::zero() }).collect();
+        let mut dh = pool_backward(&dlogits.dot(&params.head.weight), batch, &mask);
+        let mut ctx = BackwardCtx { hook, mask: &mask, batch: batch.batch, seq_len: batch.seq_len };
+        for l in (lowest..self.layers.len()).rev() {
+            let layer = &self.layers[l];
+            let cache = &fwd.layers[l];
+            let need = if l > lowest {
+                4
+            } else {
+                params.sites.keys().filter(|s| s.layer == l).map(|s| depth(s.kind)).max().unwrap_or(0)
+            };
+            let mut site = |kind: SiteKind, dy: &Array2<F>, x: &Array2<F>, need_dx: bool, ctx: &mut BackwardCtx<'_, '_, F>| {
+                let id = SiteId::new(l, kind);
+                let lora = match (params.sites.get(&id), cache.sites.get(&kind), grads.sites.get_mut(&id)) {
+                    (Some(w), Some(c), Some(g)) => Some((w, adapter.scale, c, g)),
+                    _ => None,
+                };
+                site_backward(dy, x, layer.linear(kind), id, lora, ctx, need_dx)
+            };
+            let d_o = layer_norm_backward(&dh, &layer.output_norm, &cache.output_norm);
+            let Some(mut d_act) = site(SiteKind::Output, &d_o, &cache.act, need >= 1, &mut ctx) else { break };
+            d_act *= &cache.act_grad;
+            let mut dh1 = d_o;
+            match site(SiteKind::Intermediate, &d_act, &cache.h1, need >= 2, &mut ctx) {
+                Some(d) => dh1 += &d,
+                None => break,
+            }
+            let dz1 = layer_norm_backward(&dh1, &layer.attention_norm, &cache.attention_norm);
+            let Some(dctx) = site(SiteKind::AttentionOutput, &dz1, &cache.context, need >= 3, &mut ctx) else { break };
+            let (dq, dk, dv) = self.attention_backward(&dctx, cache, batch);
+            let need_dx = need >= 4;
+            let mut dx = dz1;
+            for (kind, d) in [(SiteKind::Query, &dq), (SiteKind::Key, &dk), (SiteKind::Value, &dv)] {
+                if let Some(g) = site(kind, d, &cache.input, need_dx, &mut ctx) {
+                    dx += &g;
+                }
+            }
+            dh = dx;
+        }
+        Ok(grads)
+    }
+}
+
+/// Mean of the hidden states over each sequence's real tokens.
+pub fn mean_pool<F: Real>(hidden: &Array2<F>, batch: &Batch) -> Array2<F> {
+    let t = batch.seq_len;
+    let mut pooled = Array2::zeros((batch.batch, hidden.ncols()));
+    for (b, mut out) in pooled.axis_iter_mut(Axis(0)).enumerate() {
+        let mut count = 0usize;
+        for i in b * t..(b + 1) * t {
+            if batch.mask[i] {
+                out += &hidden.row(i);
+                count += 1;
+            }
+        }
+        out /= F::from_f64(count.max(1) as f64);
+    }
+    pooled
+}
+
+fn pool_backward<F: Real>(dpooled: &Array2<F>, batch: &Batch, mask: &Array1<F>) -> Array2<F> {
+    let t = batch.seq_len;
+    let mut dh = Array2::zeros((batch.batch * t, dpooled.ncols()));
+    for (i, mut row) in dh.axis_iter_mut(Axis(0)).enumerate() {
+        let b = i / t;
+        if mask[i] > F::zero() {
+            let count = batch.mask[b * t..(b + 1) * t].iter().filter(|&&m| m).count();
+            row.assign(&(&dpooled.row(b) / F::from_f64(count as f64)));
+        }
+    }
+    dh
+}
+
+fn head_forward<F: Real>(pooled: &Array2<F>, head: &Head<F>) -> Array2<F> {
+    let mut logits = pooled.dot(&head.weight.t());
+    logits += &head.bias;
+    logits
+}

@@ -1,0 +1,99 @@
+//! A BERT-family encoder with LoRA sites, written for fine-tuning on the CPU.
+//!
+//! Owns: loading any Hugging Face BERT folder (`config.json`, memory-mapped
+//! `model.safetensors` in f32/f16/bf16, `tokenizer.json`), the forward pass for
+//! padded batches, a mean-pool classification head, cross-entropy, and a hand-written
+//! backward pass for the LoRA factors and the head only (the base is frozen). A
+//! [`SiteHook`] sees every LoRA site's input rows and output gradients during backward;
+//! that is how `fibecfed-fisher` gets per-sample gradient squares without this crate
+//! knowing about Fisher information. Does not own optimisers or adapter files: those
+//! are in `fibecfed-lora`.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use fibecfed_transformer::{BertModel, Batch, TextEncoder};
+//! let dir = Path::new("path/to/all-MiniLM-L6-v2");
+//! let model = BertModel::<f32>::load(dir)?;
+//! let tok = TextEncoder::from_file(&dir.join("tokenizer.json"), 128)?;
+//! let a = tok.encode("a sentence", None)?;
+//! let batch = Batch::from_encoded(&[&a], model.config.pad_token_id)?;
+//! let hidden = model.encode(&batch, None)?; // (B·T) × 384
+//! # Ok::<(), fibecfed_transformer::ModelError>(())
+//! ```
+
+extern crate blas_src;
+
+pub mod config;
+pub mod encoder;
+pub mod loss;
+mod ops;
+pub mod tokenize;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Activation, BertConfig};
+pub use encoder::{Adapter, Dropout, Forward, NoHook, SiteHook, SiteTrace, mean_pool};
+pub use fibecfed_lora::Real;
+pub use loss::{Reduction, cross_entropy};
+pub use tokenize::{Batch, Encoded, TextEncoder};
+pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};
+
+/// Errors from model files and inputs; each names the file, key or sample at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: missing file ({hint})")]
+    MissingFile { path: PathBuf, hint: &'static str },
+    #[error("{path}: {problem}")]
+    Config { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Tensors(#[from] fibecfed_lora::TensorIoError),
+    #[error(transparent)]
+    Lora(#[from] fibecfed_lora::LoraError),
+    #[error("{path}: tensor `{tensor}` is missing")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` has shape {found}, expected {expected}")]
+    TensorShape { path: PathBuf, tensor: String, expected: String, found: String },
+    #[error("{path}: tokenizer error: {problem}")]
+    Tokenizer { path: PathBuf, problem: String },
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+}
+
+/// The three files of a Hugging Face model folder, checked to exist.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+impl ModelFiles {
+    pub fn locate(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFile {
+                path: dir.to_path_buf(),
+                hint: "the model folder does not exist; `cargo xtask assets` fetches the default model",
+            });
+        }
+        let files = Self {
+            config: dir.join("config.json"),
+            weights: dir.join("model.safetensors"),
+            tokenizer: dir.join("tokenizer.json"),
+        };
+        for (path, hint) in [
+            (&files.config, "a Hugging Face config.json"),
+            (&files.weights, "weights as safetensors"),
+            (&files.tokenizer, "a Hugging Face fast tokenizer"),
+        ] {
+            if !path.exists() {
+                return Err(ModelError::MissingFile { path: path.clone(), hint });
+            }
+        }
+        Ok(files)
+    }
+}

@@ -1,0 +1,341 @@
+//! `cargo xtask`: the project's own automation, written in Rust so that a clone
+//! needs nothing but cargo (matklad's cargo-xtask convention; the alias lives in
+//! `.cargo/config.toml`).
+//!
+//! It owns fetching the model and data, running the tests with the model in
+//! place, the benchmark entry point and the main `reproduce` job. It does not
+//! own any algorithm: those live in the library crates and the `fibecfed` binary.
+//!
+//! ```text
+//! cargo xtask reproduce --preset smoke
+//! cargo xtask test
+//! ```
+
+mod assets;
+mod common;
+mod data;
+mod reproduce;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::Result;
+
+use crate::common::{UserError, cargo, run_forwarding, usage_error, workspace_root};
+
+const USAGE: &str = "\
+Usage: cargo xtask <command> [options]
+
+Commands:
+  reproduce [--preset default|smoke] [--epochs N] [--model-dir DIR] [--data-dir DIR]
+      The main job. For now: the centralised LoRA baseline on MR (federated
+      rounds come later). Writes results/<UTC time>/{adapter,metrics.json,summary.md}.
+  test [CARGO_TEST_ARGS...]
+      Finds the model, then `cargo test --workspace --all-targets [ARGS...]`.
+  bench [--quick] [-- CRITERION_ARGS...]
+      `cargo bench -p fibecfed-benches --bench transformer` with the model found.
+  assets [--model-dir DIR] [--print-path]
+      Makes all-MiniLM-L6-v2 available; prints its folder on the last stdout line
+      (with --print-path, that line is all of stdout).
+  data [--data-dir DIR]
+      Resolves the dataset root; prints it on the last stdout line.
+  help
+      This text.
+
+Environment:
+  FIBECFED_MODEL_DIR       model folder (config.json, model.safetensors, tokenizer.json)
+  FIBECFED_DATA_DIR        dataset root (<root>/<dataset>/train.tsv, dev.tsv)
+  FIBECFED_CACHE           cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/fibecfed)
+  FIBECFED_NO_SHARED_DATA  set to 1 to ignore ../shared/data (exercises the data fallback)
+  CARGO                    cargo to run (set by cargo itself)
+
+Exit codes: 0 success, 2 bad input (flags, folders you named), otherwise failure
+(a test or bench failure forwards cargo's own code).
+";
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => code,
+        Err(err) => {
+            if let Some(user) = err.downcast_ref::<UserError>() {
+                eprintln!("error: {user}");
+                if user.show_usage {
+                    eprintln!("\n{USAGE}");
+                }
+                ExitCode::from(2)
+            } else {
+                // `{:#}` prints the whole context chain on one line: what we were
+                // doing, then why it failed.
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn try_main() -> Result<ExitCode> {
+    let mut args = Args::from_env()?;
+    let Some(command) = args.take_first() else {
+        return Err(usage_error("no command given"));
+    };
+    if command != "test" && args.wants_help() {
+        print!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match command.as_str() {
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "assets" => {
+            let options = assets::Options {
+                model_dir: args.value("--model-dir")?.map(PathBuf::from),
+                print_path: args.flag("--print-path"),
+            };
+            args.finish(&command)?;
+            assets::run(&options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "data" => {
+            let options = data::Options {
+                data_dir: args.value("--data-dir")?.map(PathBuf::from),
+            };
+            args.finish(&command)?;
+            data::run(&options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "test" => {
+            // Everything after `test` is cargo test's, `--help` included.
+            test(&args.rest)
+        }
+        "bench" => {
+            let criterion_args = args.split_off_after_dashes();
+            let quick = args.flag("--quick");
+            args.finish(&command)?;
+            bench(quick, &criterion_args)
+        }
+        "reproduce" => {
+            let options = reproduce::Options {
+                data_dir: args.value("--data-dir")?.map(PathBuf::from),
+                model_dir: args.value("--model-dir")?.map(PathBuf::from),
+                epochs: args
+                    .value("--epochs")?
+                    .map(|n| parse_epochs(&n))
+                    .transpose()?,
+                preset: args
+                    .value("--preset")?
+                    .map(|p| reproduce::Preset::parse(&p))
+                    .transpose()?
+                    .unwrap_or_default(),
+            };
+            args.finish(&command)?;
+            reproduce::run(&options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(usage_error(format!("unknown command `{other}`"))),
+    }
+}
+
+fn parse_epochs(text: &str) -> Result<u32> {
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(usage_error(format!(
+            "--epochs {text:?}: expected a whole number of at least 1"
+        ))),
+    }
+}
+
+/// `cargo xtask test`: the README's test command.
+fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--all-targets"])
+        .args(cargo_test_args)
+        .current_dir(workspace_root()?);
+    with_model(&mut cmd, "tests that need the real model will be SKIPPED")?;
+    run_forwarding(&mut cmd)
+}
+
+/// `cargo xtask bench`: the benchmark prints its own table; we only set the
+/// stage and pass its exit code on.
+fn bench(quick: bool, criterion_args: &[String]) -> Result<ExitCode> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "fibecfed-benches", "--bench", "transformer"])
+        .current_dir(workspace_root()?);
+    if quick || !criterion_args.is_empty() {
+        cmd.arg("--");
+        if quick {
+            cmd.arg("--quick");
+        }
+        cmd.args(criterion_args);
+    }
+    with_model(
+        &mut cmd,
+        "benchmarks that need the real model will be SKIPPED",
+    )?;
+    run_forwarding(&mut cmd)
+}
+
+/// Points the child at the model. When the environment cannot provide it (no
+/// network, no pip) the run goes on with a loud notice, so that everything that
+/// does not need the weights is still checked; a folder the user named that is
+/// wrong is their mistake to fix, so that stops the run.
+fn with_model(cmd: &mut Command, consequence: &str) -> Result<()> {
+    match assets::resolve(None) {
+        Ok(dir) => {
+            cmd.env("FIBECFED_MODEL_DIR", dir);
+            Ok(())
+        }
+        Err(err) if err.downcast_ref::<UserError>().is_some() => Err(err),
+        Err(err) => {
+            let rule = "=".repeat(78);
+            eprintln!("{rule}\nNOTICE: the model is not available, so {consequence}.");
+            eprintln!("{err:#}\n{rule}");
+            cmd.env_remove("FIBECFED_MODEL_DIR");
+            Ok(())
+        }
+    }
+}
+
+/// A tiny flag parser: tasks take a handful of `--flag` / `--key VALUE`
+/// options, which does not justify clap's compile time in a tool that is
+/// rebuilt on every `cargo xtask`.
+#[derive(Debug)]
+struct Args {
+    rest: Vec<String>,
+}
+
+impl Args {
+    fn from_env() -> Result<Self> {
+        let rest = std::env::args_os()
+            .skip(1)
+            .map(|arg| {
+                arg.into_string().map_err(|bad| {
+                    usage_error(format!(
+                        "argument `{}` is not valid UTF-8",
+                        bad.to_string_lossy()
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { rest })
+    }
+
+    fn take_first(&mut self) -> Option<String> {
+        (!self.rest.is_empty()).then(|| self.rest.remove(0))
+    }
+
+    fn wants_help(&self) -> bool {
+        self.rest
+            .iter()
+            .take_while(|a| *a != "--")
+            .any(|a| a == "-h" || a == "--help")
+    }
+
+    fn flag(&mut self, name: &str) -> bool {
+        let before = self.rest.len();
+        self.rest.retain(|a| a != name);
+        self.rest.len() != before
+    }
+
+    /// `--key VALUE` or `--key=VALUE`, at most once.
+    fn value(&mut self, name: &str) -> Result<Option<String>> {
+        let mut found = None;
+        let mut i = 0;
+        while i < self.rest.len() {
+            let value = if self.rest[i] == name {
+                let value = self
+                    .rest
+                    .get(i + 1)
+                    .filter(|v| !v.starts_with("--"))
+                    .cloned()
+                    .ok_or_else(|| usage_error(format!("{name} needs a value")))?;
+                self.rest.drain(i..i + 2);
+                value
+            } else if let Some(value) = self.rest[i]
+                .strip_prefix(name)
+                .and_then(|tail| tail.strip_prefix('='))
+            {
+                let value = value.to_owned();
+                self.rest.remove(i);
+                value
+            } else {
+                i += 1;
+                continue;
+            };
+            if found.replace(value).is_some() {
+                return Err(usage_error(format!("{name} given more than once")));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Everything after a literal `--`, removed from the rest.
+    fn split_off_after_dashes(&mut self) -> Vec<String> {
+        match self.rest.iter().position(|a| a == "--") {
+            Some(at) => {
+                let tail = self.rest.split_off(at + 1);
+                self.rest.pop();
+                tail
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn finish(&self, command: &str) -> Result<()> {
+        match self.rest.first() {
+            None => Ok(()),
+            Some(arg) => Err(usage_error(format!(
+                "unexpected argument `{arg}` for `cargo xtask {command}`"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Args {
+        Args {
+            rest: words.iter().map(|w| (*w).to_owned()).collect(),
+        }
+    }
+
+    fn is_user_error(result: Result<impl std::fmt::Debug>) -> bool {
+        result
+            .err()
+            .is_some_and(|e| e.downcast_ref::<UserError>().is_some())
+    }
+
+    #[test]
+    fn values_in_both_spellings() -> Result<()> {
+        let mut a = args(&["--model-dir", "/m", "--data-dir=/d", "--print-path"]);
+        assert_eq!(a.value("--model-dir")?.as_deref(), Some("/m"));
+        assert_eq!(a.value("--data-dir")?.as_deref(), Some("/d"));
+        assert!(a.flag("--print-path"));
+        a.finish("assets")?;
+        Ok(())
+    }
+
+    #[test]
+    fn bad_flags_are_user_errors() {
+        assert!(is_user_error(args(&["--model-dir"]).value("--model-dir")));
+        assert!(is_user_error(
+            args(&["--model-dir", "--print-path"]).value("--model-dir")
+        ));
+        assert!(is_user_error(args(&["--x=1", "--x", "2"]).value("--x")));
+        assert!(is_user_error(args(&["--bogus"]).finish("data")));
+        assert!(is_user_error(parse_epochs("0")));
+        assert!(is_user_error(parse_epochs("two")));
+        assert_eq!(parse_epochs("3").ok(), Some(3));
+    }
+
+    #[test]
+    fn bench_args_after_dashes_go_to_criterion() {
+        let mut a = args(&["--quick", "--", "--sample-size", "10"]);
+        assert_eq!(a.split_off_after_dashes(), ["--sample-size", "10"]);
+        assert!(a.flag("--quick"));
+        assert!(a.rest.is_empty());
+        assert!(!args(&["--", "--help"]).wants_help());
+    }
+}
