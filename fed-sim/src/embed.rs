@@ -9,19 +9,31 @@ use crate::output::{check_writable_file, write_atomic};
 
 /// Embeds every line of `input` (an empty line embeds the empty text) and writes one
 /// `{"embedding": [...]}` per line, in input order.
-pub fn embed_file(model: &BertModel<f32>, tok: &TextEncoder, input: &Path, output: &Path, batch_size: usize) -> Result<usize> {
+pub fn embed_file(
+    model: &BertModel<f32>,
+    tok: &TextEncoder,
+    input: &Path,
+    output: &Path,
+    batch_size: usize,
+) -> Result<usize> {
     check_writable_file(output)?;
-    let text = std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("cannot read {}", input.display()))?;
     let lines: Vec<&str> = text.lines().collect();
     let encoded = lines
         .iter()
         .enumerate()
-        .map(|(i, l)| tok.encode(l, None).with_context(|| format!("{}: line {}", input.display(), i + 1)))
+        .map(|(i, l)| {
+            tok.encode(l, None)
+                .with_context(|| format!("{}: line {}", input.display(), i + 1))
+        })
         .collect::<Result<Vec<Encoded>>>()?;
     let embeddings = embed(model, &encoded, batch_size)?;
     let mut out = String::new();
     for e in &embeddings {
-        out.push_str(&serde_json::to_string(&serde_json::json!({ "embedding": e }))?);
+        out.push_str(&serde_json::to_string(
+            &serde_json::json!({ "embedding": e }),
+        )?);
         out.push('\n');
     }
     write_atomic(output, out.as_bytes())?;
@@ -29,7 +41,11 @@ pub fn embed_file(model: &BertModel<f32>, tok: &TextEncoder, input: &Path, outpu
 }
 
 /// Mean-pooled last hidden states, batched by length to avoid padding work.
-pub fn embed(model: &BertModel<f32>, encoded: &[Encoded], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+pub fn embed(
+    model: &BertModel<f32>,
+    encoded: &[Encoded],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..encoded.len()).collect();
     order.sort_by_key(|&i| encoded[i].ids.len());
     let mut out = vec![Vec::new(); encoded.len()];

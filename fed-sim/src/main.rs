@@ -11,10 +11,16 @@ use clap::{Parser, Subcommand};
 use fibecfed_lora::LoraConfig;
 use fibecfed_sim::data::read_train_eval;
 use fibecfed_sim::embed::embed_file;
-use fibecfed_sim::train::{TrainConfig, TrainOutputs, check_outputs, limit_samples, load_model, tokenize, train};
+use fibecfed_sim::train::{
+    TrainConfig, TrainOutputs, check_outputs, limit_samples, load_model, tokenize, train,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "fibecfed", version, about = "Federated LoRA fine-tuning with Fisher-information curricula")]
+#[command(
+    name = "fibecfed",
+    version,
+    about = "Federated LoRA fine-tuning with Fisher-information curricula"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,11 +104,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Embed { model_dir, input, output, max_len, batch_size } => {
+        Command::Embed {
+            model_dir,
+            input,
+            output,
+            max_len,
+            batch_size,
+        } => {
             let (model, tok) = load_model(&model_dir, max_len)?;
             let start = Instant::now();
             let n = embed_file(&model, &tok, &input, &output, batch_size)?;
-            eprintln!("embedded {n} lines into {} in {:.1} s", output.display(), start.elapsed().as_secs_f64());
+            eprintln!(
+                "embedded {n} lines into {} in {:.1} s",
+                output.display(),
+                start.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Train {
@@ -124,14 +140,22 @@ fn run(cli: Cli) -> Result<()> {
             limit_train,
             limit_eval,
         } => {
-            let outputs = TrainOutputs { save_adapter, metrics_out };
+            let outputs = TrainOutputs {
+                save_adapter,
+                metrics_out,
+            };
             check_outputs(&outputs)?;
-            let mut lora = LoraConfig::new(lora_rank, lora_alpha, &targets.iter().map(String::as_str).collect::<Vec<_>>());
+            let mut lora = LoraConfig::new(
+                lora_rank,
+                lora_alpha,
+                &targets.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
             lora.dropout = lora_dropout;
             lora.base_model_name_or_path = Some(model_dir.display().to_string());
             let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
             let (model, tok) = load_model(&model_dir, max_len)?;
-            lora.resolve_sites(model.config.num_hidden_layers).context("--targets")?;
+            lora.resolve_sites(model.config.num_hidden_layers)
+                .context("--targets")?;
             let config = TrainConfig {
                 epochs,
                 lora_rank,
@@ -145,7 +169,8 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             let train_samples = limit_samples(tokenize(&tok, &train_set)?, limit_train, seed);
-            let eval_samples = limit_samples(tokenize(&tok, &eval_set)?, limit_eval, seed.wrapping_add(1));
+            let eval_samples =
+                limit_samples(tokenize(&tok, &eval_set)?, limit_eval, seed.wrapping_add(1));
             eprintln!(
                 "training on {} examples of {}, evaluating on {} of {}; labels {:?}",
                 train_samples.len(),
@@ -155,7 +180,16 @@ fn run(cli: Cli) -> Result<()> {
                 train_set.label_names
             );
             let show = std::io::stderr().is_terminal();
-            train(&model, &config, &lora, &train_samples, &eval_samples, train_set.label_names.len(), &outputs, show)?;
+            train(
+                &model,
+                &config,
+                &lora,
+                &train_samples,
+                &eval_samples,
+                train_set.label_names.len(),
+                &outputs,
+                show,
+            )?;
             Ok(())
         }
     }

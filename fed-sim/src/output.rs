@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 /// Creates `dir` if needed and proves it writable with a probe file, so a run fails
 /// at start rather than after hours of training.
 pub fn check_writable_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     let probe = dir.join(".fibecfed-write-probe");
-    fs::write(&probe, b"").with_context(|| format!("output folder {} is not writable", dir.display()))?;
+    fs::write(&probe, b"")
+        .with_context(|| format!("output folder {} is not writable", dir.display()))?;
     let _ = fs::remove_file(&probe);
     Ok(())
 }
@@ -19,11 +21,18 @@ pub fn check_writable_dir(dir: &Path) -> Result<()> {
 /// The parent folder of `file` must exist and be writable; `file` must not be a folder.
 pub fn check_writable_file(file: &Path) -> Result<()> {
     if file.is_dir() {
-        anyhow::bail!("output path {} is a folder, expected a file", file.display());
+        anyhow::bail!(
+            "output path {} is a folder, expected a file",
+            file.display()
+        );
     }
     let parent = parent_of(file);
     if !parent.is_dir() {
-        anyhow::bail!("cannot write {}: folder {} does not exist", file.display(), parent.display());
+        anyhow::bail!(
+            "cannot write {}: folder {} does not exist",
+            file.display(),
+            parent.display()
+        );
     }
     let probe = tmp_path(file);
     fs::write(&probe, b"").with_context(|| format!("cannot write {}", file.display()))?;
@@ -39,7 +48,10 @@ fn parent_of(file: &Path) -> PathBuf {
 }
 
 fn tmp_path(file: &Path) -> PathBuf {
-    let mut name = file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = file
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
     name.push(".tmp");
     file.with_file_name(name)
 }
@@ -48,8 +60,10 @@ fn tmp_path(file: &Path) -> PathBuf {
 /// and an old file survives a failed write.
 pub fn write_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(file);
-    let mut f = fs::File::create(&tmp).with_context(|| format!("cannot write {}", file.display()))?;
-    f.write_all(bytes).with_context(|| format!("cannot write {}", file.display()))?;
+    let mut f =
+        fs::File::create(&tmp).with_context(|| format!("cannot write {}", file.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", file.display()))?;
     f.sync_all().ok();
     drop(f);
     fs::rename(&tmp, file).with_context(|| format!("cannot write {}", file.display()))?;

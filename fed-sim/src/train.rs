@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, write_adapter};
-use fibecfed_transformer::{Adapter, Batch, BertModel, Dropout, Encoded, NoHook, Reduction, TextEncoder, cross_entropy};
+use fibecfed_transformer::{
+    Adapter, Batch, BertModel, Dropout, Encoded, NoHook, Reduction, TextEncoder, cross_entropy,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -56,14 +58,22 @@ pub fn tokenize(tok: &TextEncoder, data: &Dataset) -> Result<Vec<Sample>> {
             let encoded = tok
                 .encode(&ex.text_a, ex.text_b.as_deref())
                 .with_context(|| format!("{}: example {}", data.name, i + 1))?;
-            Ok(Sample { encoded, label: ex.label })
+            Ok(Sample {
+                encoded,
+                label: ex.label,
+            })
         })
         .collect()
 }
 
 /// Accuracy and mean loss over `samples`; batches are formed by length so that
 /// little compute goes to padding (order does not change the result).
-pub fn evaluate(model: &BertModel<f32>, adapter: Adapter<'_, f32>, samples: &[Sample], batch_size: usize) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &BertModel<f32>,
+    adapter: Adapter<'_, f32>,
+    samples: &[Sample],
+    batch_size: usize,
+) -> Result<(f64, f64)> {
     if samples.is_empty() {
         bail!("the evaluation set is empty");
     }
@@ -78,11 +88,20 @@ pub fn evaluate(model: &BertModel<f32>, adapter: Adapter<'_, f32>, samples: &[Sa
         let (losses, _) = cross_entropy(&logits, &labels, Reduction::Sum)?;
         loss_sum += losses.sum();
         for (row, &y) in logits.rows().into_iter().zip(&labels) {
-            let pred = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (j, &v)| if v > best.1 { (j, v) } else { best }).0;
+            let pred = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (j, &v)| {
+                    if v > best.1 { (j, v) } else { best }
+                })
+                .0;
             correct += usize::from(pred == y);
         }
     }
-    Ok((correct as f64 / samples.len() as f64, loss_sum / samples.len() as f64))
+    Ok((
+        correct as f64 / samples.len() as f64,
+        loss_sum / samples.len() as f64,
+    ))
 }
 
 /// Where `train` writes.
@@ -123,10 +142,20 @@ pub fn train(
     let sites = lora.resolve_sites(model.config.num_hidden_layers)?;
     let shapes = model.site_shapes(&sites);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut params = LoraParams::<f32>::init(lora, &shapes, model.config.hidden_size, num_labels, &mut rng);
+    let mut params = LoraParams::<f32>::init(
+        lora,
+        &shapes,
+        model.config.hidden_size,
+        num_labels,
+        &mut rng,
+    );
     let scale = lora.scale();
     let mut opt = AdamW::new(
-        AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..AdamWConfig::default() },
+        AdamWConfig {
+            lr: config.lr,
+            weight_decay: config.weight_decay,
+            ..AdamWConfig::default()
+        },
         &params,
     );
     let mut history = Vec::new();
@@ -134,20 +163,33 @@ pub fn train(
         let start = Instant::now();
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.shuffle(&mut rng);
-        let bar = progress_bar(order.len().div_ceil(config.batch_size), epoch, show_progress);
+        let bar = progress_bar(
+            order.len().div_ceil(config.batch_size),
+            epoch,
+            show_progress,
+        );
         let (mut loss_sum, mut seen, mut tokens) = (0.0, 0usize, 0usize);
         for (step, chunk) in order.chunks(config.batch_size).enumerate() {
             let items: Vec<&Encoded> = chunk.iter().map(|&i| &train[i].encoded).collect();
             let labels: Vec<usize> = chunk.iter().map(|&i| train[i].label).collect();
             let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
-            let adapter = Adapter { params: &params, scale };
-            let dropout = Some(Dropout { p: lora.dropout, rng: &mut rng });
+            let adapter = Adapter {
+                params: &params,
+                scale,
+            };
+            let dropout = Some(Dropout {
+                p: lora.dropout,
+                rng: &mut rng,
+            });
             let fwd = model.forward(&batch, adapter, dropout)?;
             let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean)
                 .with_context(|| format!("epoch {epoch}, step {}", step + 1))?;
             let loss = losses.mean().unwrap_or(f64::NAN);
             if !loss.is_finite() {
-                bail!("epoch {epoch}, step {}: the loss is {loss}; lower --lr", step + 1);
+                bail!(
+                    "epoch {epoch}, step {}: the loss is {loss}; lower --lr",
+                    step + 1
+                );
             }
             let grads = model.backward(&batch, adapter, &fwd, &dlogits, &mut NoHook)?;
             opt.step(&mut params, &grads);
@@ -159,7 +201,15 @@ pub fn train(
         }
         bar.finish_and_clear();
         let train_seconds = start.elapsed().as_secs_f64();
-        let (accuracy, eval_loss) = evaluate(model, Adapter { params: &params, scale }, eval, 64)?;
+        let (accuracy, eval_loss) = evaluate(
+            model,
+            Adapter {
+                params: &params,
+                scale,
+            },
+            eval,
+            64,
+        )?;
         let m = EpochMetrics {
             epoch,
             train_loss: loss_sum / seen as f64,
@@ -192,7 +242,8 @@ fn write_outputs(
     history: &[EpochMetrics],
 ) -> Result<()> {
     if let Some(dir) = &outputs.save_adapter {
-        write_adapter(dir, lora, params).with_context(|| format!("saving the adapter to {}", dir.display()))?;
+        write_adapter(dir, lora, params)
+            .with_context(|| format!("saving the adapter to {}", dir.display()))?;
     }
     if let Some(file) = &outputs.metrics_out {
         let json = serde_json::json!({ "epochs": history, "config": config });
@@ -207,7 +258,9 @@ fn progress_bar(len: usize, epoch: usize, show: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len as u64);
-    if let Ok(style) = ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (eta {eta})") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (eta {eta})",
+    ) {
         bar.set_style(style);
     }
     bar.set_prefix(format!("epoch {epoch}"));
@@ -233,9 +286,13 @@ pub fn limit_samples(samples: Vec<Sample>, limit: Option<usize>, seed: u64) -> V
 /// Loads a model folder, naming it in errors.
 pub fn load_model(dir: &Path, max_len: usize) -> Result<(BertModel<f32>, TextEncoder)> {
     let files = fibecfed_transformer::ModelFiles::locate(dir)?;
-    let model = BertModel::<f32>::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let model = BertModel::<f32>::load(dir)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
     if max_len > model.config.max_position_embeddings {
-        bail!("--max-len {max_len} exceeds the model's max_position_embeddings {}", model.config.max_position_embeddings);
+        bail!(
+            "--max-len {max_len} exceeds the model's max_position_embeddings {}",
+            model.config.max_position_embeddings
+        );
     }
     let tok = TextEncoder::from_file(&files.tokenizer, max_len)?;
     Ok((model, tok))

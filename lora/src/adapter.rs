@@ -19,10 +19,11 @@ pub fn read_adapter(dir: &Path) -> Result<(LoraConfig, NamedTensors), LoraError>
         path: config_path.clone(),
         source: e,
     })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoraError::AdapterConfig {
-        path: config_path.clone(),
-        problem: format!("not valid JSON: {e}"),
-    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LoraError::AdapterConfig {
+            path: config_path.clone(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
     let config = LoraConfig::from_peft_json(&config_path, &json)?;
     let tensors = read_safetensors(&dir.join(WEIGHTS_FILE))?;
     Ok((config, tensors))
@@ -31,16 +32,31 @@ pub fn read_adapter(dir: &Path) -> Result<(LoraConfig, NamedTensors), LoraError>
 /// Writes a PEFT adapter folder that `PeftModel.from_pretrained` loads. The weights
 /// go first and the config last, each atomically, so a folder with a config always
 /// has complete weights beside it.
-pub fn write_adapter<F: Real>(dir: &Path, config: &LoraConfig, params: &LoraParams<F>) -> Result<(), LoraError> {
-    fs::create_dir_all(dir).map_err(|e| LoraError::Io { path: dir.to_path_buf(), source: e })?;
+pub fn write_adapter<F: Real>(
+    dir: &Path,
+    config: &LoraConfig,
+    params: &LoraParams<F>,
+) -> Result<(), LoraError> {
+    fs::create_dir_all(dir).map_err(|e| LoraError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     write_safetensors(&dir.join(WEIGHTS_FILE), &params.to_named(), None)?;
     let config_path = dir.join(CONFIG_FILE);
     let tmp = dir.join(format!("{CONFIG_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| LoraError::AdapterConfig {
-        path: config_path.clone(),
-        problem: e.to_string(),
+    let text = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| {
+        LoraError::AdapterConfig {
+            path: config_path.clone(),
+            problem: e.to_string(),
+        }
     })?;
-    fs::write(&tmp, text).map_err(|e| LoraError::Io { path: tmp.clone(), source: e })?;
-    fs::rename(&tmp, &config_path).map_err(|e| LoraError::Io { path: config_path, source: e })?;
+    fs::write(&tmp, text).map_err(|e| LoraError::Io {
+        path: tmp.clone(),
+        source: e,
+    })?;
+    fs::rename(&tmp, &config_path).map_err(|e| LoraError::Io {
+        path: config_path,
+        source: e,
+    })?;
     Ok(())
 }

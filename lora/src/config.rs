@@ -115,7 +115,10 @@ impl LoraConfig {
             return Err(LoraError::Config("LoRA rank r must be at least 1".into()));
         }
         if !self.alpha.is_finite() {
-            return Err(LoraError::Config(format!("lora_alpha must be finite, got {}", self.alpha)));
+            return Err(LoraError::Config(format!(
+                "lora_alpha must be finite, got {}",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(LoraError::Config(format!(
@@ -124,7 +127,9 @@ impl LoraConfig {
             )));
         }
         if self.target_modules.is_empty() {
-            return Err(LoraError::Config("target_modules is empty: name at least one module".into()));
+            return Err(LoraError::Config(
+                "target_modules is empty: name at least one module".into(),
+            ));
         }
         Ok(())
     }
@@ -188,7 +193,9 @@ impl LoraConfig {
             path: path.to_path_buf(),
             problem: format!("field `{field}`: expected {expected}"),
         };
-        let obj = value.as_object().ok_or_else(|| bad("(root)", "a JSON object"))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| bad("(root)", "a JSON object"))?;
         if let Some(t) = obj.get("peft_type").and_then(|v| v.as_str())
             && t != "LORA"
         {
@@ -215,22 +222,34 @@ impl LoraConfig {
             Some(serde_json::Value::String(s)) => {
                 return Err(bad(
                     "target_modules",
-                    &format!("a list of module names; regular expressions such as \"{s}\" are not supported"),
+                    &format!(
+                        "a list of module names; regular expressions such as \"{s}\" are not supported"
+                    ),
                 ));
             }
             _ => return Err(bad("target_modules", "a list of module names")),
         };
-        let flag = |name: &str| obj.get(name).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let flag = |name: &str| {
+            obj.get(name)
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
         if flag("use_dora") {
             return Err(bad("use_dora", "false (DoRA is not implemented)"));
         }
         if flag("fan_in_fan_out") {
-            return Err(bad("fan_in_fan_out", "false (BERT stores weights as out×in)"));
+            return Err(bad(
+                "fan_in_fan_out",
+                "false (BERT stores weights as out×in)",
+            ));
         }
         if let Some(b) = obj.get("bias").and_then(|v| v.as_str())
             && b != "none"
         {
-            return Err(bad("bias", &format!("\"none\" (trainable biases are not implemented), found \"{b}\"")));
+            return Err(bad(
+                "bias",
+                &format!("\"none\" (trainable biases are not implemented), found \"{b}\""),
+            ));
         }
         for pattern in ["rank_pattern", "alpha_pattern"] {
             if let Some(serde_json::Value::Object(m)) = obj.get(pattern)
@@ -240,7 +259,10 @@ impl LoraConfig {
             }
         }
         if obj.get("layers_to_transform").is_some_and(|v| !v.is_null()) {
-            return Err(bad("layers_to_transform", "null (layer subsets are not implemented)"));
+            return Err(bad(
+                "layers_to_transform",
+                "null (layer subsets are not implemented)",
+            ));
         }
         let config = LoraConfig {
             r,
@@ -267,12 +289,30 @@ mod tests {
 
     #[test]
     fn peft_suffix_rule() {
-        assert!(target_matches("query", "encoder.layer.0.attention.self.query"));
-        assert!(target_matches("dense", "encoder.layer.0.intermediate.dense"));
-        assert!(target_matches("output.dense", "encoder.layer.0.attention.output.dense"));
-        assert!(target_matches("output.dense", "encoder.layer.0.output.dense"));
-        assert!(!target_matches("output.dense", "encoder.layer.0.intermediate.dense"));
-        assert!(!target_matches("ery", "encoder.layer.0.attention.self.query"));
+        assert!(target_matches(
+            "query",
+            "encoder.layer.0.attention.self.query"
+        ));
+        assert!(target_matches(
+            "dense",
+            "encoder.layer.0.intermediate.dense"
+        ));
+        assert!(target_matches(
+            "output.dense",
+            "encoder.layer.0.attention.output.dense"
+        ));
+        assert!(target_matches(
+            "output.dense",
+            "encoder.layer.0.output.dense"
+        ));
+        assert!(!target_matches(
+            "output.dense",
+            "encoder.layer.0.intermediate.dense"
+        ));
+        assert!(!target_matches(
+            "ery",
+            "encoder.layer.0.attention.self.query"
+        ));
         assert!(target_matches(
             "encoder.layer.1.attention.self.key",
             "encoder.layer.1.attention.self.key"
@@ -286,8 +326,16 @@ mod tests {
         let c = LoraConfig::new(8, 16.0, &["dense"]);
         assert_eq!(c.resolve_sites(2).map(|s| s.len()).ok(), Some(6));
         let c = LoraConfig::new(8, 16.0, &["qeury"]);
-        let err = c.resolve_sites(6).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = c
+            .resolve_sites(6)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("qeury"), "{err}");
-        assert!(LoraConfig::new(0, 16.0, &["query"]).resolve_sites(6).is_err());
+        assert!(
+            LoraConfig::new(0, 16.0, &["query"])
+                .resolve_sites(6)
+                .is_err()
+        );
     }
 }

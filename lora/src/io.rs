@@ -422,3 +422,21 @@ pub fn read_safetensors_filtered(
     }
     Ok(tensors)
 }
+
+/// [`read_safetensors_filtered`] that also returns the `__metadata__` map.
+pub fn read_safetensors_with_metadata_filtered(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(NamedTensors, BTreeMap<String, String>), TensorIoError> {
+    let tensors = read_safetensors_filtered(path, keep)?;
+    let mapped = map_file(path)?;
+    let parsed = Parsed::new(path, mapped.bytes())?;
+    let metadata = parsed
+        .metadata
+        .metadata()
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok((tensors, metadata))
+}

@@ -37,18 +37,32 @@ pub use real::Real;
 pub enum LoraError {
     #[error("invalid LoRA configuration: {0}")]
     Config(String),
-    #[error("unknown LoRA target module `{target}`: it matches no module of the model; valid: {valid}")]
+    #[error(
+        "unknown LoRA target module `{target}`: it matches no module of the model; valid: {valid}"
+    )]
     UnknownTarget { target: String, valid: String },
     #[error("{path}: {problem}")]
     AdapterConfig { path: PathBuf, problem: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tensors(#[from] TensorIoError),
     #[error("{file}: tensor `{tensor}` has shape {found}, expected {expected}")]
-    Shape { file: String, tensor: String, expected: String, found: String },
+    Shape {
+        file: String,
+        tensor: String,
+        expected: String,
+        found: String,
+    },
     #[error("{file}: tensor `{tensor}` is missing")]
     MissingTensor { file: String, tensor: String },
     #[error("{file}: unexpected tensor `{tensor}`: {why}")]
-    UnexpectedTensor { file: String, tensor: String, why: String },
+    UnexpectedTensor {
+        file: String,
+        tensor: String,
+        why: String,
+    },
 }

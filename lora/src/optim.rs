@@ -15,7 +15,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -30,7 +36,12 @@ pub struct AdamW<F> {
 
 impl<F: Real> AdamW<F> {
     pub fn new(config: AdamWConfig, params: &LoraParams<F>) -> Self {
-        Self { config, m: params.zeros_like(), v: params.zeros_like(), step: 0 }
+        Self {
+            config,
+            m: params.zeros_like(),
+            v: params.zeros_like(),
+            step: 0,
+        }
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -53,7 +64,13 @@ impl<F: Real> AdamW<F> {
         let mut ms = self.m.slices_mut();
         let mut vs = self.v.slices_mut();
         let gs = grads.slices();
-        for (((p, g), m), v) in params.slices_mut().into_iter().zip(gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+        for (((p, g), m), v) in params
+            .slices_mut()
+            .into_iter()
+            .zip(gs)
+            .zip(ms.iter_mut())
+            .zip(vs.iter_mut())
+        {
             for i in 0..p.len() {
                 let gi = g[i];
                 m[i] = b1 * m[i] + one_b1 * gi;

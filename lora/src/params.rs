@@ -56,7 +56,11 @@ pub const PEFT_HEAD_BIAS: &str = "base_model.model.classifier.bias";
 /// task models and `modules_to_save` wrappers are stripped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PeftKey {
-    Site { layer: usize, kind: SiteKind, factor: Factor },
+    Site {
+        layer: usize,
+        kind: SiteKind,
+        factor: Factor,
+    },
     HeadWeight,
     HeadBias,
     /// LoRA on BertModel's pooler: PEFT's `dense` target selects it, our mean-pool
@@ -97,7 +101,11 @@ fn parse_peft_key(name: &str) -> Option<PeftKey> {
         return None;
     };
     let kind = SiteKind::ALL.into_iter().find(|k| k.suffix() == module)?;
-    Some(PeftKey::Site { layer, kind, factor })
+    Some(PeftKey::Site {
+        layer,
+        kind,
+        factor,
+    })
 }
 
 impl<F: Real> LoraParams<F> {
@@ -115,7 +123,9 @@ impl<F: Real> LoraParams<F> {
             .map(|s| {
                 let bound = 1.0 / (s.d_in as f64).sqrt();
                 let a = match Uniform::new(-bound, bound) {
-                    Ok(u) => Array2::from_shape_simple_fn((config.r, s.d_in), || F::from_f64(u.sample(rng))),
+                    Ok(u) => Array2::from_shape_simple_fn((config.r, s.d_in), || {
+                        F::from_f64(u.sample(rng))
+                    }),
                     Err(_) => Array2::zeros((config.r, s.d_in)),
                 };
                 let b = Array2::zeros((s.d_out, config.r));
@@ -126,7 +136,13 @@ impl<F: Real> LoraParams<F> {
         let weight = Array2::from_shape_simple_fn((num_labels, hidden), || {
             normal.map_or(F::zero(), |n| F::from_f64(n.sample(rng)))
         });
-        Self { sites, head: Head { weight, bias: Array1::zeros(num_labels) } }
+        Self {
+            sites,
+            head: Head {
+                weight,
+                bias: Array1::zeros(num_labels),
+            },
+        }
     }
 
     pub fn zeros_like(&self) -> Self {
@@ -135,7 +151,13 @@ impl<F: Real> LoraParams<F> {
                 .sites
                 .iter()
                 .map(|(&id, w)| {
-                    (id, LoraWeights { a: Array2::zeros(w.a.raw_dim()), b: Array2::zeros(w.b.raw_dim()) })
+                    (
+                        id,
+                        LoraWeights {
+                            a: Array2::zeros(w.a.raw_dim()),
+                            b: Array2::zeros(w.b.raw_dim()),
+                        },
+                    )
                 })
                 .collect(),
             head: Head {
@@ -188,7 +210,15 @@ impl<F: Real> LoraParams<F> {
             sites: self
                 .sites
                 .iter()
-                .map(|(&id, w)| (id, LoraWeights { a: c2(&w.a), b: c2(&w.b) }))
+                .map(|(&id, w)| {
+                    (
+                        id,
+                        LoraWeights {
+                            a: c2(&w.a),
+                            b: c2(&w.b),
+                        },
+                    )
+                })
                 .collect(),
             head: Head {
                 weight: c2(&self.head.weight),
@@ -206,7 +236,10 @@ impl<F: Real> LoraParams<F> {
             out.insert(peft_site_name(site, "lora_B"), f(&w.b));
         }
         out.insert(PEFT_HEAD_WEIGHT.to_owned(), f(&self.head.weight));
-        out.insert(PEFT_HEAD_BIAS.to_owned(), self.head.bias.mapv(Real::as_f32).into_dyn());
+        out.insert(
+            PEFT_HEAD_BIAS.to_owned(),
+            self.head.bias.mapv(Real::as_f32).into_dyn(),
+        );
         out
     }
 
@@ -237,20 +270,31 @@ impl<F: Real> LoraParams<F> {
                 return Err(LoraError::UnexpectedTensor {
                     file: source.to_owned(),
                     tensor: name.clone(),
-                    why: "not a LoRA factor or head of a BERT encoder; is this adapter for another \
+                    why:
+                        "not a LoRA factor or head of a BERT encoder; is this adapter for another \
                           model family?"
-                        .into(),
+                            .into(),
                 });
             };
             match key {
                 PeftKey::Pooler => ignored.push(name.clone()),
                 PeftKey::HeadWeight => {
-                    head_w = Some(to2::<F>(t).ok_or_else(|| mismatch(name, "2 dimensions".into(), t.shape()))?);
+                    head_w = Some(
+                        to2::<F>(t)
+                            .ok_or_else(|| mismatch(name, "2 dimensions".into(), t.shape()))?,
+                    );
                 }
                 PeftKey::HeadBias => {
-                    head_b = Some(to1::<F>(t).ok_or_else(|| mismatch(name, "1 dimension".into(), t.shape()))?);
+                    head_b = Some(
+                        to1::<F>(t)
+                            .ok_or_else(|| mismatch(name, "1 dimension".into(), t.shape()))?,
+                    );
                 }
-                PeftKey::Site { layer, kind, factor } => {
+                PeftKey::Site {
+                    layer,
+                    kind,
+                    factor,
+                } => {
                     let site = SiteId::new(layer, kind);
                     let Some(shape) = wanted.get(&site) else {
                         return Err(LoraError::UnexpectedTensor {
@@ -269,7 +313,8 @@ impl<F: Real> LoraParams<F> {
                     if t.shape() != expected {
                         return Err(mismatch(name, format!("{expected:?}"), t.shape()));
                     }
-                    let arr = to2::<F>(t).ok_or_else(|| mismatch(name, format!("{expected:?}"), t.shape()))?;
+                    let arr = to2::<F>(t)
+                        .ok_or_else(|| mismatch(name, format!("{expected:?}"), t.shape()))?;
                     match factor {
                         Factor::A => a_of.insert(site, arr),
                         Factor::B => b_of.insert(site, arr),
@@ -279,14 +324,18 @@ impl<F: Real> LoraParams<F> {
         }
         let mut sites = BTreeMap::new();
         for s in shapes {
-            let a = a_of.remove(&s.site).ok_or_else(|| LoraError::MissingTensor {
-                file: source.to_owned(),
-                tensor: peft_site_name(s.site, "lora_A"),
-            })?;
-            let b = b_of.remove(&s.site).ok_or_else(|| LoraError::MissingTensor {
-                file: source.to_owned(),
-                tensor: peft_site_name(s.site, "lora_B"),
-            })?;
+            let a = a_of
+                .remove(&s.site)
+                .ok_or_else(|| LoraError::MissingTensor {
+                    file: source.to_owned(),
+                    tensor: peft_site_name(s.site, "lora_A"),
+                })?;
+            let b = b_of
+                .remove(&s.site)
+                .ok_or_else(|| LoraError::MissingTensor {
+                    file: source.to_owned(),
+                    tensor: peft_site_name(s.site, "lora_B"),
+                })?;
             sites.insert(s.site, LoraWeights { a, b });
         }
         let weight = head_w.ok_or_else(|| LoraError::MissingTensor {
@@ -298,21 +347,41 @@ impl<F: Real> LoraParams<F> {
             tensor: PEFT_HEAD_BIAS.into(),
         })?;
         if weight.ncols() != hidden || weight.nrows() == 0 {
-            return Err(mismatch(PEFT_HEAD_WEIGHT, format!("[labels, {hidden}]"), weight.shape()));
+            return Err(mismatch(
+                PEFT_HEAD_WEIGHT,
+                format!("[labels, {hidden}]"),
+                weight.shape(),
+            ));
         }
         if bias.len() != weight.nrows() {
-            return Err(mismatch(PEFT_HEAD_BIAS, format!("[{}]", weight.nrows()), bias.shape()));
+            return Err(mismatch(
+                PEFT_HEAD_BIAS,
+                format!("[{}]", weight.nrows()),
+                bias.shape(),
+            ));
         }
-        Ok((Self { sites, head: Head { weight, bias } }, ignored))
+        Ok((
+            Self {
+                sites,
+                head: Head { weight, bias },
+            },
+            ignored,
+        ))
     }
 }
 
 fn to2<F: Real>(t: &ArrayD<f32>) -> Option<Array2<F>> {
-    t.view().into_dimensionality::<Ix2>().ok().map(|v| v.mapv(F::from_f32))
+    t.view()
+        .into_dimensionality::<Ix2>()
+        .ok()
+        .map(|v| v.mapv(F::from_f32))
 }
 
 fn to1<F: Real>(t: &ArrayD<f32>) -> Option<Array1<F>> {
-    t.view().into_dimensionality::<Ix1>().ok().map(|v| v.mapv(F::from_f32))
+    t.view()
+        .into_dimensionality::<Ix1>()
+        .ok()
+        .map(|v| v.mapv(F::from_f32))
 }
 
 #[cfg(test)]
@@ -323,21 +392,41 @@ mod tests {
     fn parses_peft_names() {
         assert_eq!(
             parse_peft_key("base_model.model.encoder.layer.3.attention.self.value.lora_B.weight"),
-            Some(PeftKey::Site { layer: 3, kind: SiteKind::Value, factor: Factor::B })
+            Some(PeftKey::Site {
+                layer: 3,
+                kind: SiteKind::Value,
+                factor: Factor::B
+            })
         );
         assert_eq!(
-            parse_peft_key("base_model.model.bert.encoder.layer.0.output.dense.lora_A.default.weight"),
-            Some(PeftKey::Site { layer: 0, kind: SiteKind::Output, factor: Factor::A })
+            parse_peft_key(
+                "base_model.model.bert.encoder.layer.0.output.dense.lora_A.default.weight"
+            ),
+            Some(PeftKey::Site {
+                layer: 0,
+                kind: SiteKind::Output,
+                factor: Factor::A
+            })
         );
         assert_eq!(
             parse_peft_key("base_model.model.encoder.layer.0.attention.output.dense.lora_A.weight"),
-            Some(PeftKey::Site { layer: 0, kind: SiteKind::AttentionOutput, factor: Factor::A })
+            Some(PeftKey::Site {
+                layer: 0,
+                kind: SiteKind::AttentionOutput,
+                factor: Factor::A
+            })
         );
         assert_eq!(
             parse_peft_key("base_model.model.classifier.modules_to_save.default.weight"),
             Some(PeftKey::HeadWeight)
         );
-        assert_eq!(parse_peft_key("base_model.model.pooler.dense.lora_A.weight"), Some(PeftKey::Pooler));
-        assert_eq!(parse_peft_key("model.layers.0.self_attn.q_proj.lora_A.weight"), None);
+        assert_eq!(
+            parse_peft_key("base_model.model.pooler.dense.lora_A.weight"),
+            Some(PeftKey::Pooler)
+        );
+        assert_eq!(
+            parse_peft_key("model.layers.0.self_attn.q_proj.lora_A.weight"),
+            None
+        );
     }
 }

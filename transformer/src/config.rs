@@ -37,7 +37,10 @@ impl BertConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io { path: path.to_path_buf(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             problem: format!("not valid JSON: {e}"),
@@ -47,8 +50,13 @@ impl BertConfig {
 
     /// Parses and checks a config; every problem names the key.
     pub fn from_json(path: &Path, json: &Value) -> Result<Self, ModelError> {
-        let err = |problem: String| ModelError::Config { path: path.to_path_buf(), problem };
-        let obj = json.as_object().ok_or_else(|| err("expected a JSON object".into()))?;
+        let err = |problem: String| ModelError::Config {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let obj = json
+            .as_object()
+            .ok_or_else(|| err("expected a JSON object".into()))?;
         let uint = |key: &str| -> Result<usize, ModelError> {
             match obj.get(key) {
                 None => Err(err(format!("missing key `{key}`"))),
@@ -56,7 +64,11 @@ impl BertConfig {
                     .as_u64()
                     .filter(|&n| n > 0)
                     .map(|n| n as usize)
-                    .ok_or_else(|| err(format!("key `{key}`: expected a positive integer, found {v}"))),
+                    .ok_or_else(|| {
+                        err(format!(
+                            "key `{key}`: expected a positive integer, found {v}"
+                        ))
+                    }),
             }
         };
         if let Some(mt) = obj.get("model_type").and_then(Value::as_str)
@@ -69,7 +81,9 @@ impl BertConfig {
         if let Some(p) = obj.get("position_embedding_type").and_then(Value::as_str)
             && p != "absolute"
         {
-            return Err(err(format!("position_embedding_type `{p}` is not supported (only \"absolute\")")));
+            return Err(err(format!(
+                "position_embedding_type `{p}` is not supported (only \"absolute\")"
+            )));
         }
         let hidden_act = match obj.get("hidden_act").and_then(Value::as_str) {
             None => return Err(err("missing key `hidden_act`".into())),
@@ -87,7 +101,11 @@ impl BertConfig {
             Some(v) => v
                 .as_f64()
                 .filter(|e| *e > 0.0 && e.is_finite())
-                .ok_or_else(|| err(format!("key `layer_norm_eps`: expected a positive number, found {v}")))?,
+                .ok_or_else(|| {
+                    err(format!(
+                        "key `layer_norm_eps`: expected a positive number, found {v}"
+                    ))
+                })?,
         };
         let config = Self {
             vocab_size: uint("vocab_size")?,
@@ -101,7 +119,10 @@ impl BertConfig {
             layer_norm_eps,
             pad_token_id: obj.get("pad_token_id").and_then(Value::as_u64).unwrap_or(0) as u32,
         };
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads

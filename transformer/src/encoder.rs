@@ -11,7 +11,10 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
-use crate::ops::{NormCache, activate, layer_norm, layer_norm_backward, masked_softmax_rows, softmax_backward_rows};
+use crate::ops::{
+    NormCache, activate, layer_norm, layer_norm_backward, masked_softmax_rows,
+    softmax_backward_rows,
+};
 use crate::tokenize::Batch;
 use crate::weights::{BertModel, Linear};
 
@@ -112,12 +115,18 @@ fn site_forward<F: Real>(
     record: bool,
 ) -> (Array2<F>, Option<SiteCache<F>>) {
     let mut y = linear(&x.view(), lin);
-    let Some((w, scale)) = lora else { return (y, None) };
+    let Some((w, scale)) = lora else {
+        return (y, None);
+    };
     let (x_drop, drop_mask) = match dropout.as_mut().filter(|d| d.p > 0.0) {
         Some(d) => {
             let keep = F::from_f64(1.0 / (1.0 - f64::from(d.p)));
             let mask = Array2::from_shape_simple_fn(x.raw_dim(), || {
-                if d.rng.random::<f32>() < d.p { F::zero() } else { keep }
+                if d.rng.random::<f32>() < d.p {
+                    F::zero()
+                } else {
+                    keep
+                }
             });
             (Some(x * &mask), Some(mask))
         }
@@ -127,8 +136,20 @@ fn site_forward<F: Real>(
     let mut u = Array2::zeros((x.nrows(), w.a.nrows()));
     general_mat_mul(F::one(), xin, &w.a.t(), F::zero(), &mut u);
     general_mat_mul(scale, &u, &w.b.t(), F::one(), &mut y);
-    let cache = record.then(|| SiteCache { x_drop, drop_mask, u });
+    let cache = record.then(|| SiteCache {
+        x_drop,
+        drop_mask,
+        u,
+    });
     (y, cache)
+}
+
+/// An adapted site during backward: its factors, what forward kept, its gradient.
+struct SiteState<'a, F> {
+    weights: &'a LoraWeights<F>,
+    scale: F,
+    cache: &'a SiteCache<F>,
+    grad: &'a mut LoraWeights<F>,
 }
 
 /// Backward of one site. Accumulates the LoRA gradients, calls the hook, and returns
@@ -139,7 +160,7 @@ fn site_backward<F: Real>(
     x: &Array2<F>,
     lin: &Linear<F>,
     site: SiteId,
-    lora: Option<(&LoraWeights<F>, F, &SiteCache<F>, &mut LoraWeights<F>)>,
+    lora: Option<SiteState<'_, F>>,
     ctx: &mut BackwardCtx<'_, '_, F>,
     need_dx: bool,
 ) -> Option<Array2<F>> {
@@ -148,7 +169,13 @@ fn site_backward<F: Real>(
         general_mat_mul(F::one(), dy, &lin.weight, F::zero(), &mut dx);
         dx
     });
-    if let Some((w, scale, cache, grad)) = lora {
+    if let Some(SiteState {
+        weights: w,
+        scale,
+        cache,
+        grad,
+    }) = lora
+    {
         let xin = cache.x_drop.as_ref().unwrap_or(x);
         // dy·B (N×r) serves both dA and the adapter's share of dx.
         let dyb = dy.dot(&w.b);
@@ -202,7 +229,12 @@ impl<F: Real> BertModel<F> {
                 batch.seq_len, c.max_position_embeddings
             )));
         }
-        if let Some((i, id)) = batch.input_ids.iter().enumerate().find(|&(_, &id)| id as usize >= c.vocab_size) {
+        if let Some((i, id)) = batch
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= c.vocab_size)
+        {
             return Err(ModelError::Input(format!(
                 "token id {id} (sequence {}, position {}) is outside the vocabulary of {} entries: \
                  tokenizer and model do not match",
@@ -211,8 +243,15 @@ impl<F: Real> BertModel<F> {
                 c.vocab_size
             )));
         }
-        if let Some(&t) = batch.token_type_ids.iter().find(|&&t| t as usize >= c.type_vocab_size) {
-            return Err(ModelError::Input(format!("token type {t} exceeds type_vocab_size {}", c.type_vocab_size)));
+        if let Some(&t) = batch
+            .token_type_ids
+            .iter()
+            .find(|&&t| t as usize >= c.type_vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token type {t} exceeds type_vocab_size {}",
+                c.type_vocab_size
+            )));
         }
         Ok(())
     }
@@ -229,7 +268,10 @@ impl<F: Real> BertModel<F> {
             };
             let lin = layer.linear(site.kind);
             let r = w.a.nrows();
-            if w.a.ncols() != lin.weight.ncols() || w.b.nrows() != lin.weight.nrows() || w.b.ncols() != r {
+            if w.a.ncols() != lin.weight.ncols()
+                || w.b.nrows() != lin.weight.nrows()
+                || w.b.ncols() != r
+            {
                 return Err(ModelError::Input(format!(
                     "adapter site {site}: A is {:?} and B is {:?}, but the base weight is {:?} (expected A [r, {}], B [{}, r])",
                     w.a.shape(),
@@ -266,13 +308,24 @@ impl<F: Real> BertModel<F> {
 
     /// Multi-head self-attention over keys that are not padding. Returns the
     /// context (N×H) and, with `record`, the probabilities (B·heads × T × T).
-    fn attention(&self, q: &Array2<F>, k: &Array2<F>, v: &Array2<F>, batch: &Batch, record: bool) -> (Array2<F>, Array3<F>) {
+    fn attention(
+        &self,
+        q: &Array2<F>,
+        k: &Array2<F>,
+        v: &Array2<F>,
+        batch: &Batch,
+        record: bool,
+    ) -> (Array2<F>, Array3<F>) {
         let (b, t) = (batch.batch, batch.seq_len);
         let heads = self.config.num_attention_heads;
         let dh = self.config.head_dim();
         let scale = F::one() / F::from_f64((dh as f64).sqrt());
         let mut ctx = Array2::zeros(q.raw_dim());
-        let mut probs = if record { Array3::zeros((b * heads, t, t)) } else { Array3::zeros((0, 0, 0)) };
+        let mut probs = if record {
+            Array3::zeros((b * heads, t, t))
+        } else {
+            Array3::zeros((0, 0, 0))
+        };
         let mut sc = Array2::zeros((t, t));
         for bi in 0..b {
             let rows = bi * t..(bi + 1) * t;
@@ -294,7 +347,12 @@ impl<F: Real> BertModel<F> {
         (ctx, probs)
     }
 
-    fn attention_backward(&self, dctx: &Array2<F>, cache: &LayerCache<F>, batch: &Batch) -> (Array2<F>, Array2<F>, Array2<F>) {
+    fn attention_backward(
+        &self,
+        dctx: &Array2<F>,
+        cache: &LayerCache<F>,
+        batch: &Batch,
+    ) -> (Array2<F>, Array2<F>, Array2<F>) {
         let (b, t) = (batch.batch, batch.seq_len);
         let heads = self.config.num_attention_heads;
         let dh = self.config.head_dim();
@@ -313,10 +371,28 @@ impl<F: Real> BertModel<F> {
                 let kh = cache.k.slice(s![rows.clone(), cols.clone()]);
                 let vh = cache.v.slice(s![rows.clone(), cols.clone()]);
                 general_mat_mul(F::one(), &dc, &vh.t(), F::zero(), &mut dp);
-                general_mat_mul(F::one(), &p.t(), &dc, F::zero(), &mut dv.slice_mut(s![rows.clone(), cols.clone()]));
+                general_mat_mul(
+                    F::one(),
+                    &p.t(),
+                    &dc,
+                    F::zero(),
+                    &mut dv.slice_mut(s![rows.clone(), cols.clone()]),
+                );
                 softmax_backward_rows(&mut dp, &p, scale);
-                general_mat_mul(F::one(), &dp, &kh, F::zero(), &mut dq.slice_mut(s![rows.clone(), cols.clone()]));
-                general_mat_mul(F::one(), &dp.t(), &qh, F::zero(), &mut dk.slice_mut(s![rows.clone(), cols]));
+                general_mat_mul(
+                    F::one(),
+                    &dp,
+                    &kh,
+                    F::zero(),
+                    &mut dq.slice_mut(s![rows.clone(), cols.clone()]),
+                );
+                general_mat_mul(
+                    F::one(),
+                    &dp.t(),
+                    &qh,
+                    F::zero(),
+                    &mut dk.slice_mut(s![rows.clone(), cols]),
+                );
             }
         }
         (dq, dk, dv)
@@ -339,7 +415,12 @@ impl<F: Real> BertModel<F> {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut sites = BTreeMap::new();
             let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
-                let lora = adapter.and_then(|a| a.params.sites.get(&SiteId::new(l, kind)).map(|w| (w, a.scale)));
+                let lora = adapter.and_then(|a| {
+                    a.params
+                        .sites
+                        .get(&SiteId::new(l, kind))
+                        .map(|w| (w, a.scale))
+                });
                 let (y, c) = site_forward(input, layer.linear(kind), lora, dropout, record);
                 if let Some(c) = c {
                     sites.insert(kind, c);
@@ -358,7 +439,9 @@ impl<F: Real> BertModel<F> {
             let mut o = fwd(&act, SiteKind::Output, &mut dropout);
             o += &h1;
             let (h2, output_norm) = layer_norm(o, &layer.output_norm, record);
-            if let (Some(attention_norm), Some(act_grad), Some(output_norm)) = (attention_norm, act_grad, output_norm) {
+            if let (Some(attention_norm), Some(act_grad), Some(output_norm)) =
+                (attention_norm, act_grad, output_norm)
+            {
                 caches.push(LayerCache {
                     input: x,
                     q,
@@ -380,7 +463,11 @@ impl<F: Real> BertModel<F> {
     }
 
     /// The last hidden state, B·T × H (row b·T + t), with an optional adapter.
-    pub fn encode(&self, batch: &Batch, adapter: Option<Adapter<'_, F>>) -> Result<Array2<F>, ModelError> {
+    pub fn encode(
+        &self,
+        batch: &Batch,
+        adapter: Option<Adapter<'_, F>>,
+    ) -> Result<Array2<F>, ModelError> {
         Ok(self.run(batch, adapter, None, false)?.0)
     }
 
@@ -392,11 +479,20 @@ impl<F: Real> BertModel<F> {
     }
 
     /// Training forward pass: logits plus the cache for [`BertModel::backward`].
-    pub fn forward(&self, batch: &Batch, adapter: Adapter<'_, F>, dropout: Option<Dropout<'_>>) -> Result<Forward<F>, ModelError> {
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        adapter: Adapter<'_, F>,
+        dropout: Option<Dropout<'_>>,
+    ) -> Result<Forward<F>, ModelError> {
         let (hidden, layers) = self.run(batch, Some(adapter), dropout, true)?;
         let pooled = mean_pool(&hidden, batch);
         let logits = head_forward(&pooled, &adapter.params.head);
-        Ok(Forward { logits, pooled, layers })
+        Ok(Forward {
+            logits,
+            pooled,
+            layers,
+        })
     }
 
     /// Gradients of the loss whose ∂/∂logits is `dlogits` with respect to every LoRA
@@ -419,45 +515,100 @@ impl<F: Real> BertModel<F> {
         }
         let mut grads = params.zeros_like();
         // Head: logits = pooled·Wᵀ + b.
-        general_mat_mul(F::one(), &dlogits.t(), &fwd.pooled, F::zero(), &mut grads.head.weight);
+        general_mat_mul(
+            F::one(),
+            &dlogits.t(),
+            &fwd.pooled,
+            F::zero(),
+            &mut grads.head.weight,
+        );
         grads.head.bias = dlogits.sum_axis(Axis(0));
         hook.head(fwd.pooled.view(), dlogits.view());
         let Some(lowest) = params.sites.keys().map(|s| s.layer).min() else {
             return Ok(grads);
         };
-        let mask: Array1<F> = batch.mask.iter().map(|&m| if m { F::one() } else { F::zero() }).collect();
+        let mask: Array1<F> = batch
+            .mask
+            .iter()
+            .map(|&m| if m { F::one() } else { F::zero() })
+            .collect();
         let mut dh = pool_backward(&dlogits.dot(&params.head.weight), batch, &mask);
-        let mut ctx = BackwardCtx { hook, mask: &mask, batch: batch.batch, seq_len: batch.seq_len };
+        let mut ctx = BackwardCtx {
+            hook,
+            mask: &mask,
+            batch: batch.batch,
+            seq_len: batch.seq_len,
+        };
         for l in (lowest..self.layers.len()).rev() {
             let layer = &self.layers[l];
             let cache = &fwd.layers[l];
             let need = if l > lowest {
                 4
             } else {
-                params.sites.keys().filter(|s| s.layer == l).map(|s| depth(s.kind)).max().unwrap_or(0)
+                params
+                    .sites
+                    .keys()
+                    .filter(|s| s.layer == l)
+                    .map(|s| depth(s.kind))
+                    .max()
+                    .unwrap_or(0)
             };
-            let mut site = |kind: SiteKind, dy: &Array2<F>, x: &Array2<F>, need_dx: bool, ctx: &mut BackwardCtx<'_, '_, F>| {
+            let mut site = |kind: SiteKind,
+                            dy: &Array2<F>,
+                            x: &Array2<F>,
+                            need_dx: bool,
+                            ctx: &mut BackwardCtx<'_, '_, F>| {
                 let id = SiteId::new(l, kind);
-                let lora = match (params.sites.get(&id), cache.sites.get(&kind), grads.sites.get_mut(&id)) {
-                    (Some(w), Some(c), Some(g)) => Some((w, adapter.scale, c, g)),
+                let lora = match (
+                    params.sites.get(&id),
+                    cache.sites.get(&kind),
+                    grads.sites.get_mut(&id),
+                ) {
+                    (Some(w), Some(c), Some(g)) => Some(SiteState {
+                        weights: w,
+                        scale: adapter.scale,
+                        cache: c,
+                        grad: g,
+                    }),
                     _ => None,
                 };
                 site_backward(dy, x, layer.linear(kind), id, lora, ctx, need_dx)
             };
             let d_o = layer_norm_backward(&dh, &layer.output_norm, &cache.output_norm);
-            let Some(mut d_act) = site(SiteKind::Output, &d_o, &cache.act, need >= 1, &mut ctx) else { break };
+            let Some(mut d_act) = site(SiteKind::Output, &d_o, &cache.act, need >= 1, &mut ctx)
+            else {
+                break;
+            };
             d_act *= &cache.act_grad;
             let mut dh1 = d_o;
-            match site(SiteKind::Intermediate, &d_act, &cache.h1, need >= 2, &mut ctx) {
+            match site(
+                SiteKind::Intermediate,
+                &d_act,
+                &cache.h1,
+                need >= 2,
+                &mut ctx,
+            ) {
                 Some(d) => dh1 += &d,
                 None => break,
             }
             let dz1 = layer_norm_backward(&dh1, &layer.attention_norm, &cache.attention_norm);
-            let Some(dctx) = site(SiteKind::AttentionOutput, &dz1, &cache.context, need >= 3, &mut ctx) else { break };
+            let Some(dctx) = site(
+                SiteKind::AttentionOutput,
+                &dz1,
+                &cache.context,
+                need >= 3,
+                &mut ctx,
+            ) else {
+                break;
+            };
             let (dq, dk, dv) = self.attention_backward(&dctx, cache, batch);
             let need_dx = need >= 4;
             let mut dx = dz1;
-            for (kind, d) in [(SiteKind::Query, &dq), (SiteKind::Key, &dk), (SiteKind::Value, &dv)] {
+            for (kind, d) in [
+                (SiteKind::Query, &dq),
+                (SiteKind::Key, &dk),
+                (SiteKind::Value, &dv),
+            ] {
                 if let Some(g) = site(kind, d, &cache.input, need_dx, &mut ctx) {
                     dx += &g;
                 }
@@ -491,7 +642,10 @@ fn pool_backward<F: Real>(dpooled: &Array2<F>, batch: &Batch, mask: &Array1<F>) 
     for (i, mut row) in dh.axis_iter_mut(Axis(0)).enumerate() {
         let b = i / t;
         if mask[i] > F::zero() {
-            let count = batch.mask[b * t..(b + 1) * t].iter().filter(|&&m| m).count();
+            let count = batch.mask[b * t..(b + 1) * t]
+                .iter()
+                .filter(|&&m| m)
+                .count();
             row.assign(&(&dpooled.row(b) / F::from_f64(count as f64)));
         }
     }

@@ -43,7 +43,10 @@ pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: missing file ({hint})")]
     MissingFile { path: PathBuf, hint: &'static str },
     #[error("{path}: {problem}")]
@@ -55,7 +58,12 @@ pub enum ModelError {
     #[error("{path}: tensor `{tensor}` is missing")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {found}, expected {expected}")]
-    TensorShape { path: PathBuf, tensor: String, expected: String, found: String },
+    TensorShape {
+        path: PathBuf,
+        tensor: String,
+        expected: String,
+        found: String,
+    },
     #[error("{path}: tokenizer error: {problem}")]
     Tokenizer { path: PathBuf, problem: String },
     #[error("invalid input: {0}")]
@@ -91,7 +99,10 @@ impl ModelFiles {
             (&files.tokenizer, "a Hugging Face fast tokenizer"),
         ] {
             if !path.exists() {
-                return Err(ModelError::MissingFile { path: path.clone(), hint });
+                return Err(ModelError::MissingFile {
+                    path: path.clone(),
+                    hint,
+                });
             }
         }
         Ok(files)

@@ -21,7 +21,10 @@ pub fn cross_entropy<F: Real>(
 ) -> Result<(Array1<f64>, Array2<F>), ModelError> {
     let (n, c) = logits.dim();
     if labels.len() != n {
-        return Err(ModelError::Input(format!("{} labels for {n} logits rows", labels.len())));
+        return Err(ModelError::Input(format!(
+            "{} labels for {n} logits rows",
+            labels.len()
+        )));
     }
     let mut losses = Array1::zeros(n);
     let mut d = Array2::zeros((n, c));
@@ -29,13 +32,21 @@ pub fn cross_entropy<F: Real>(
         Reduction::Mean => 1.0 / n.max(1) as f64,
         Reduction::Sum => 1.0,
     };
-    for (i, (row, mut drow)) in logits.axis_iter(Axis(0)).zip(d.axis_iter_mut(Axis(0))).enumerate() {
+    for (i, (row, mut drow)) in logits
+        .axis_iter(Axis(0))
+        .zip(d.axis_iter_mut(Axis(0)))
+        .enumerate()
+    {
         let y = labels[i];
         if y >= c {
-            return Err(ModelError::Input(format!("sample {i}: label {y} but the head has {c} classes")));
+            return Err(ModelError::Input(format!(
+                "sample {i}: label {y} but the head has {c} classes"
+            )));
         }
         if row.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::NonFinite(format!("sample {i}: logits {row} are not finite")));
+            return Err(ModelError::NonFinite(format!(
+                "sample {i}: logits {row} are not finite"
+            )));
         }
         let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.as_f64()));
         let sum: f64 = row.iter().map(|v| (v.as_f64() - max).exp()).sum();

@@ -16,7 +16,11 @@ pub(crate) struct NormCache<F> {
 }
 
 /// LayerNorm over the last axis, in place; returns the cache when `record`.
-pub(crate) fn layer_norm<F: Real>(mut x: Array2<F>, ln: &LayerNorm<F>, record: bool) -> (Array2<F>, Option<NormCache<F>>) {
+pub(crate) fn layer_norm<F: Real>(
+    mut x: Array2<F>,
+    ln: &LayerNorm<F>,
+    record: bool,
+) -> (Array2<F>, Option<NormCache<F>>) {
     let d = F::from_f64(x.ncols() as f64);
     let mut rstd = Array1::zeros(x.nrows());
     for (mut row, r) in x.axis_iter_mut(Axis(0)).zip(rstd.iter_mut()) {
@@ -27,27 +31,46 @@ pub(crate) fn layer_norm<F: Real>(mut x: Array2<F>, ln: &LayerNorm<F>, record: b
         row.mapv_inplace(|v| (v - mean) * s);
         *r = s;
     }
-    let cache = record.then(|| NormCache { xhat: x.clone(), rstd });
+    let cache = record.then(|| NormCache {
+        xhat: x.clone(),
+        rstd,
+    });
     Zip::from(x.rows_mut()).for_each(|mut row| {
-        Zip::from(&mut row).and(&ln.gamma).and(&ln.beta).for_each(|v, &g, &b| *v = *v * g + b);
+        Zip::from(&mut row)
+            .and(&ln.gamma)
+            .and(&ln.beta)
+            .for_each(|v, &g, &b| *v = *v * g + b);
     });
     (x, cache)
 }
 
 /// dx = σ⁻¹ · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)), dx̂ = dy ⊙ γ.
-pub(crate) fn layer_norm_backward<F: Real>(dy: &Array2<F>, ln: &LayerNorm<F>, cache: &NormCache<F>) -> Array2<F> {
+pub(crate) fn layer_norm_backward<F: Real>(
+    dy: &Array2<F>,
+    ln: &LayerNorm<F>,
+    cache: &NormCache<F>,
+) -> Array2<F> {
     let d = F::from_f64(dy.ncols() as f64);
     let mut dx = dy * &ln.gamma;
-    Zip::from(dx.rows_mut()).and(cache.xhat.rows()).and(&cache.rstd).for_each(|mut g, xh, &s| {
-        let m1 = g.iter().copied().sum::<F>() / d;
-        let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
-        Zip::from(&mut g).and(&xh).for_each(|v, &x| *v = s * (*v - m1 - x * m2));
-    });
+    Zip::from(dx.rows_mut())
+        .and(cache.xhat.rows())
+        .and(&cache.rstd)
+        .for_each(|mut g, xh, &s| {
+            let m1 = g.iter().copied().sum::<F>() / d;
+            let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
+            Zip::from(&mut g)
+                .and(&xh)
+                .for_each(|v, &x| *v = s * (*v - m1 - x * m2));
+        });
     dx
 }
 
 /// Applies the activation in place; with `record`, returns f'(x) for the backward.
-pub(crate) fn activate<F: Real>(x: &mut Array2<F>, act: Activation, record: bool) -> Option<Array2<F>> {
+pub(crate) fn activate<F: Real>(
+    x: &mut Array2<F>,
+    act: Activation,
+    record: bool,
+) -> Option<Array2<F>> {
     let half = F::from_f64(0.5);
     let mut grad = record.then(|| Array2::zeros(x.raw_dim()));
     match act {
@@ -67,13 +90,20 @@ pub(crate) fn activate<F: Real>(x: &mut Array2<F>, act: Activation, record: bool
             let f = |v: F| {
                 let t = (c * (v + k * v * v * v)).tanh();
                 let y = half * v * (F::one() + t);
-                let dy = half * (F::one() + t) + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
+                let dy = half * (F::one() + t)
+                    + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
                 (y, dy)
             };
             apply(x, grad.as_mut(), f);
         }
         Activation::Relu => {
-            let f = |v: F| if v > F::zero() { (v, F::one()) } else { (F::zero(), F::zero()) };
+            let f = |v: F| {
+                if v > F::zero() {
+                    (v, F::one())
+                } else {
+                    (F::zero(), F::zero())
+                }
+            };
             apply(x, grad.as_mut(), f);
         }
     }
@@ -104,7 +134,7 @@ pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool])
         let mut sum = F::zero();
         for (v, &m) in row.iter_mut().zip(key_mask) {
             *v = if m { (*v - max).fast_exp() } else { F::zero() };
-            sum = sum + *v;
+            sum += *v;
         }
         let inv = F::one() / sum;
         row.mapv_inplace(|v| v * inv);
@@ -113,8 +143,12 @@ pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool])
 
 /// dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place on dP, times `scale`.
 pub(crate) fn softmax_backward_rows<F: Real>(dp: &mut Array2<F>, p: &ArrayView2<F>, scale: F) {
-    Zip::from(dp.rows_mut()).and(p.rows()).for_each(|mut d, pr| {
-        let dot = d.iter().zip(pr.iter()).map(|(&a, &b)| a * b).sum::<F>();
-        Zip::from(&mut d).and(&pr).for_each(|g, &pv| *g = pv * (*g - dot) * scale);
-    });
+    Zip::from(dp.rows_mut())
+        .and(p.rows())
+        .for_each(|mut d, pr| {
+            let dot = d.iter().zip(pr.iter()).map(|(&a, &b)| a * b).sum::<F>();
+            Zip::from(&mut d)
+                .and(&pr)
+                .for_each(|g, &pv| *g = pv * (*g - dot) * scale);
+        });
 }

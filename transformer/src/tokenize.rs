@@ -31,9 +31,14 @@ impl TextEncoder {
             });
         }
         if max_len < 2 {
-            return Err(ModelError::Input(format!("max length {max_len} is too small: [CLS] and [SEP] need 2")));
+            return Err(ModelError::Input(format!(
+                "max length {max_len} is too small: [CLS] and [SEP] need 2"
+            )));
         }
-        let tok_err = |e: &dyn std::fmt::Display| ModelError::Tokenizer { path: path.to_path_buf(), problem: e.to_string() };
+        let tok_err = |e: &dyn std::fmt::Display| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| tok_err(&e))?;
         tokenizer.with_padding(None);
         tokenizer
@@ -44,7 +49,11 @@ impl TextEncoder {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| tok_err(&e))?;
-        Ok(Self { tokenizer, path: path.to_path_buf(), max_len })
+        Ok(Self {
+            tokenizer,
+            path: path.to_path_buf(),
+            max_len,
+        })
     }
 
     pub fn max_len(&self) -> usize {
@@ -57,8 +66,14 @@ impl TextEncoder {
             None => self.tokenizer.encode(text_a, true),
             Some(b) => self.tokenizer.encode((text_a, b), true),
         }
-        .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), problem: e.to_string() })?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), type_ids: enc.get_type_ids().to_vec() })
+        .map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        })?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+        })
     }
 }
 
@@ -81,23 +96,38 @@ impl Batch {
         }
         let seq_len = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         if seq_len == 0 {
-            return Err(ModelError::Input("every sequence in the batch is empty".into()));
+            return Err(ModelError::Input(
+                "every sequence in the batch is empty".into(),
+            ));
         }
         let n = items.len() * seq_len;
-        let (mut input_ids, mut token_type_ids, mut mask) = (vec![pad_id; n], vec![0; n], vec![false; n]);
+        let (mut input_ids, mut token_type_ids, mut mask) =
+            (vec![pad_id; n], vec![0; n], vec![false; n]);
         for (b, e) in items.iter().enumerate() {
             if e.ids.is_empty() {
-                return Err(ModelError::Input(format!("sequence {b} of the batch is empty")));
+                return Err(ModelError::Input(format!(
+                    "sequence {b} of the batch is empty"
+                )));
             }
             if e.type_ids.len() != e.ids.len() {
-                return Err(ModelError::Input(format!("sequence {b}: {} ids but {} type ids", e.ids.len(), e.type_ids.len())));
+                return Err(ModelError::Input(format!(
+                    "sequence {b}: {} ids but {} type ids",
+                    e.ids.len(),
+                    e.type_ids.len()
+                )));
             }
             let row = b * seq_len;
             input_ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
             token_type_ids[row..row + e.ids.len()].copy_from_slice(&e.type_ids);
             mask[row..row + e.ids.len()].fill(true);
         }
-        Ok(Self { batch: items.len(), seq_len, input_ids, token_type_ids, mask })
+        Ok(Self {
+            batch: items.len(),
+            seq_len,
+            input_ids,
+            token_type_ids,
+            mask,
+        })
     }
 
     /// From explicit B×T arrays (fixtures, callers with their own tokenizer).
@@ -119,14 +149,25 @@ impl Batch {
         }
         for b in 0..batch {
             if !mask[b * seq_len] {
-                return Err(ModelError::Input(format!("sequence {b} has no tokens (its first position is padding)")));
+                return Err(ModelError::Input(format!(
+                    "sequence {b} has no tokens (its first position is padding)"
+                )));
             }
         }
-        Ok(Self { batch, seq_len, input_ids, token_type_ids, mask })
+        Ok(Self {
+            batch,
+            seq_len,
+            input_ids,
+            token_type_ids,
+            mask,
+        })
     }
 
     pub fn lengths(&self) -> Vec<usize> {
-        self.mask.chunks(self.seq_len).map(|m| m.iter().filter(|&&x| x).count()).collect()
+        self.mask
+            .chunks(self.seq_len)
+            .map(|m| m.iter().filter(|&&x| x).count())
+            .collect()
     }
 
     pub fn real_tokens(&self) -> usize {

@@ -74,7 +74,12 @@ struct Source<'a> {
 impl Source<'_> {
     fn get(&self, name: &str) -> Result<&ndarray::ArrayD<f32>, ModelError> {
         let full = format!("{}{name}", self.prefix);
-        self.tensors.get(&full).ok_or_else(|| ModelError::MissingTensor { path: self.file.to_path_buf(), tensor: full })
+        self.tensors
+            .get(&full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.file.to_path_buf(),
+                tensor: full,
+            })
     }
 
     fn shape_error(&self, name: &str, expected: &[usize], found: &[usize]) -> ModelError {
@@ -86,12 +91,20 @@ impl Source<'_> {
         }
     }
 
-    fn matrix<F: Real>(&self, name: &str, rows: usize, cols: usize) -> Result<Array2<F>, ModelError> {
+    fn matrix<F: Real>(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Array2<F>, ModelError> {
         let t = self.get(name)?;
         if t.shape() != [rows, cols] {
             return Err(self.shape_error(name, &[rows, cols], t.shape()));
         }
-        let v = t.view().into_dimensionality::<Ix2>().map_err(|_| self.shape_error(name, &[rows, cols], t.shape()))?;
+        let v = t
+            .view()
+            .into_dimensionality::<Ix2>()
+            .map_err(|_| self.shape_error(name, &[rows, cols], t.shape()))?;
         Ok(v.mapv(F::from_f32))
     }
 
@@ -100,11 +113,19 @@ impl Source<'_> {
         if t.shape() != [len] {
             return Err(self.shape_error(name, &[len], t.shape()));
         }
-        let v = t.view().into_dimensionality::<Ix1>().map_err(|_| self.shape_error(name, &[len], t.shape()))?;
+        let v = t
+            .view()
+            .into_dimensionality::<Ix1>()
+            .map_err(|_| self.shape_error(name, &[len], t.shape()))?;
         Ok(v.mapv(F::from_f32))
     }
 
-    fn linear<F: Real>(&self, name: &str, d_out: usize, d_in: usize) -> Result<Linear<F>, ModelError> {
+    fn linear<F: Real>(
+        &self,
+        name: &str,
+        d_out: usize,
+        d_in: usize,
+    ) -> Result<Linear<F>, ModelError> {
         Ok(Linear {
             weight: self.matrix(&format!("{name}.weight"), d_out, d_in)?,
             bias: self.vector(&format!("{name}.bias"), d_out)?,
@@ -112,9 +133,21 @@ impl Source<'_> {
     }
 
     /// Old TensorFlow-converted checkpoints name LayerNorm parameters gamma/beta.
-    fn layer_norm<F: Real>(&self, name: &str, d: usize, eps: f64) -> Result<LayerNorm<F>, ModelError> {
-        let has = |suffix: &str| self.tensors.contains_key(&format!("{}{name}.{suffix}", self.prefix));
-        let (g, b) = if !has("weight") && has("gamma") { ("gamma", "beta") } else { ("weight", "bias") };
+    fn layer_norm<F: Real>(
+        &self,
+        name: &str,
+        d: usize,
+        eps: f64,
+    ) -> Result<LayerNorm<F>, ModelError> {
+        let has = |suffix: &str| {
+            self.tensors
+                .contains_key(&format!("{}{name}.{suffix}", self.prefix))
+        };
+        let (g, b) = if !has("weight") && has("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
         Ok(LayerNorm {
             gamma: self.vector(&format!("{name}.{g}"), d)?,
             beta: self.vector(&format!("{name}.{b}"), d)?,
@@ -127,7 +160,8 @@ impl Source<'_> {
 /// buffers such as `position_ids` (often stored as I64).
 fn is_encoder_tensor(name: &str) -> bool {
     let name = name.strip_prefix("bert.").unwrap_or(name);
-    (name.starts_with("embeddings.") && !name.ends_with("position_ids")) || name.starts_with("encoder.")
+    (name.starts_with("embeddings.") && !name.ends_with("position_ids"))
+        || name.starts_with("encoder.")
 }
 
 impl<F: Real> BertModel<F> {
@@ -149,14 +183,38 @@ impl<F: Real> BertModel<F> {
     /// Builds the model from named f32 tensors, checking every name and shape against
     /// the config. Task checkpoints (`BertForSequenceClassification`) carry a `bert.`
     /// prefix; both layouts load.
-    pub fn from_tensors(config: BertConfig, tensors: &NamedTensors, file: &Path) -> Result<Self, ModelError> {
-        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
-        let src = Source { tensors, file, prefix };
-        let (h, i, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+    pub fn from_tensors(
+        config: BertConfig,
+        tensors: &NamedTensors,
+        file: &Path,
+    ) -> Result<Self, ModelError> {
+        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") {
+            ""
+        } else {
+            "bert."
+        };
+        let src = Source {
+            tensors,
+            file,
+            prefix,
+        };
+        let (h, i, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
         let embeddings = Embeddings {
             word: src.matrix("embeddings.word_embeddings.weight", config.vocab_size, h)?,
-            position: src.matrix("embeddings.position_embeddings.weight", config.max_position_embeddings, h)?,
-            token_type: src.matrix("embeddings.token_type_embeddings.weight", config.type_vocab_size, h)?,
+            position: src.matrix(
+                "embeddings.position_embeddings.weight",
+                config.max_position_embeddings,
+                h,
+            )?,
+            token_type: src.matrix(
+                "embeddings.token_type_embeddings.weight",
+                config.type_vocab_size,
+                h,
+            )?,
             norm: src.layer_norm("embeddings.LayerNorm", h, eps)?,
         };
         let layers = (0..config.num_hidden_layers)
@@ -167,14 +225,22 @@ impl<F: Real> BertModel<F> {
                     key: src.linear(&format!("{p}.attention.self.key"), h, h)?,
                     value: src.linear(&format!("{p}.attention.self.value"), h, h)?,
                     attention_output: src.linear(&format!("{p}.attention.output.dense"), h, h)?,
-                    attention_norm: src.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                    attention_norm: src.layer_norm(
+                        &format!("{p}.attention.output.LayerNorm"),
+                        h,
+                        eps,
+                    )?,
                     intermediate: src.linear(&format!("{p}.intermediate.dense"), i, h)?,
                     output: src.linear(&format!("{p}.output.dense"), h, i)?,
                     output_norm: src.layer_norm(&format!("{p}.output.LayerNorm"), h, eps)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        Ok(Self { config, embeddings, layers })
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+        })
     }
 
     /// Base shapes of the given sites, for building or checking LoRA factors.
@@ -183,7 +249,11 @@ impl<F: Real> BertModel<F> {
             .iter()
             .filter_map(|&site| {
                 let lin = self.layers.get(site.layer)?.linear(site.kind);
-                Some(SiteShape { site, d_in: lin.weight.ncols(), d_out: lin.weight.nrows() })
+                Some(SiteShape {
+                    site,
+                    d_in: lin.weight.ncols(),
+                    d_out: lin.weight.nrows(),
+                })
             })
             .collect()
     }
@@ -192,8 +262,15 @@ impl<F: Real> BertModel<F> {
     pub fn cast<G: Real>(&self) -> BertModel<G> {
         let m = |a: &Array2<F>| a.mapv(|x| G::from_f64(x.as_f64()));
         let v = |a: &Array1<F>| a.mapv(|x| G::from_f64(x.as_f64()));
-        let lin = |l: &Linear<F>| Linear { weight: m(&l.weight), bias: v(&l.bias) };
-        let ln = |n: &LayerNorm<F>| LayerNorm { gamma: v(&n.gamma), beta: v(&n.beta), eps: G::from_f64(n.eps.as_f64()) };
+        let lin = |l: &Linear<F>| Linear {
+            weight: m(&l.weight),
+            bias: v(&l.bias),
+        };
+        let ln = |n: &LayerNorm<F>| LayerNorm {
+            gamma: v(&n.gamma),
+            beta: v(&n.beta),
+            eps: G::from_f64(n.eps.as_f64()),
+        };
         BertModel {
             config: self.config.clone(),
             embeddings: Embeddings {

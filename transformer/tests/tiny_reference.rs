@@ -2,6 +2,7 @@
 //! `fixtures/make_fixtures.py` with transformers + PEFT): forward hidden states,
 //! logits, loss and every LoRA/head gradient, plus f16 and bf16 checkpoints. Needs no
 //! download, so it always runs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -16,7 +17,9 @@ use fibecfed_transformer::{Adapter, BertModel, NoHook, Reduction, cross_entropy}
 const TOL: f64 = 1e-4;
 
 fn strip(t: &NamedTensors, prefix: &str) -> NamedTensors {
-    t.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_owned(), v.clone()))).collect()
+    t.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_owned(), v.clone())))
+        .collect()
 }
 
 #[test]
@@ -30,7 +33,9 @@ fn tiny_bert_forward_and_gradients_match_pytorch() {
     // Base model, no adapter.
     let h = model.encode(&batch, None).expect("forward");
     let want = f64d(get(&fx, "base_last_hidden_state"));
-    let got = f64d(&h.into_dyn()).into_shape_with_order(want.raw_dim()).expect("shape");
+    let got = f64d(&h.into_dyn())
+        .into_shape_with_order(want.raw_dim())
+        .expect("shape");
     let e = rel_err(&got, &want);
     assert!(e < TOL, "base hidden state rel err {e}");
 
@@ -39,22 +44,37 @@ fn tiny_bert_forward_and_gradients_match_pytorch() {
     let sites = lora.resolve_sites(2).expect("sites");
     let shapes = model.site_shapes(&sites);
     let (params, ignored) =
-        LoraParams::<f32>::from_named(&strip(&fx, "adapter."), 3, &shapes, 32, "tiny_grads").expect("adapter");
+        LoraParams::<f32>::from_named(&strip(&fx, "adapter."), 3, &shapes, 32, "tiny_grads")
+            .expect("adapter");
     assert!(ignored.is_empty());
-    let adapter = Adapter { params: &params, scale: lora.scale() };
+    let adapter = Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
     let fwd = model.forward(&batch, adapter, None).expect("forward");
-    let e = rel_err(&f64d(&fwd.logits.clone().into_dyn()), &f64d(get(&fx, "logits")));
+    let e = rel_err(
+        &f64d(&fwd.logits.clone().into_dyn()),
+        &f64d(get(&fx, "logits")),
+    );
     assert!(e < TOL, "logits rel err {e}");
     let labels = labels(&fx_path);
     let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean).expect("loss");
     let want_loss = f64::from(get(&fx, "loss")[[0]]);
     let loss = losses.mean().expect("non-empty");
-    assert!((loss - want_loss).abs() < TOL * want_loss.abs(), "loss {loss} vs {want_loss}");
+    assert!(
+        (loss - want_loss).abs() < TOL * want_loss.abs(),
+        "loss {loss} vs {want_loss}"
+    );
 
-    let grads = model.backward(&batch, adapter, &fwd, &dlogits, &mut NoHook).expect("backward");
+    let grads = model
+        .backward(&batch, adapter, &fwd, &dlogits, &mut NoHook)
+        .expect("backward");
     let want = strip(&fx, "grad.");
     let got = grads.to_named();
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
     for (name, w) in &want {
         let e = rel_err(&f64d(&got[name]), &f64d(w));
         assert!(e < TOL, "{name}: rel err {e}");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::common::{
-    Staging, cache_dir, env_path, fetch_pinned, python_output, user_error, verify_sha256,
+    Staging, absolute, cache_dir, env_path, fetch_pinned, python_output, user_error, verify_sha256,
 };
 
 /// What the `transformer` crate needs to load a model folder.
@@ -56,6 +56,11 @@ pub fn run(options: &Options) -> Result<()> {
 /// `FIBECFED_MODEL_DIR`) are never second-guessed: if they are wrong the user
 /// hears about it instead of silently getting a different model.
 pub fn resolve(explicit: Option<&Path>) -> Result<PathBuf> {
+    // Absolute, because the path is handed to children that run elsewhere.
+    find(explicit).and_then(|dir| absolute(&dir))
+}
+
+fn find(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = explicit {
         return accept_user_folder(dir, "--model-dir");
     }
@@ -226,9 +231,13 @@ mod tests {
         fs::create_dir_all(&dir)?;
         assert_eq!(
             missing_file(&dir.join("nope")).as_deref(),
-            Some("not a folder")
+            Some("not present")
         );
         fs::write(dir.join("config.json"), "{}")?;
+        assert_eq!(
+            missing_file(&dir.join("config.json")).as_deref(),
+            Some("not a folder")
+        );
         fs::write(dir.join("model.safetensors"), "")?;
         let why = missing_file(&dir).unwrap_or_default();
         assert!(why.starts_with("tokenizer.json is missing"), "{why}");

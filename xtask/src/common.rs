@@ -94,6 +94,12 @@ pub fn cache_dir() -> Result<PathBuf> {
     }
 }
 
+/// `path` made absolute against the current directory (without resolving
+/// symlinks, so a Hugging Face snapshot keeps its readable name).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot make {} absolute", path.display()))
+}
+
 /// Lowercase hex SHA-256 of a file, read in a stream (the model is ~90 MB; no
 /// reason to hold it in memory just to hash it).
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -333,20 +339,6 @@ fn remove_stale_staging(parent: &Path, prefix: &str) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Writes a file through a sibling temporary and a rename, for the same reason
-/// as `Staging`.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot move into place {}", path.display()))
 }
 
 #[cfg(test)]

