@@ -5,10 +5,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use fibecfed_transformer::{Batch, BertModel, Encoded, TextEncoder, mean_pool};
 
-use crate::output::{check_writable_file, write_atomic};
+use crate::output::write_atomic;
 
 /// Embeds every line of `input` (an empty line embeds the empty text) and writes one
-/// `{"embedding": [...]}` per line, in input order.
+/// `{"embedding": [...]}` per line, in input order. The output is written atomically
+/// at the end; callers check it is writable before loading a model
+/// ([`crate::output::check_writable_file`]).
 pub fn embed_file(
     model: &BertModel<f32>,
     tok: &TextEncoder,
@@ -16,7 +18,6 @@ pub fn embed_file(
     output: &Path,
     batch_size: usize,
 ) -> Result<usize> {
-    check_writable_file(output)?;
     let text = std::fs::read_to_string(input)
         .with_context(|| format!("cannot read {}", input.display()))?;
     let lines: Vec<&str> = text.lines().collect();

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use fibecfed_lora::LoraConfig;
 use fibecfed_sim::data::read_train_eval;
 use fibecfed_sim::embed::embed_file;
+use fibecfed_sim::output::check_writable_file;
 use fibecfed_sim::train::{
     TrainConfig, TrainOutputs, check_outputs, limit_samples, load_model, tokenize, train,
 };
@@ -111,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             max_len,
             batch_size,
         } => {
+            check_writable_file(&output)?;
             let (model, tok) = load_model(&model_dir, max_len)?;
             let start = Instant::now();
             let n = embed_file(&model, &tok, &input, &output, batch_size)?;

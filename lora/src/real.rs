@@ -102,17 +102,21 @@ pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Plain multiply-adds, not `mul_add`: without a target FMA unit that becomes a
+    // libm call per element and the loop no longer vectorises.
     let xc = x.clamp(-87.336_54, 88.376_26);
-    let k = (xc * LOG2E).round();
+    // Round to nearest by the 1.5·2²³ trick: `round()` is a libm call on baseline x86-64.
+    const MAGIC: f32 = 12_582_912.0;
+    let k = (xc * LOG2E + MAGIC) - MAGIC;
     let r = xc - k * LN2_HI - k * LN2_LO;
     let r2 = r * r;
     let p = 1.987_569_1e-4_f32;
-    let p = p.mul_add(r, 1.398_199_9e-3);
-    let p = p.mul_add(r, 8.333_452e-3);
-    let p = p.mul_add(r, 4.166_579_6e-2);
-    let p = p.mul_add(r, 1.666_666_5e-1);
-    let p = p.mul_add(r, 0.5);
-    let e = p.mul_add(r2, r) + 1.0;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r2 + r + 1.0;
     // 2^k through the exponent bits; k is in [-126, 127] after the clamp.
     let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
     let y = e * scale;
@@ -131,13 +135,8 @@ pub fn erf_f32(x: f32) -> f32 {
     const A4: f32 = -1.453_152_1;
     const A5: f32 = 1.061_405_4;
     let ax = x.abs();
-    let t = 1.0 / P.mul_add(ax, 1.0);
-    let poly = A5
-        .mul_add(t, A4)
-        .mul_add(t, A3)
-        .mul_add(t, A2)
-        .mul_add(t, A1)
-        * t;
+    let t = 1.0 / (P * ax + 1.0);
+    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
     let y = 1.0 - poly * exp_f32(-ax * ax);
     y.copysign(x)
 }

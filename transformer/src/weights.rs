@@ -296,3 +296,78 @@ impl<F: Real> BertModel<F> {
         }
     }
 }
+
+impl<F: Real> BertModel<F> {
+    /// A model of the given shape with random weights (N(0, 0.02²) matrices, LayerNorm
+    /// near identity): for benchmarks and tests that need the architecture, not the
+    /// knowledge.
+    pub fn random(config: BertConfig, rng: &mut impl rand::Rng) -> Self {
+        use rand_distr::{Distribution, Normal};
+        let normal = Normal::new(0.0_f64, 0.02).ok();
+        let mut draw = |shape: (usize, usize)| {
+            Array2::from_shape_simple_fn(shape, || {
+                normal.map_or(F::zero(), |n| F::from_f64(n.sample(rng)))
+            })
+        };
+        let (h, i, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            F::from_f64(config.layer_norm_eps),
+        );
+        let ln = || LayerNorm {
+            gamma: Array1::ones(h),
+            beta: Array1::zeros(h),
+            eps,
+        };
+        let mut lin = |o: usize, n: usize| Linear {
+            weight: draw((o, n)),
+            bias: Array1::zeros(o),
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| EncoderLayer {
+                query: lin(h, h),
+                key: lin(h, h),
+                value: lin(h, h),
+                attention_output: lin(h, h),
+                attention_norm: ln(),
+                intermediate: lin(i, h),
+                output: lin(h, i),
+                output_norm: ln(),
+            })
+            .collect();
+        let mut draw2 = |shape: (usize, usize)| {
+            Array2::from_shape_simple_fn(shape, || {
+                normal.map_or(F::zero(), |n| F::from_f64(n.sample(rng)))
+            })
+        };
+        let embeddings = Embeddings {
+            word: draw2((config.vocab_size, h)),
+            position: draw2((config.max_position_embeddings, h)),
+            token_type: draw2((config.type_vocab_size, h)),
+            norm: ln(),
+        };
+        Self {
+            config,
+            embeddings,
+            layers,
+        }
+    }
+}
+
+impl BertConfig {
+    /// all-MiniLM-L6-v2's shape: 6 layers, hidden 384, 12 heads, FFN 1536.
+    pub fn minilm_l6() -> Self {
+        Self {
+            vocab_size: 30522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            hidden_act: crate::config::Activation::Gelu,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+        }
+    }
+}

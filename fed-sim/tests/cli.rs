@@ -1,0 +1,352 @@
+//! The `fibecfed` binary end to end on the tiny BERT fixture (with a word-level
+//! tokenizer written here), and every bad input the CLI must refuse with exit code 2
+//! and a message naming the file, field or flag.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const WORDS: [&str; 20] = [
+    "good", "bad", "great", "awful", "movie", "film", "plot", "actors", "was", "is", "a", "the",
+    "fun", "boring", "loved", "hated", "it", "very", "not", "and",
+];
+
+fn tiny_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../transformer/tests/fixtures/tiny-bert")
+}
+
+/// A copy of the tiny model with a whitespace word-level tokenizer.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        fs::copy(tiny_fixture().join(f), m.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+        .iter()
+        .chain(WORDS.iter())
+        .enumerate()
+    {
+        vocab.insert((*w).to_owned(), serde_json::json!(i));
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 2], "cls": ["[CLS]", 1]},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
+    m
+}
+
+/// A small sentiment TSV: label 1 sentences use positive words.
+fn tsv(path: &Path, n: usize) {
+    let mut s = String::from("sentence\tlabel\n");
+    for i in 0..n {
+        let (w, y) = if i % 2 == 0 {
+            (["good", "great", "fun", "loved"][i / 2 % 4], 1)
+        } else {
+            (["bad", "awful", "boring", "hated"][i / 2 % 4], 0)
+        };
+        s.push_str(&format!(
+            "the {} was very {w} {}\t{y}\n",
+            WORDS[4 + i % 4],
+            if i % 3 == 0 { "and fun" } else { "" }
+        ));
+    }
+    fs::write(path, s).unwrap();
+}
+
+fn fibecfed(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fibecfed"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Exit code 2, a message containing every needle, and no panic.
+fn assert_refused(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2, stderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "panicked:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+}
+
+#[test]
+fn train_embed_and_adapter_round_trip_on_the_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (train, eval) = (dir.path().join("train.tsv"), dir.path().join("dev.tsv"));
+    tsv(&train, 64);
+    tsv(&eval, 16);
+    let adapter = dir.path().join("adapter");
+    let metrics = dir.path().join("metrics.json");
+    let out = fibecfed(&[
+        "train",
+        "--model-dir",
+        s(&model),
+        "--train",
+        s(&train),
+        "--eval",
+        s(&eval),
+        "--epochs",
+        "2",
+        "--lora-rank",
+        "4",
+        "--targets",
+        "query,value,dense",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--save-adapter",
+        s(&adapter),
+        "--metrics-out",
+        s(&metrics),
+        "--max-len",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&metrics).unwrap()).unwrap();
+    let epochs = m["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    let loss = |e: &serde_json::Value| e["train_loss"].as_f64().unwrap();
+    assert!(
+        loss(&epochs[1]) < loss(&epochs[0]),
+        "loss did not fall: {m}"
+    );
+    // The adapter folder is PEFT's layout and reads back.
+    let (config, tensors) = fibecfed_lora::read_adapter(&adapter).unwrap();
+    assert_eq!(config.r, 4);
+    assert!(tensors.contains_key("base_model.model.encoder.layer.1.output.dense.lora_B.weight"));
+    assert!(tensors.contains_key("base_model.model.classifier.weight"));
+
+    let input = dir.path().join("texts.txt");
+    fs::write(
+        &input,
+        "good movie\n\nthe plot was boring and the actors awful\n",
+    )
+    .unwrap();
+    let output = dir.path().join("emb.jsonl");
+    let out = fibecfed(&[
+        "embed",
+        "--model-dir",
+        s(&model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&output),
+        "--max-len",
+        "32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "one object per input line, empty lines included"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["embedding"].as_array().unwrap().len() == 32)
+    );
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    train: PathBuf,
+    eval: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let model = tiny_model(&root);
+    let (train, eval) = (root.join("train.tsv"), root.join("dev.tsv"));
+    tsv(&train, 16);
+    tsv(&eval, 8);
+    Setup {
+        _dir: dir,
+        root,
+        model,
+        train,
+        eval,
+    }
+}
+
+fn train_with(su: &Setup, model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "--model-dir",
+        s(model),
+        "--train",
+        s(&su.train),
+        "--eval",
+        s(&su.eval),
+        "--batch-size",
+        "8",
+        "--max-len",
+        "32",
+    ];
+    args.extend_from_slice(extra);
+    fibecfed(&args)
+}
+
+#[test]
+fn missing_model_folder_and_files() {
+    let su = setup();
+    let nowhere = su.root.join("no-such-model");
+    assert_refused(&train_with(&su, &nowhere, &[]), &["no-such-model"]);
+    fs::remove_file(su.model.join("tokenizer.json")).unwrap();
+    assert_refused(
+        &train_with(&su, &su.model, &[]),
+        &["tokenizer.json", "missing"],
+    );
+}
+
+#[test]
+fn config_missing_a_key() {
+    let su = setup();
+    let path = su.model.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("num_attention_heads");
+    fs::write(&path, c.to_string()).unwrap();
+    assert_refused(
+        &train_with(&su, &su.model, &[]),
+        &["config.json", "num_attention_heads"],
+    );
+}
+
+#[test]
+fn truncated_and_lying_checkpoints() {
+    let su = setup();
+    let path = su.model.join("model.safetensors");
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&train_with(&su, &su.model, &[]), &["model.safetensors"]);
+    // A header that claims more bytes than the file has.
+    let mut lying = bytes.clone();
+    lying[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
+    fs::write(&path, &lying).unwrap();
+    assert_refused(&train_with(&su, &su.model, &[]), &["model.safetensors"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape() {
+    let su = setup();
+    let path = su.model.join("model.safetensors");
+    let mut t = fibecfed_lora::io::read_safetensors(&path).unwrap();
+    let name = "encoder.layer.1.attention.self.key.weight";
+    t.insert(name.to_owned(), ndarray::ArrayD::zeros(vec![32, 31]));
+    fibecfed_lora::io::write_safetensors(&path, &t, None).unwrap();
+    assert_refused(
+        &train_with(&su, &su.model, &[]),
+        &[name, "[32, 31]", "[32, 32]"],
+    );
+}
+
+#[test]
+fn unknown_lora_target() {
+    let su = setup();
+    assert_refused(
+        &train_with(&su, &su.model, &["--targets", "query,qeury"]),
+        &["qeury"],
+    );
+}
+
+#[test]
+fn tsv_with_wrong_column_count_or_unknown_label() {
+    let su = setup();
+    fs::write(&su.train, "sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n").unwrap();
+    assert_refused(&train_with(&su, &su.model, &[]), &["train.tsv", "3"]);
+    tsv(&su.train, 16);
+    fs::write(&su.eval, "sentence\tlabel\ngood movie\t1\nbad movie\t7\n").unwrap();
+    assert_refused(&train_with(&su, &su.model, &[]), &["dev.tsv", "7"]);
+}
+
+#[test]
+fn unwritable_outputs_fail_before_training() {
+    let su = setup();
+    let file = su.root.join("a-file");
+    fs::write(&file, "x").unwrap();
+    let bad_metrics = su.root.join("no-such-dir/metrics.json");
+    assert_refused(
+        &train_with(&su, &su.model, &["--metrics-out", s(&bad_metrics)]),
+        &["no-such-dir"],
+    );
+    let bad_adapter = file.join("adapter");
+    assert_refused(
+        &train_with(&su, &su.model, &["--save-adapter", s(&bad_adapter)]),
+        &["a-file"],
+    );
+    let input = su.root.join("texts.txt");
+    fs::write(&input, "good\n").unwrap();
+    let out = fibecfed(&[
+        "embed",
+        "--model-dir",
+        s(&su.model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&bad_metrics),
+    ]);
+    assert_refused(&out, &["no-such-dir"]);
+}
+
+#[test]
+fn bad_flags() {
+    let su = setup();
+    assert_refused(
+        &train_with(&su, &su.model, &["--batch-size", "zero"]),
+        &["batch-size"],
+    );
+    assert_refused(
+        &train_with(&su, &su.model, &["--lora-rank", "0"]),
+        &["rank"],
+    );
+    assert_refused(
+        &fibecfed(&[
+            "train",
+            "--model-dir",
+            s(&su.model),
+            "--train",
+            s(&su.train),
+            "--eval",
+            s(&su.eval),
+            "--max-len",
+            "1000",
+        ]),
+        &["max-len", "40"],
+    );
+}
