@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use fibecfed_lora::{Head, LoraParams, LoraWeights, Real, SiteId, SiteKind};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, Axis, s};
+use ndarray::parallel::prelude::*;
+use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -15,6 +16,7 @@ use crate::ops::{
     NormCache, activate, layer_norm, layer_norm_backward, masked_softmax_rows,
     softmax_backward_rows,
 };
+use crate::par;
 use crate::tokenize::Batch;
 use crate::weights::{BertModel, Linear};
 
@@ -71,9 +73,8 @@ struct SiteCache<F> {
 #[derive(Debug, Clone)]
 struct LayerCache<F> {
     input: Array2<F>,
-    q: Array2<F>,
-    k: Array2<F>,
-    v: Array2<F>,
+    /// q | k | v side by side, N × 3H (one fused GEMM).
+    qkv: Array2<F>,
     probs: Array3<F>,
     context: Array2<F>,
     attention_norm: NormCache<F>,
@@ -99,25 +100,22 @@ pub struct Dropout<'a> {
     pub rng: &'a mut ChaCha8Rng,
 }
 
+/// x·Wᵀ + b, parallel over row blocks.
 fn linear<F: Real>(x: &ArrayView2<F>, lin: &Linear<F>) -> Array2<F> {
     let mut y = Array2::zeros((x.nrows(), lin.weight.nrows()));
-    general_mat_mul(F::one(), x, &lin.weight.t(), F::zero(), &mut y);
+    par::gemm(F::one(), x, &lin.weight.t(), F::zero(), &mut y.view_mut());
     y += &lin.bias;
     y
 }
 
-/// Base linear map plus scale·(x_drop·Aᵀ)·Bᵀ when the site has an adapter.
-fn site_forward<F: Real>(
+/// Adds scale·(x_drop·Aᵀ)·Bᵀ to `y` and returns what backward needs.
+fn lora_forward<F: Real>(
     x: &Array2<F>,
-    lin: &Linear<F>,
-    lora: Option<(&LoraWeights<F>, F)>,
+    w: &LoraWeights<F>,
+    scale: F,
     dropout: &mut Option<Dropout<'_>>,
-    record: bool,
-) -> (Array2<F>, Option<SiteCache<F>>) {
-    let mut y = linear(&x.view(), lin);
-    let Some((w, scale)) = lora else {
-        return (y, None);
-    };
+    y: &mut ArrayViewMut2<'_, F>,
+) -> SiteCache<F> {
     let (x_drop, drop_mask) = match dropout.as_mut().filter(|d| d.p > 0.0) {
         Some(d) => {
             let keep = F::from_f64(1.0 / (1.0 - f64::from(d.p)));
@@ -135,13 +133,12 @@ fn site_forward<F: Real>(
     let xin = x_drop.as_ref().unwrap_or(x);
     let mut u = Array2::zeros((x.nrows(), w.a.nrows()));
     general_mat_mul(F::one(), xin, &w.a.t(), F::zero(), &mut u);
-    general_mat_mul(scale, &u, &w.b.t(), F::one(), &mut y);
-    let cache = record.then(|| SiteCache {
+    par::gemm(scale, &u.view(), &w.b.t(), F::one(), y);
+    SiteCache {
         x_drop,
         drop_mask,
         u,
-    });
-    (y, cache)
+    }
 }
 
 /// An adapted site during backward: its factors, what forward kept, its gradient.
@@ -152,54 +149,52 @@ struct SiteState<'a, F> {
     grad: &'a mut LoraWeights<F>,
 }
 
-/// Backward of one site. Accumulates the LoRA gradients, calls the hook, and returns
-/// dx when `need_dx`.
-#[allow(clippy::too_many_arguments)]
-fn site_backward<F: Real>(
-    dy: &Array2<F>,
+/// The adapter's part of one site's backward: accumulates dA and dB, shows the hook
+/// (x, δ), and adds the adapter's share of dx when the caller needs dx.
+fn lora_backward<F: Real>(
+    dy: &ArrayView2<'_, F>,
     x: &Array2<F>,
-    lin: &Linear<F>,
     site: SiteId,
-    lora: Option<SiteState<'_, F>>,
+    state: SiteState<'_, F>,
     ctx: &mut BackwardCtx<'_, '_, F>,
-    need_dx: bool,
-) -> Option<Array2<F>> {
-    let mut dx = need_dx.then(|| {
-        let mut dx = Array2::zeros((dy.nrows(), lin.weight.ncols()));
-        general_mat_mul(F::one(), dy, &lin.weight, F::zero(), &mut dx);
-        dx
-    });
-    if let Some(SiteState {
+    dx: Option<&mut Array2<F>>,
+) {
+    let SiteState {
         weights: w,
         scale,
         cache,
         grad,
-    }) = lora
-    {
-        let xin = cache.x_drop.as_ref().unwrap_or(x);
-        // dy·B (N×r) serves both dA and the adapter's share of dx.
-        let dyb = dy.dot(&w.b);
-        general_mat_mul(scale, &dyb.t(), xin, F::one(), &mut grad.a);
-        general_mat_mul(scale, &dy.t(), &cache.u, F::one(), &mut grad.b);
-        if let Some(dx) = dx.as_mut() {
-            let mut through = dyb.dot(&w.a);
-            if let Some(m) = &cache.drop_mask {
-                through *= m;
+    } = state;
+    let xin = cache.x_drop.as_ref().unwrap_or(x);
+    // dy·B (N×r) serves both dA and the adapter's share of dx.
+    let dyb = dy.dot(&w.b);
+    general_mat_mul(scale, &dyb.t(), xin, F::one(), &mut grad.a);
+    general_mat_mul(scale, &dy.t(), &cache.u, F::one(), &mut grad.b);
+    if let Some(dx) = dx {
+        match &cache.drop_mask {
+            None => par::gemm(
+                scale,
+                &dyb.view(),
+                &w.a.view(),
+                F::one(),
+                &mut dx.view_mut(),
+            ),
+            Some(m) => {
+                let through = dyb.dot(&w.a) * m;
+                dx.scaled_add(scale, &through);
             }
-            dx.scaled_add(scale, &through);
         }
-        ctx.hook.site(&SiteTrace {
-            site,
-            x: xin.view(),
-            delta: dy.view(),
-            mask: ctx.mask.view(),
-            batch: ctx.batch,
-            seq_len: ctx.seq_len,
-            weights: w,
-            scale,
-        });
     }
-    dx
+    ctx.hook.site(&SiteTrace {
+        site,
+        x: xin.view(),
+        delta: dy.view(),
+        mask: ctx.mask.view(),
+        batch: ctx.batch,
+        seq_len: ctx.seq_len,
+        weights: w,
+        scale,
+    });
 }
 
 struct BackwardCtx<'h, 'm, F> {
@@ -219,6 +214,8 @@ fn depth(kind: SiteKind) -> u8 {
         SiteKind::Query | SiteKind::Key | SiteKind::Value => 3,
     }
 }
+
+const QKV: [SiteKind; 3] = [SiteKind::Query, SiteKind::Key, SiteKind::Value];
 
 impl<F: Real> BertModel<F> {
     fn check_batch(&self, batch: &Batch) -> Result<(), ModelError> {
@@ -306,96 +303,93 @@ impl<F: Real> BertModel<F> {
         layer_norm(x, &e.norm, false).0
     }
 
-    /// Multi-head self-attention over keys that are not padding. Returns the
-    /// context (N×H) and, with `record`, the probabilities (B·heads × T × T).
-    fn attention(
-        &self,
-        q: &Array2<F>,
-        k: &Array2<F>,
-        v: &Array2<F>,
-        batch: &Batch,
-        record: bool,
-    ) -> (Array2<F>, Array3<F>) {
-        let (b, t) = (batch.batch, batch.seq_len);
+    /// Multi-head self-attention over keys that are not padding, one sequence per
+    /// task. Returns the context (N×H) and, with `record`, the probabilities
+    /// (B·heads × T × T).
+    fn attention(&self, qkv: &Array2<F>, batch: &Batch, record: bool) -> (Array2<F>, Array3<F>) {
+        let (t, hid) = (batch.seq_len, self.config.hidden_size);
         let heads = self.config.num_attention_heads;
         let dh = self.config.head_dim();
         let scale = F::one() / F::from_f64((dh as f64).sqrt());
-        let mut ctx = Array2::zeros(q.raw_dim());
-        let mut probs = if record {
-            Array3::zeros((b * heads, t, t))
+        let mut ctx = Array2::zeros((batch.batch * t, hid));
+        let mut probs = Array3::zeros(if record {
+            (batch.batch * heads, t, t)
         } else {
-            Array3::zeros((0, 0, 0))
-        };
-        let mut sc = Array2::zeros((t, t));
-        for bi in 0..b {
-            let rows = bi * t..(bi + 1) * t;
-            let key_mask = &batch.mask[rows.clone()];
-            for h in 0..heads {
-                let cols = h * dh..(h + 1) * dh;
-                let qh = q.slice(s![rows.clone(), cols.clone()]);
-                let kh = k.slice(s![rows.clone(), cols.clone()]);
-                let vh = v.slice(s![rows.clone(), cols.clone()]);
-                general_mat_mul(scale, &qh, &kh.t(), F::zero(), &mut sc);
-                masked_softmax_rows(&mut sc, key_mask);
-                let mut ch = ctx.slice_mut(s![rows.clone(), cols]);
-                general_mat_mul(F::one(), &sc, &vh, F::zero(), &mut ch);
-                if record {
-                    probs.index_axis_mut(Axis(0), bi * heads + h).assign(&sc);
+            (batch.batch, 0, 0)
+        });
+        let per_seq = if record { heads } else { 1 };
+        ctx.axis_chunks_iter_mut(Axis(0), t)
+            .into_par_iter()
+            .zip(probs.axis_chunks_iter_mut(Axis(0), per_seq).into_par_iter())
+            .enumerate()
+            .for_each(|(bi, (mut ctx_b, mut probs_b))| {
+                let rows = bi * t..(bi + 1) * t;
+                let key_mask = &batch.mask[rows.clone()];
+                let mut sc = Array2::zeros((t, t));
+                for h in 0..heads {
+                    let col = |j: usize| s![rows.clone(), j * hid + h * dh..j * hid + (h + 1) * dh];
+                    let (qh, kh, vh) = (qkv.slice(col(0)), qkv.slice(col(1)), qkv.slice(col(2)));
+                    general_mat_mul(scale, &qh, &kh.t(), F::zero(), &mut sc);
+                    masked_softmax_rows(&mut sc, key_mask);
+                    let mut ch = ctx_b.slice_mut(s![.., h * dh..(h + 1) * dh]);
+                    general_mat_mul(F::one(), &sc, &vh, F::zero(), &mut ch);
+                    if record {
+                        probs_b.index_axis_mut(Axis(0), h).assign(&sc);
+                    }
                 }
-            }
-        }
+            });
         (ctx, probs)
     }
 
+    /// Gradients of q | k | v (N × 3H) from the context gradient, one sequence per task.
     fn attention_backward(
         &self,
         dctx: &Array2<F>,
         cache: &LayerCache<F>,
         batch: &Batch,
-    ) -> (Array2<F>, Array2<F>, Array2<F>) {
-        let (b, t) = (batch.batch, batch.seq_len);
+    ) -> Array2<F> {
+        let (t, hid) = (batch.seq_len, self.config.hidden_size);
         let heads = self.config.num_attention_heads;
         let dh = self.config.head_dim();
         let scale = F::one() / F::from_f64((dh as f64).sqrt());
-        let mut dq = Array2::zeros(dctx.raw_dim());
-        let mut dk = Array2::zeros(dctx.raw_dim());
-        let mut dv = Array2::zeros(dctx.raw_dim());
-        let mut dp = Array2::zeros((t, t));
-        for bi in 0..b {
-            let rows = bi * t..(bi + 1) * t;
-            for h in 0..heads {
-                let cols = h * dh..(h + 1) * dh;
-                let p = cache.probs.index_axis(Axis(0), bi * heads + h);
-                let dc = dctx.slice(s![rows.clone(), cols.clone()]);
-                let qh = cache.q.slice(s![rows.clone(), cols.clone()]);
-                let kh = cache.k.slice(s![rows.clone(), cols.clone()]);
-                let vh = cache.v.slice(s![rows.clone(), cols.clone()]);
-                general_mat_mul(F::one(), &dc, &vh.t(), F::zero(), &mut dp);
-                general_mat_mul(
-                    F::one(),
-                    &p.t(),
-                    &dc,
-                    F::zero(),
-                    &mut dv.slice_mut(s![rows.clone(), cols.clone()]),
-                );
-                softmax_backward_rows(&mut dp, &p, scale);
-                general_mat_mul(
-                    F::one(),
-                    &dp,
-                    &kh,
-                    F::zero(),
-                    &mut dq.slice_mut(s![rows.clone(), cols.clone()]),
-                );
-                general_mat_mul(
-                    F::one(),
-                    &dp.t(),
-                    &qh,
-                    F::zero(),
-                    &mut dk.slice_mut(s![rows.clone(), cols]),
-                );
-            }
-        }
-        (dq, dk, dv)
+        let mut dqkv = Array2::zeros((batch.batch * t, 3 * hid));
+        dqkv.axis_chunks_iter_mut(Axis(0), t)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bi, mut d_b)| {
+                let rows = bi * t..(bi + 1) * t;
+                let mut dp = Array2::zeros((t, t));
+                for h in 0..heads {
+                    let cols = h * dh..(h + 1) * dh;
+                    let col = |j: usize| s![rows.clone(), j * hid + h * dh..j * hid + (h + 1) * dh];
+                    let p = cache.probs.index_axis(Axis(0), bi * heads + h);
+                    let dc = dctx.slice(s![rows.clone(), cols.clone()]);
+                    let (qh, kh, vh) = (
+                        cache.qkv.slice(col(0)),
+                        cache.qkv.slice(col(1)),
+                        cache.qkv.slice(col(2)),
+                    );
+                    let local = |j: usize| s![.., j * hid + h * dh..j * hid + (h + 1) * dh];
+                    general_mat_mul(F::one(), &dc, &vh.t(), F::zero(), &mut dp);
+                    general_mat_mul(
+                        F::one(),
+                        &p.t(),
+                        &dc,
+                        F::zero(),
+                        &mut d_b.slice_mut(local(2)),
+                    );
+                    softmax_backward_rows(&mut dp, &p, scale);
+                    general_mat_mul(F::one(), &dp, &kh, F::zero(), &mut d_b.slice_mut(local(0)));
+                    general_mat_mul(
+                        F::one(),
+                        &dp.t(),
+                        &qh,
+                        F::zero(),
+                        &mut d_b.slice_mut(local(1)),
+                    );
+                }
+            });
+        dqkv
     }
 
     /// Runs the encoder; with `record`, keeps what backward needs.
@@ -406,31 +400,50 @@ impl<F: Real> BertModel<F> {
         mut dropout: Option<Dropout<'_>>,
         record: bool,
     ) -> Result<(Array2<F>, Vec<LayerCache<F>>), ModelError> {
+        par::init();
         self.check_batch(batch)?;
         if let Some(a) = adapter {
             self.check_adapter(a.params)?;
         }
+        let hid = self.config.hidden_size;
         let mut x = self.embed(batch);
         let mut caches = Vec::with_capacity(if record { self.layers.len() } else { 0 });
         for (l, layer) in self.layers.iter().enumerate() {
             let mut sites = BTreeMap::new();
-            let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
-                let lora = adapter.and_then(|a| {
+            let weights = |kind: SiteKind| {
+                adapter.and_then(|a| {
                     a.params
                         .sites
                         .get(&SiteId::new(l, kind))
                         .map(|w| (w, a.scale))
-                });
-                let (y, c) = site_forward(input, layer.linear(kind), lora, dropout, record);
-                if let Some(c) = c {
-                    sites.insert(kind, c);
+                })
+            };
+            let mut qkv = linear(&x.view(), &layer.qkv);
+            for (j, kind) in QKV.into_iter().enumerate() {
+                if let Some((w, scale)) = weights(kind) {
+                    let c = lora_forward(
+                        &x,
+                        w,
+                        scale,
+                        &mut dropout,
+                        &mut qkv.slice_mut(s![.., j * hid..(j + 1) * hid]),
+                    );
+                    if record {
+                        sites.insert(kind, c);
+                    }
+                }
+            }
+            let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
+                let mut y = linear(&input.view(), layer.linear(kind));
+                if let Some((w, scale)) = weights(kind) {
+                    let c = lora_forward(input, w, scale, dropout, &mut y.view_mut());
+                    if record {
+                        sites.insert(kind, c);
+                    }
                 }
                 y
             };
-            let q = fwd(&x, SiteKind::Query, &mut dropout);
-            let k = fwd(&x, SiteKind::Key, &mut dropout);
-            let v = fwd(&x, SiteKind::Value, &mut dropout);
-            let (context, probs) = self.attention(&q, &k, &v, batch, record);
+            let (context, probs) = self.attention(&qkv, batch, record);
             let mut a = fwd(&context, SiteKind::AttentionOutput, &mut dropout);
             a += &x;
             let (h1, attention_norm) = layer_norm(a, &layer.attention_norm, record);
@@ -444,9 +457,7 @@ impl<F: Real> BertModel<F> {
             {
                 caches.push(LayerCache {
                     input: x,
-                    q,
-                    k,
-                    v,
+                    qkv,
                     probs,
                     context,
                     attention_norm,
@@ -513,6 +524,7 @@ impl<F: Real> BertModel<F> {
                 fwd.logits.dim()
             )));
         }
+        let hid = self.config.hidden_size;
         let mut grads = params.zeros_like();
         // Head: logits = pooled·Wᵀ + b.
         general_mat_mul(
@@ -553,67 +565,90 @@ impl<F: Real> BertModel<F> {
                     .max()
                     .unwrap_or(0)
             };
+            // One site: base dx (when needed) plus the adapter's part.
             let mut site = |kind: SiteKind,
-                            dy: &Array2<F>,
+                            dy: &ArrayView2<'_, F>,
                             x: &Array2<F>,
-                            need_dx: bool,
+                            mut dx: Option<Array2<F>>,
                             ctx: &mut BackwardCtx<'_, '_, F>| {
                 let id = SiteId::new(l, kind);
-                let lora = match (
+                if let (Some(w), Some(c), Some(g)) = (
                     params.sites.get(&id),
                     cache.sites.get(&kind),
                     grads.sites.get_mut(&id),
                 ) {
-                    (Some(w), Some(c), Some(g)) => Some(SiteState {
+                    let state = SiteState {
                         weights: w,
                         scale: adapter.scale,
                         cache: c,
                         grad: g,
-                    }),
-                    _ => None,
-                };
-                site_backward(dy, x, layer.linear(kind), id, lora, ctx, need_dx)
+                    };
+                    lora_backward(dy, x, id, state, ctx, dx.as_mut());
+                }
+                dx
+            };
+            let base_dx = |dy: &ArrayView2<'_, F>, lin: &Linear<F>, need_dx: bool| {
+                need_dx.then(|| {
+                    let mut dx = Array2::zeros((dy.nrows(), lin.weight.ncols()));
+                    par::gemm(
+                        F::one(),
+                        dy,
+                        &lin.weight.view(),
+                        F::zero(),
+                        &mut dx.view_mut(),
+                    );
+                    dx
+                })
             };
             let d_o = layer_norm_backward(&dh, &layer.output_norm, &cache.output_norm);
-            let Some(mut d_act) = site(SiteKind::Output, &d_o, &cache.act, need >= 1, &mut ctx)
+            let dx = base_dx(&d_o.view(), &layer.output, need >= 1);
+            let Some(mut d_act) = site(SiteKind::Output, &d_o.view(), &cache.act, dx, &mut ctx)
             else {
                 break;
             };
             d_act *= &cache.act_grad;
             let mut dh1 = d_o;
+            let dx = base_dx(&d_act.view(), &layer.intermediate, need >= 2);
             match site(
                 SiteKind::Intermediate,
-                &d_act,
+                &d_act.view(),
                 &cache.h1,
-                need >= 2,
+                dx,
                 &mut ctx,
             ) {
                 Some(d) => dh1 += &d,
                 None => break,
             }
             let dz1 = layer_norm_backward(&dh1, &layer.attention_norm, &cache.attention_norm);
+            let dx = base_dx(&dz1.view(), &layer.attention_output, need >= 3);
             let Some(dctx) = site(
                 SiteKind::AttentionOutput,
-                &dz1,
+                &dz1.view(),
                 &cache.context,
-                need >= 3,
+                dx,
                 &mut ctx,
             ) else {
                 break;
             };
-            let (dq, dk, dv) = self.attention_backward(&dctx, cache, batch);
+            let dqkv = self.attention_backward(&dctx, cache, batch);
             let need_dx = need >= 4;
-            let mut dx = dz1;
-            for (kind, d) in [
-                (SiteKind::Query, &dq),
-                (SiteKind::Key, &dk),
-                (SiteKind::Value, &dv),
-            ] {
-                if let Some(g) = site(kind, d, &cache.input, need_dx, &mut ctx) {
-                    dx += &g;
-                }
+            let mut dx = base_dx(&dqkv.view(), &layer.qkv, need_dx);
+            for (j, kind) in QKV.into_iter().enumerate() {
+                dx = site(
+                    kind,
+                    &dqkv.slice(s![.., j * hid..(j + 1) * hid]),
+                    &cache.input,
+                    dx,
+                    &mut ctx,
+                );
             }
-            dh = dx;
+            match dx {
+                Some(mut d) => {
+                    d += &dz1;
+                    dh = d;
+                }
+                None => break,
+            }
         }
         Ok(grads)
     }

@@ -27,6 +27,7 @@ pub mod config;
 pub mod encoder;
 pub mod loss;
 mod ops;
+mod par;
 pub mod tokenize;
 pub mod weights;
 

@@ -25,6 +25,9 @@ pub struct LayerNorm<F> {
 
 #[derive(Debug, Clone)]
 pub struct EncoderLayer<F> {
+    /// Query, key and value stacked (3H × H): one GEMM instead of three. Built by
+    /// [`EncoderLayer::new`] from the three maps below, which stay for shapes and LoRA.
+    pub qkv: Linear<F>,
     pub query: Linear<F>,
     pub key: Linear<F>,
     pub value: Linear<F>,
@@ -33,6 +36,49 @@ pub struct EncoderLayer<F> {
     pub intermediate: Linear<F>,
     pub output: Linear<F>,
     pub output_norm: LayerNorm<F>,
+}
+
+impl<F: Real> EncoderLayer<F> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        query: Linear<F>,
+        key: Linear<F>,
+        value: Linear<F>,
+        attention_output: Linear<F>,
+        attention_norm: LayerNorm<F>,
+        intermediate: Linear<F>,
+        output: Linear<F>,
+        output_norm: LayerNorm<F>,
+    ) -> Self {
+        let stack2 = |a: [&Array2<F>; 3]| {
+            ndarray::concatenate(ndarray::Axis(0), &[a[0].view(), a[1].view(), a[2].view()])
+        };
+        let stack1 = |a: [&Array1<F>; 3]| {
+            ndarray::concatenate(ndarray::Axis(0), &[a[0].view(), a[1].view(), a[2].view()])
+        };
+        // Shapes were checked by the caller; equal widths make concatenation infallible.
+        let qkv = match (
+            stack2([&query.weight, &key.weight, &value.weight]),
+            stack1([&query.bias, &key.bias, &value.bias]),
+        ) {
+            (Ok(weight), Ok(bias)) => Linear { weight, bias },
+            _ => Linear {
+                weight: Array2::zeros((0, 0)),
+                bias: Array1::zeros(0),
+            },
+        };
+        Self {
+            qkv,
+            query,
+            key,
+            value,
+            attention_output,
+            attention_norm,
+            intermediate,
+            output,
+            output_norm,
+        }
+    }
 }
 
 impl<F> EncoderLayer<F> {
@@ -220,20 +266,16 @@ impl<F: Real> BertModel<F> {
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
-                Ok(EncoderLayer {
-                    query: src.linear(&format!("{p}.attention.self.query"), h, h)?,
-                    key: src.linear(&format!("{p}.attention.self.key"), h, h)?,
-                    value: src.linear(&format!("{p}.attention.self.value"), h, h)?,
-                    attention_output: src.linear(&format!("{p}.attention.output.dense"), h, h)?,
-                    attention_norm: src.layer_norm(
-                        &format!("{p}.attention.output.LayerNorm"),
-                        h,
-                        eps,
-                    )?,
-                    intermediate: src.linear(&format!("{p}.intermediate.dense"), i, h)?,
-                    output: src.linear(&format!("{p}.output.dense"), h, i)?,
-                    output_norm: src.layer_norm(&format!("{p}.output.LayerNorm"), h, eps)?,
-                })
+                Ok(EncoderLayer::new(
+                    src.linear(&format!("{p}.attention.self.query"), h, h)?,
+                    src.linear(&format!("{p}.attention.self.key"), h, h)?,
+                    src.linear(&format!("{p}.attention.self.value"), h, h)?,
+                    src.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    src.layer_norm(&format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                    src.linear(&format!("{p}.intermediate.dense"), i, h)?,
+                    src.linear(&format!("{p}.output.dense"), h, i)?,
+                    src.layer_norm(&format!("{p}.output.LayerNorm"), h, eps)?,
+                ))
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
@@ -282,15 +324,17 @@ impl<F: Real> BertModel<F> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| EncoderLayer {
-                    query: lin(&l.query),
-                    key: lin(&l.key),
-                    value: lin(&l.value),
-                    attention_output: lin(&l.attention_output),
-                    attention_norm: ln(&l.attention_norm),
-                    intermediate: lin(&l.intermediate),
-                    output: lin(&l.output),
-                    output_norm: ln(&l.output_norm),
+                .map(|l| {
+                    EncoderLayer::new(
+                        lin(&l.query),
+                        lin(&l.key),
+                        lin(&l.value),
+                        lin(&l.attention_output),
+                        ln(&l.attention_norm),
+                        lin(&l.intermediate),
+                        lin(&l.output),
+                        ln(&l.output_norm),
+                    )
                 })
                 .collect(),
         }
@@ -324,15 +368,10 @@ impl<F: Real> BertModel<F> {
             bias: Array1::zeros(o),
         };
         let layers = (0..config.num_hidden_layers)
-            .map(|_| EncoderLayer {
-                query: lin(h, h),
-                key: lin(h, h),
-                value: lin(h, h),
-                attention_output: lin(h, h),
-                attention_norm: ln(),
-                intermediate: lin(i, h),
-                output: lin(h, i),
-                output_norm: ln(),
+            .map(|_| {
+                let (q, k, v, o) = (lin(h, h), lin(h, h), lin(h, h), lin(h, h));
+                let (inter, out) = (lin(i, h), lin(h, i));
+                EncoderLayer::new(q, k, v, o, ln(), inter, out, ln())
             })
             .collect();
         let mut draw2 = |shape: (usize, usize)| {

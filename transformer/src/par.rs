@@ -1,0 +1,59 @@
+//! Parallelism of the encoder: rayon over row blocks, with OpenBLAS kept to one thread.
+//!
+//! Why not OpenBLAS's own threads: most of a step is many medium GEMMs interleaved
+//! with row-wise work. OpenBLAS's workers busy-wait (sched_yield) between calls and so
+//! steal the second core from everything that is not a GEMM, and its small-GEMM
+//! threading is poor. One level of parallelism (ours) over independent row blocks keeps
+//! both cores on useful work.
+
+use std::os::raw::c_int;
+use std::sync::Once;
+
+use fibecfed_lora::Real;
+use ndarray::linalg::general_mat_mul;
+use ndarray::parallel::prelude::*;
+use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+
+unsafe extern "C" {
+    fn openblas_set_num_threads(n: c_int);
+}
+
+static BLAS_THREADS: Once = Once::new();
+
+/// Puts OpenBLAS in single-threaded mode once per process (the encoder parallelises
+/// above it). Set `FIBECFED_BLAS_THREADS` to keep OpenBLAS's own threading instead.
+pub(crate) fn init() {
+    BLAS_THREADS.call_once(|| {
+        if std::env::var_os("FIBECFED_BLAS_THREADS").is_none() {
+            // SAFETY: a plain setter in libopenblas (linked through openblas-src), called
+            // before this process issues any GEMM from the encoder.
+            unsafe { openblas_set_num_threads(1) };
+        }
+    });
+}
+
+/// Rows per block: one block per worker, but never blocks so thin that the GEMM
+/// kernel's packing dominates.
+fn block_rows(n: usize) -> usize {
+    let workers = rayon::current_num_threads().max(1);
+    n.div_ceil(workers).max(64)
+}
+
+/// c ← alpha·a·b + beta·c, split over row blocks of a and c.
+pub(crate) fn gemm<F: Real>(
+    alpha: F,
+    a: &ArrayView2<'_, F>,
+    b: &ArrayView2<'_, F>,
+    beta: F,
+    c: &mut ArrayViewMut2<'_, F>,
+) {
+    let rows = block_rows(a.nrows());
+    if rows >= a.nrows() {
+        general_mat_mul(alpha, a, b, beta, c);
+        return;
+    }
+    c.axis_chunks_iter_mut(Axis(0), rows)
+        .into_par_iter()
+        .zip(a.axis_chunks_iter(Axis(0), rows).into_par_iter())
+        .for_each(|(mut cb, ab)| general_mat_mul(alpha, &ab, b, beta, &mut cb));
+}
