@@ -44,8 +44,11 @@ fn main() {
     }
     // The table: sgemm measured in this run, then each configuration's step.
     let sgemm = sgemm_gflops(2048, 5);
-    println!("\nmodel: {which}; batch {BATCH} × {SEQ} tokens; threads: OpenBLAS default");
-    println!("sgemm 2048³ through the same BLAS: {sgemm:.1} GFLOP/s");
+    println!(
+        "\nmodel: {which}; batch {BATCH} × {SEQ} tokens; {} rayon threads, OpenBLAS single-threaded inside them",
+        rayon::current_num_threads()
+    );
+    println!("sgemm 2048³ through the same BLAS (its own threads on every core): {sgemm:.1} GFLOP/s");
     println!("| configuration | step (median) | tokens/s | GFLOP/s | fraction of sgemm |");
     println!("|---|---|---|---|---|");
     for (name, lora) in &configs {

@@ -38,6 +38,13 @@ pub trait Real:
     fn fast_exp(self) -> Self;
     /// The error function, accurate to the type's precision for the GELU of BERT.
     fn erf(self) -> Self;
+    /// Exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x).
+    fn gelu_with_grad(self) -> (Self, Self) {
+        let half = Self::from_f64(0.5);
+        let cdf = half * (Self::one() + (self * Self::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+        let pdf = Self::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt()) * (-half * self * self).fast_exp();
+        (self * cdf, cdf + self * pdf)
+    }
 }
 
 impl Real for f32 {
@@ -64,6 +71,10 @@ impl Real for f32 {
     #[inline]
     fn erf(self) -> Self {
         erf_f32(self)
+    }
+    #[inline]
+    fn gelu_with_grad(self) -> (Self, Self) {
+        gelu_f32(self)
     }
 }
 
@@ -141,6 +152,27 @@ pub fn erf_f32(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// GELU and its derivative with one exponential: A&S 7.1.26 writes erf(z) through
+/// e^(−z²), and at z = x/√2 that is e^(−x²/2), which is also √(2π)·φ(x).
+#[inline]
+pub fn gelu_f32(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_7;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let z = (x * INV_SQRT2).abs();
+    let e = exp_f32(-0.5 * x * x);
+    let t = 1.0 / (P * z + 1.0);
+    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
+    let erf = (1.0 - poly * e).copysign(x);
+    let cdf = 0.5 * (1.0 + erf);
+    (x * cdf, cdf + x * INV_SQRT_2PI * e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +190,18 @@ mod tests {
         assert!(worst < 3.0e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(-1.0e30), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn fused_gelu_matches_f64() {
+        let mut x = -8.0_f32;
+        while x < 8.0 {
+            let (y, dy) = gelu_f32(x);
+            let (wy, wdy) = f64::from(x).gelu_with_grad();
+            assert!((f64::from(y) - wy).abs() < 2e-6 * (1.0 + wy.abs()), "gelu({x})");
+            assert!((f64::from(dy) - wdy).abs() < 2e-6, "gelu'({x})");
+            x += 0.0071;
+        }
     }
 
     #[test]

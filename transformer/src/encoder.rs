@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
 use crate::ops::{
-    NormCache, activate, layer_norm, layer_norm_backward, masked_softmax_rows,
+    NormCache, activate, add_assign, mul_assign, layer_norm, layer_norm_backward, masked_softmax_rows,
     softmax_backward_rows,
 };
 use crate::par;
@@ -102,10 +102,7 @@ pub struct Dropout<'a> {
 
 /// x·Wᵀ + b, parallel over row blocks.
 fn linear<F: Real>(x: &ArrayView2<F>, lin: &Linear<F>) -> Array2<F> {
-    let mut y = Array2::zeros((x.nrows(), lin.weight.nrows()));
-    par::gemm(F::one(), x, &lin.weight.t(), F::zero(), &mut y.view_mut());
-    y += &lin.bias;
-    y
+    par::linear(x, &lin.weight, &lin.bias)
 }
 
 /// Adds scale·(x_drop·Aᵀ)·Bᵀ to `y` and returns what backward needs.
@@ -445,12 +442,12 @@ impl<F: Real> BertModel<F> {
             };
             let (context, probs) = self.attention(&qkv, batch, record);
             let mut a = fwd(&context, SiteKind::AttentionOutput, &mut dropout);
-            a += &x;
+            add_assign(&mut a, &x);
             let (h1, attention_norm) = layer_norm(a, &layer.attention_norm, record);
             let mut act = fwd(&h1, SiteKind::Intermediate, &mut dropout);
             let act_grad = activate(&mut act, self.config.hidden_act, record);
             let mut o = fwd(&act, SiteKind::Output, &mut dropout);
-            o += &h1;
+            add_assign(&mut o, &h1);
             let (h2, output_norm) = layer_norm(o, &layer.output_norm, record);
             if let (Some(attention_norm), Some(act_grad), Some(output_norm)) =
                 (attention_norm, act_grad, output_norm)
@@ -606,7 +603,7 @@ impl<F: Real> BertModel<F> {
             else {
                 break;
             };
-            d_act *= &cache.act_grad;
+            mul_assign(&mut d_act, &cache.act_grad);
             let mut dh1 = d_o;
             let dx = base_dx(&d_act.view(), &layer.intermediate, need >= 2);
             match site(
@@ -616,7 +613,7 @@ impl<F: Real> BertModel<F> {
                 dx,
                 &mut ctx,
             ) {
-                Some(d) => dh1 += &d,
+                Some(d) => add_assign(&mut dh1, &d),
                 None => break,
             }
             let dz1 = layer_norm_backward(&dh1, &layer.attention_norm, &cache.attention_norm);
@@ -644,7 +641,7 @@ impl<F: Real> BertModel<F> {
             }
             match dx {
                 Some(mut d) => {
-                    d += &dz1;
+                    add_assign(&mut d, &dz1);
                     dh = d;
                 }
                 None => break,

@@ -28,6 +28,7 @@ pub mod encoder;
 pub mod loss;
 mod ops;
 mod par;
+pub use par::set_blas_threads;
 pub mod tokenize;
 pub mod weights;
 

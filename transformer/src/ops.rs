@@ -3,7 +3,9 @@
 //! live in `encoder.rs` and go to BLAS.
 
 use fibecfed_lora::Real;
-use ndarray::{Array1, Array2, ArrayView2, Axis, Zip};
+use ndarray::parallel::prelude::*;
+use rayon::prelude::*;
+use ndarray::{Array1, Array2, ArrayView2, Zip};
 
 use crate::config::Activation;
 use crate::weights::LayerNorm;
@@ -15,129 +17,113 @@ pub(crate) struct NormCache<F> {
     pub rstd: Array1<F>,
 }
 
-/// LayerNorm over the last axis, in place; returns the cache when `record`.
-pub(crate) fn layer_norm<F: Real>(
-    mut x: Array2<F>,
-    ln: &LayerNorm<F>,
-    record: bool,
-) -> (Array2<F>, Option<NormCache<F>>) {
+/// LayerNorm over the last axis, in place, rows in parallel; returns the cache when
+/// `record`.
+pub(crate) fn layer_norm<F: Real>(mut x: Array2<F>, ln: &LayerNorm<F>, record: bool) -> (Array2<F>, Option<NormCache<F>>) {
     let d = F::from_f64(x.ncols() as f64);
     let mut rstd = Array1::zeros(x.nrows());
-    for (mut row, r) in x.axis_iter_mut(Axis(0)).zip(rstd.iter_mut()) {
+    Zip::from(x.rows_mut()).and(&mut rstd).par_for_each(|mut row, r| {
         let mean = row.iter().copied().sum::<F>() / d;
         // Two passes: the one-pass E[x²]−E[x]² loses digits when |mean| ≫ σ.
         let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() / d;
         let s = F::one() / (var + ln.eps).sqrt();
         row.mapv_inplace(|v| (v - mean) * s);
         *r = s;
-    }
-    let cache = record.then(|| NormCache {
-        xhat: x.clone(),
-        rstd,
     });
-    Zip::from(x.rows_mut()).for_each(|mut row| {
-        Zip::from(&mut row)
-            .and(&ln.gamma)
-            .and(&ln.beta)
-            .for_each(|v, &g, &b| *v = *v * g + b);
+    let cache = record.then(|| NormCache { xhat: x.clone(), rstd });
+    Zip::from(x.rows_mut()).par_for_each(|mut row| {
+        Zip::from(&mut row).and(&ln.gamma).and(&ln.beta).for_each(|v, &g, &b| *v = *v * g + b);
     });
     (x, cache)
 }
 
 /// dx = σ⁻¹ · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)), dx̂ = dy ⊙ γ.
-pub(crate) fn layer_norm_backward<F: Real>(
-    dy: &Array2<F>,
-    ln: &LayerNorm<F>,
-    cache: &NormCache<F>,
-) -> Array2<F> {
+pub(crate) fn layer_norm_backward<F: Real>(dy: &Array2<F>, ln: &LayerNorm<F>, cache: &NormCache<F>) -> Array2<F> {
     let d = F::from_f64(dy.ncols() as f64);
-    let mut dx = dy * &ln.gamma;
-    Zip::from(dx.rows_mut())
-        .and(cache.xhat.rows())
-        .and(&cache.rstd)
-        .for_each(|mut g, xh, &s| {
-            let m1 = g.iter().copied().sum::<F>() / d;
-            let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
-            Zip::from(&mut g)
-                .and(&xh)
-                .for_each(|v, &x| *v = s * (*v - m1 - x * m2));
-        });
+    let mut dx = Array2::zeros(dy.raw_dim());
+    Zip::from(dx.rows_mut()).and(dy.rows()).and(cache.xhat.rows()).and(&cache.rstd).par_for_each(|mut g, dyr, xh, &s| {
+        Zip::from(&mut g).and(&dyr).and(&ln.gamma).for_each(|o, &a, &b| *o = a * b);
+        let m1 = g.iter().copied().sum::<F>() / d;
+        let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
+        Zip::from(&mut g).and(&xh).for_each(|v, &x| *v = s * (*v - m1 - x * m2));
+    });
     dx
 }
 
-/// Applies the activation in place; with `record`, returns f'(x) for the backward.
-pub(crate) fn activate<F: Real>(
-    x: &mut Array2<F>,
-    act: Activation,
-    record: bool,
-) -> Option<Array2<F>> {
+/// a += b, in parallel.
+pub(crate) fn add_assign<F: Real>(a: &mut Array2<F>, b: &Array2<F>) {
+    Zip::from(a).and(b).par_for_each(|a, &b| *a += b);
+}
+
+/// a *= b, in parallel.
+pub(crate) fn mul_assign<F: Real>(a: &mut Array2<F>, b: &Array2<F>) {
+    Zip::from(a).and(b).par_for_each(|a, &b| *a *= b);
+}
+
+/// Applies the activation in place (in parallel); with `record`, returns f'(x) for
+/// the backward.
+pub(crate) fn activate<F: Real>(x: &mut Array2<F>, act: Activation, record: bool) -> Option<Array2<F>> {
     let half = F::from_f64(0.5);
     let mut grad = record.then(|| Array2::zeros(x.raw_dim()));
     match act {
-        Activation::Gelu => {
-            let inv_sqrt2 = F::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-            let inv_sqrt_2pi = F::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-            let f = |v: F| {
-                let cdf = half * (F::one() + (v * inv_sqrt2).erf());
-                (v * cdf, cdf + v * inv_sqrt_2pi * (-half * v * v).fast_exp())
-            };
-            apply(x, grad.as_mut(), f);
-        }
+        Activation::Gelu => apply(x, grad.as_mut(), Real::gelu_with_grad),
         Activation::GeluTanh => {
             let c = F::from_f64((2.0 / std::f64::consts::PI).sqrt());
             let k = F::from_f64(0.044_715);
             let three = F::from_f64(3.0);
-            let f = |v: F| {
+            apply(x, grad.as_mut(), |v: F| {
                 let t = (c * (v + k * v * v * v)).tanh();
                 let y = half * v * (F::one() + t);
-                let dy = half * (F::one() + t)
-                    + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
+                let dy = half * (F::one() + t) + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
                 (y, dy)
-            };
-            apply(x, grad.as_mut(), f);
+            });
         }
-        Activation::Relu => {
-            let f = |v: F| {
-                if v > F::zero() {
-                    (v, F::one())
-                } else {
-                    (F::zero(), F::zero())
-                }
-            };
-            apply(x, grad.as_mut(), f);
-        }
+        Activation::Relu => apply(x, grad.as_mut(), |v: F| if v > F::zero() { (v, F::one()) } else { (F::zero(), F::zero()) }),
     }
     grad
 }
 
-fn apply<F: Real>(x: &mut Array2<F>, grad: Option<&mut Array2<F>>, f: impl Fn(F) -> (F, F)) {
+/// Elementwise (y, dy) = f(x) over contiguous chunks in parallel; chunks keep the
+/// inner loop a plain slice loop the compiler vectorises.
+fn apply<F: Real>(x: &mut Array2<F>, grad: Option<&mut Array2<F>>, f: impl Fn(F) -> (F, F) + Sync) {
+    const CHUNK: usize = 8192;
     match grad {
-        Some(g) => Zip::from(x).and(g).for_each(|v, d| {
-            let (y, dy) = f(*v);
-            *v = y;
-            *d = dy;
-        }),
-        None => x.mapv_inplace(|v| f(v).0),
+        Some(g) => {
+            if let (Some(xs), Some(gs)) = (x.as_slice_mut(), g.as_slice_mut()) {
+                xs.par_chunks_mut(CHUNK).zip(gs.par_chunks_mut(CHUNK)).for_each(|(xc, gc)| {
+                    for (v, d) in xc.iter_mut().zip(gc.iter_mut()) {
+                        (*v, *d) = f(*v);
+                    }
+                });
+            } else {
+                Zip::from(x).and(g).for_each(|v, d| (*v, *d) = f(*v));
+            }
+        }
+        None => Zip::from(x).par_for_each(|v| *v = f(*v).0),
     }
 }
 
 /// Softmax of each row over the unmasked columns; masked columns get exactly 0, as
-/// adding finfo.min before softmax does in PyTorch.
+/// adding finfo.min before softmax does in PyTorch (exp of −∞ is 0 here too). The
+/// loops are branch-free so they vectorise.
 pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
+    let ninf = F::neg_infinity();
     for mut row in s.rows_mut() {
-        let mut max = F::neg_infinity();
-        for (v, &m) in row.iter().zip(key_mask) {
-            if m && *v > max {
-                max = *v;
-            }
+        let Some(r) = row.as_slice_mut() else { continue };
+        let mut max = ninf;
+        for (v, &m) in r.iter_mut().zip(key_mask) {
+            *v = if m { *v } else { ninf };
+            max = max.max(*v);
         }
         let mut sum = F::zero();
-        for (v, &m) in row.iter_mut().zip(key_mask) {
-            *v = if m { (*v - max).fast_exp() } else { F::zero() };
+        for v in r.iter_mut() {
+            *v = (*v - max).fast_exp();
             sum += *v;
         }
         let inv = F::one() / sum;
-        row.mapv_inplace(|v| v * inv);
+        for v in r.iter_mut() {
+            *v *= inv;
+        }
     }
 }
 

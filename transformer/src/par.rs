@@ -12,7 +12,7 @@ use std::sync::Once;
 use fibecfed_lora::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 unsafe extern "C" {
     fn openblas_set_num_threads(n: c_int);
@@ -30,6 +30,14 @@ pub(crate) fn init() {
             unsafe { openblas_set_num_threads(1) };
         }
     });
+}
+
+/// Sets OpenBLAS's own thread count (benchmarks use it to measure the BLAS's best
+/// sgemm rate; the encoder itself wants 1, see [`init`]).
+pub fn set_blas_threads(n: usize) {
+    init();
+    // SAFETY: a plain setter in libopenblas; n is clamped into c_int's range.
+    unsafe { openblas_set_num_threads(c_int::try_from(n.max(1)).unwrap_or(c_int::MAX)) };
 }
 
 /// Rows per block: one block per worker, but never blocks so thin that the GEMM
@@ -56,4 +64,19 @@ pub(crate) fn gemm<F: Real>(
         .into_par_iter()
         .zip(a.axis_chunks_iter(Axis(0), rows).into_par_iter())
         .for_each(|(mut cb, ab)| general_mat_mul(alpha, &ab, b, beta, &mut cb));
+}
+
+/// x·Wᵀ + b with W stored out×in; the bias is added inside each row block while it is
+/// still in cache.
+pub(crate) fn linear<F: Real>(x: &ArrayView2<'_, F>, weight: &Array2<F>, bias: &Array1<F>) -> Array2<F> {
+    let mut y = Array2::zeros((x.nrows(), weight.nrows()));
+    let rows = block_rows(x.nrows());
+    y.axis_chunks_iter_mut(Axis(0), rows)
+        .into_par_iter()
+        .zip(x.axis_chunks_iter(Axis(0), rows).into_par_iter())
+        .for_each(|(mut yb, xb)| {
+            general_mat_mul(F::one(), &xb, &weight.t(), F::zero(), &mut yb);
+            yb += bias;
+        });
+    y
 }
