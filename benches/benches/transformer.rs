@@ -48,7 +48,9 @@ fn main() {
         "\nmodel: {which}; batch {BATCH} × {SEQ} tokens; {} rayon threads, OpenBLAS single-threaded inside them",
         rayon::current_num_threads()
     );
-    println!("sgemm 2048³ through the same BLAS (its own threads on every core): {sgemm:.1} GFLOP/s");
+    println!(
+        "sgemm 2048³ through the same BLAS (its own threads on every core): {sgemm:.1} GFLOP/s"
+    );
     println!("| configuration | step (median) | tokens/s | GFLOP/s | fraction of sgemm |");
     println!("|---|---|---|---|---|");
     for (name, lora) in &configs {

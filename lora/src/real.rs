@@ -41,8 +41,10 @@ pub trait Real:
     /// Exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x).
     fn gelu_with_grad(self) -> (Self, Self) {
         let half = Self::from_f64(0.5);
-        let cdf = half * (Self::one() + (self * Self::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
-        let pdf = Self::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt()) * (-half * self * self).fast_exp();
+        let cdf =
+            half * (Self::one() + (self * Self::from_f64(std::f64::consts::FRAC_1_SQRT_2)).erf());
+        let pdf = Self::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt())
+            * (-half * self * self).fast_exp();
         (self * cdf, cdf + self * pdf)
     }
 }
@@ -106,19 +108,22 @@ impl Real for f64 {
 }
 
 /// `exp(x)` in f32 by range reduction x = k·ln2 + r, |r| ≤ ln2/2, and a degree-6
-/// polynomial for e^r (Cephes' coefficients). Branch-free so loops over slices
-/// vectorise; inputs below −87.3 flush to 0 (softmax relies on exp(−huge) = 0).
+/// polynomial for e^r (Cephes' coefficients); ≤ 2 ulp. Inputs below −87.3 flush to 0
+/// (softmax relies on exp(−∞) = 0) and inputs above 88 saturate at e^88 (callers here
+/// only pass x ≤ 0). Branch-free and free of float→int casts, whose saturating
+/// semantics would stop the loop from vectorising.
 #[inline]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // Plain multiply-adds, not `mul_add`: without a target FMA unit that becomes a
-    // libm call per element and the loop no longer vectorises.
-    let xc = x.clamp(-87.336_54, 88.376_26);
-    // Round to nearest by the 1.5·2²³ trick: `round()` is a libm call on baseline x86-64.
+    // Adding 1.5·2²³ rounds to an integer and leaves it in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let k = (xc * LOG2E + MAGIC) - MAGIC;
+    // Plain multiply-adds, not `mul_add`: without a target FMA unit that becomes a
+    // libm call per element.
+    let xc = x.clamp(-87.336_54, 88.0);
+    let kb = xc * LOG2E + MAGIC;
+    let k = kb - MAGIC;
     let r = xc - k * LN2_HI - k * LN2_LO;
     let r2 = r * r;
     let p = 1.987_569_1e-4_f32;
@@ -128,8 +133,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r2 + r + 1.0;
-    // 2^k through the exponent bits; k is in [-126, 127] after the clamp.
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from k's two's-complement bits; k is in [-126, 127] after the clamp.
+    let k_bits = kb.to_bits().wrapping_sub(MAGIC.to_bits());
+    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     let y = e * scale;
     if x < -87.336_54 { 0.0 } else { y }
 }
@@ -198,7 +204,10 @@ mod tests {
         while x < 8.0 {
             let (y, dy) = gelu_f32(x);
             let (wy, wdy) = f64::from(x).gelu_with_grad();
-            assert!((f64::from(y) - wy).abs() < 2e-6 * (1.0 + wy.abs()), "gelu({x})");
+            assert!(
+                (f64::from(y) - wy).abs() < 2e-6 * (1.0 + wy.abs()),
+                "gelu({x})"
+            );
             assert!((f64::from(dy) - wdy).abs() < 2e-6, "gelu'({x})");
             x += 0.0071;
         }

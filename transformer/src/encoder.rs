@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::ModelError;
 use crate::ops::{
-    NormCache, activate, add_assign, mul_assign, layer_norm, layer_norm_backward, masked_softmax_rows,
-    softmax_backward_rows,
+    NormCache, activate, add_assign, layer_norm, layer_norm_backward, masked_softmax_rows,
+    mul_assign, softmax_backward_rows,
 };
 use crate::par;
 use crate::tokenize::Batch;

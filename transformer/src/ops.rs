@@ -4,11 +4,32 @@
 
 use fibecfed_lora::Real;
 use ndarray::parallel::prelude::*;
-use rayon::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, Zip};
+use rayon::prelude::*;
 
 use crate::config::Activation;
 use crate::weights::LayerNorm;
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them, else for the baseline
+/// target. The hot elementwise loops (exp in softmax and GELU) run 3–4× faster with
+/// 8-wide vectors, and a release build must still run on any x86-64 machine, so the
+/// choice is made at run time (std caches the CPUID result).
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: both features were detected on this CPU just above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
 
 /// What LayerNorm's backward needs: the normalised input and 1/σ per row.
 #[derive(Debug, Clone)]
@@ -19,34 +40,59 @@ pub(crate) struct NormCache<F> {
 
 /// LayerNorm over the last axis, in place, rows in parallel; returns the cache when
 /// `record`.
-pub(crate) fn layer_norm<F: Real>(mut x: Array2<F>, ln: &LayerNorm<F>, record: bool) -> (Array2<F>, Option<NormCache<F>>) {
+pub(crate) fn layer_norm<F: Real>(
+    mut x: Array2<F>,
+    ln: &LayerNorm<F>,
+    record: bool,
+) -> (Array2<F>, Option<NormCache<F>>) {
     let d = F::from_f64(x.ncols() as f64);
     let mut rstd = Array1::zeros(x.nrows());
-    Zip::from(x.rows_mut()).and(&mut rstd).par_for_each(|mut row, r| {
-        let mean = row.iter().copied().sum::<F>() / d;
-        // Two passes: the one-pass E[x²]−E[x]² loses digits when |mean| ≫ σ.
-        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() / d;
-        let s = F::one() / (var + ln.eps).sqrt();
-        row.mapv_inplace(|v| (v - mean) * s);
-        *r = s;
+    Zip::from(x.rows_mut())
+        .and(&mut rstd)
+        .par_for_each(|mut row, r| {
+            let mean = row.iter().copied().sum::<F>() / d;
+            // Two passes: the one-pass E[x²]−E[x]² loses digits when |mean| ≫ σ.
+            let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() / d;
+            let s = F::one() / (var + ln.eps).sqrt();
+            row.mapv_inplace(|v| (v - mean) * s);
+            *r = s;
+        });
+    let cache = record.then(|| NormCache {
+        xhat: x.clone(),
+        rstd,
     });
-    let cache = record.then(|| NormCache { xhat: x.clone(), rstd });
     Zip::from(x.rows_mut()).par_for_each(|mut row| {
-        Zip::from(&mut row).and(&ln.gamma).and(&ln.beta).for_each(|v, &g, &b| *v = *v * g + b);
+        Zip::from(&mut row)
+            .and(&ln.gamma)
+            .and(&ln.beta)
+            .for_each(|v, &g, &b| *v = *v * g + b);
     });
     (x, cache)
 }
 
 /// dx = σ⁻¹ · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ ⊙ x̂)), dx̂ = dy ⊙ γ.
-pub(crate) fn layer_norm_backward<F: Real>(dy: &Array2<F>, ln: &LayerNorm<F>, cache: &NormCache<F>) -> Array2<F> {
+pub(crate) fn layer_norm_backward<F: Real>(
+    dy: &Array2<F>,
+    ln: &LayerNorm<F>,
+    cache: &NormCache<F>,
+) -> Array2<F> {
     let d = F::from_f64(dy.ncols() as f64);
     let mut dx = Array2::zeros(dy.raw_dim());
-    Zip::from(dx.rows_mut()).and(dy.rows()).and(cache.xhat.rows()).and(&cache.rstd).par_for_each(|mut g, dyr, xh, &s| {
-        Zip::from(&mut g).and(&dyr).and(&ln.gamma).for_each(|o, &a, &b| *o = a * b);
-        let m1 = g.iter().copied().sum::<F>() / d;
-        let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
-        Zip::from(&mut g).and(&xh).for_each(|v, &x| *v = s * (*v - m1 - x * m2));
-    });
+    Zip::from(dx.rows_mut())
+        .and(dy.rows())
+        .and(cache.xhat.rows())
+        .and(&cache.rstd)
+        .par_for_each(|mut g, dyr, xh, &s| {
+            Zip::from(&mut g)
+                .and(&dyr)
+                .and(&ln.gamma)
+                .for_each(|o, &a, &b| *o = a * b);
+            let m1 = g.iter().copied().sum::<F>() / d;
+            let m2 = g.iter().zip(xh.iter()).map(|(&a, &b)| a * b).sum::<F>() / d;
+            Zip::from(&mut g)
+                .and(&xh)
+                .for_each(|v, &x| *v = s * (*v - m1 - x * m2));
+        });
     dx
 }
 
@@ -62,7 +108,11 @@ pub(crate) fn mul_assign<F: Real>(a: &mut Array2<F>, b: &Array2<F>) {
 
 /// Applies the activation in place (in parallel); with `record`, returns f'(x) for
 /// the backward.
-pub(crate) fn activate<F: Real>(x: &mut Array2<F>, act: Activation, record: bool) -> Option<Array2<F>> {
+pub(crate) fn activate<F: Real>(
+    x: &mut Array2<F>,
+    act: Activation,
+    record: bool,
+) -> Option<Array2<F>> {
     let half = F::from_f64(0.5);
     let mut grad = record.then(|| Array2::zeros(x.raw_dim()));
     match act {
@@ -74,11 +124,18 @@ pub(crate) fn activate<F: Real>(x: &mut Array2<F>, act: Activation, record: bool
             apply(x, grad.as_mut(), |v: F| {
                 let t = (c * (v + k * v * v * v)).tanh();
                 let y = half * v * (F::one() + t);
-                let dy = half * (F::one() + t) + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
+                let dy = half * (F::one() + t)
+                    + half * v * (F::one() - t * t) * c * (F::one() + three * k * v * v);
                 (y, dy)
             });
         }
-        Activation::Relu => apply(x, grad.as_mut(), |v: F| if v > F::zero() { (v, F::one()) } else { (F::zero(), F::zero()) }),
+        Activation::Relu => apply(x, grad.as_mut(), |v: F| {
+            if v > F::zero() {
+                (v, F::one())
+            } else {
+                (F::zero(), F::zero())
+            }
+        }),
     }
     grad
 }
@@ -90,16 +147,29 @@ fn apply<F: Real>(x: &mut Array2<F>, grad: Option<&mut Array2<F>>, f: impl Fn(F)
     match grad {
         Some(g) => {
             if let (Some(xs), Some(gs)) = (x.as_slice_mut(), g.as_slice_mut()) {
-                xs.par_chunks_mut(CHUNK).zip(gs.par_chunks_mut(CHUNK)).for_each(|(xc, gc)| {
-                    for (v, d) in xc.iter_mut().zip(gc.iter_mut()) {
-                        (*v, *d) = f(*v);
-                    }
-                });
+                xs.par_chunks_mut(CHUNK)
+                    .zip(gs.par_chunks_mut(CHUNK))
+                    .for_each(|(xc, gc)| {
+                        simd(|| {
+                            for (v, d) in xc.iter_mut().zip(gc.iter_mut()) {
+                                (*v, *d) = f(*v);
+                            }
+                        });
+                    });
             } else {
                 Zip::from(x).and(g).for_each(|v, d| (*v, *d) = f(*v));
             }
         }
-        None => Zip::from(x).par_for_each(|v| *v = f(*v).0),
+        None => match x.as_slice_mut() {
+            Some(xs) => xs.par_chunks_mut(CHUNK).for_each(|xc| {
+                simd(|| {
+                    for v in xc {
+                        *v = f(*v).0;
+                    }
+                });
+            }),
+            None => Zip::from(x).par_for_each(|v| *v = f(*v).0),
+        },
     }
 }
 
@@ -107,9 +177,16 @@ fn apply<F: Real>(x: &mut Array2<F>, grad: Option<&mut Array2<F>>, f: impl Fn(F)
 /// adding finfo.min before softmax does in PyTorch (exp of −∞ is 0 here too). The
 /// loops are branch-free so they vectorise.
 pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
+    simd(|| masked_softmax_rows_inner(s, key_mask));
+}
+
+#[inline(always)]
+fn masked_softmax_rows_inner<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
     let ninf = F::neg_infinity();
     for mut row in s.rows_mut() {
-        let Some(r) = row.as_slice_mut() else { continue };
+        let Some(r) = row.as_slice_mut() else {
+            continue;
+        };
         let mut max = ninf;
         for (v, &m) in r.iter_mut().zip(key_mask) {
             *v = if m { *v } else { ninf };

@@ -68,7 +68,11 @@ pub(crate) fn gemm<F: Real>(
 
 /// x·Wᵀ + b with W stored out×in; the bias is added inside each row block while it is
 /// still in cache.
-pub(crate) fn linear<F: Real>(x: &ArrayView2<'_, F>, weight: &Array2<F>, bias: &Array1<F>) -> Array2<F> {
+pub(crate) fn linear<F: Real>(
+    x: &ArrayView2<'_, F>,
+    weight: &Array2<F>,
+    bias: &Array1<F>,
+) -> Array2<F> {
     let mut y = Array2::zeros((x.nrows(), weight.nrows()));
     let rows = block_rows(x.nrows());
     y.axis_chunks_iter_mut(Axis(0), rows)
