@@ -1,10 +1,10 @@
-//! Forward + backward throughput of the LoRA encoder at MiniLM's shape (batch 16 × 64
-//! tokens, LoRA r = 8 on query/value), then a table of tokens/s and achieved GFLOP/s
+//! Training-step (forward + backward + AdamW) throughput of the LoRA encoder at
+//! MiniLM's shape (batch 16 × 64 tokens, LoRA r = 8), then a table of tokens/s and achieved GFLOP/s
 //! as a fraction of the same BLAS's sgemm rate measured in the same run.
 
 use criterion::{Criterion, Throughput};
 use fibecfed_benches::{
-    lora_params, median_seconds, minilm, sgemm_gflops, step_flops, synthetic_batch, train_step,
+    median_seconds, minilm, sgemm_gflops, step_flops, synthetic_batch, train_state, train_step,
 };
 use fibecfed_lora::LoraConfig;
 
@@ -29,9 +29,9 @@ fn main() {
     let mut group = c.benchmark_group("minilm_train_step");
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
     for (name, lora) in &configs {
-        let params = lora_params(&model, lora);
+        let (mut params, mut opt) = train_state(&model, lora);
         group.bench_function(*name, |b| {
-            b.iter(|| train_step(&model, &params, lora.scale(), &batch, &labels))
+            b.iter(|| train_step(&model, &mut params, &mut opt, lora.scale(), &batch, &labels));
         });
     }
     group.finish();
@@ -54,9 +54,16 @@ fn main() {
     println!("| configuration | step (median) | tokens/s | GFLOP/s | fraction of sgemm |");
     println!("|---|---|---|---|---|");
     for (name, lora) in &configs {
-        let params = lora_params(&model, lora);
+        let (mut params, mut opt) = train_state(&model, lora);
         let secs = median_seconds(10, || {
-            std::hint::black_box(train_step(&model, &params, lora.scale(), &batch, &labels));
+            std::hint::black_box(train_step(
+                &model,
+                &mut params,
+                &mut opt,
+                lora.scale(),
+                &batch,
+                &labels,
+            ));
         });
         let gflops = step_flops(&model.config, lora, BATCH, SEQ) / secs / 1e9;
         println!(

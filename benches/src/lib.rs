@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fibecfed_lora::{LoraConfig, LoraParams};
+use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams};
 use fibecfed_transformer::{
     Adapter, Batch, BertConfig, BertModel, NoHook, Reduction, cross_entropy,
 };
@@ -142,11 +142,12 @@ fn sgemm_gflops_inner(n: usize, reps: usize) -> f64 {
     2.0 * (n as f64).powi(3) / best.as_secs_f64() / 1e9
 }
 
-/// One forward + backward (no optimiser step) on the batch; returns the loss so the
-/// work cannot be optimised away.
+/// One training step as a PyTorch user runs it: forward, backward, AdamW update.
+/// Returns the loss so the work cannot be optimised away.
 pub fn train_step(
     model: &BertModel<f32>,
-    params: &LoraParams<f32>,
+    params: &mut LoraParams<f32>,
+    opt: &mut AdamW<f32>,
     scale: f32,
     batch: &Batch,
     labels: &[usize],
@@ -160,7 +161,7 @@ pub fn train_step(
     let grads = model
         .backward(batch, adapter, &fwd, &dlogits, &mut NoHook)
         .unwrap_or_else(|e| panic!("backward: {e}"));
-    std::hint::black_box(&grads);
+    opt.step(params, &grads);
     losses.sum()
 }
 
@@ -176,4 +177,17 @@ pub fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// Fresh parameters and optimiser for one benchmark configuration.
+pub fn train_state(model: &BertModel<f32>, config: &LoraConfig) -> (LoraParams<f32>, AdamW<f32>) {
+    let params = lora_params(model, config);
+    let opt = AdamW::new(
+        AdamWConfig {
+            lr: 1e-4,
+            ..AdamWConfig::default()
+        },
+        &params,
+    );
+    (params, opt)
 }

@@ -3,6 +3,7 @@
 //! and a message naming the file, field or flag.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -52,11 +53,8 @@ fn tsv(path: &Path, n: usize) {
         } else {
             (["bad", "awful", "boring", "hated"][i / 2 % 4], 0)
         };
-        s.push_str(&format!(
-            "the {} was very {w} {}\t{y}\n",
-            WORDS[4 + i % 4],
-            if i % 3 == 0 { "and fun" } else { "" }
-        ));
+        let tail = if i % 3 == 0 { "and fun" } else { "" };
+        writeln!(s, "the {} was very {w} {tail}\t{y}", WORDS[4 + i % 4]).unwrap();
     }
     fs::write(path, s).unwrap();
 }

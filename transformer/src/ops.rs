@@ -14,6 +14,7 @@ use crate::weights::LayerNorm;
 /// target. The hot elementwise loops (exp in softmax and GELU) run 3–4× faster with
 /// 8-wide vectors, and a release build must still run on any x86-64 machine, so the
 /// choice is made at run time (std caches the CPUID result).
+#[allow(clippy::inline_always)]
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -180,6 +181,8 @@ pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool])
     simd(|| masked_softmax_rows_inner(s, key_mask));
 }
 
+// Must inline into `simd`'s AVX2 instance to be compiled with its features.
+#[allow(clippy::inline_always)]
 #[inline(always)]
 fn masked_softmax_rows_inner<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
     let ninf = F::neg_infinity();
