@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fibecfed_lora::LoraConfig;
 use fibecfed_sim::data::read_train_eval;
 use fibecfed_sim::embed::embed_file;
 use fibecfed_sim::output::check_writable_file;
@@ -48,6 +47,7 @@ enum Command {
     },
     /// Centralised LoRA fine-tuning with AdamW; accuracy on --eval after every epoch.
     Train {
+        /// Hugging Face BERT-family model folder (config.json, model.safetensors, tokenizer.json).
         #[arg(long)]
         model_dir: PathBuf,
         /// Training TSV (any of the nine layouts in shared/data, or a header with sentence/label columns).
@@ -56,27 +56,8 @@ enum Command {
         /// Evaluation TSV, same layout and label set.
         #[arg(long)]
         eval: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        #[arg(long, default_value_t = 8)]
-        lora_rank: usize,
-        #[arg(long, default_value_t = 16.0)]
-        lora_alpha: f32,
-        #[arg(long, default_value_t = 0.0)]
-        lora_dropout: f32,
-        /// PEFT-style target modules: query,key,value,dense,attention.output.dense,intermediate.dense,output.dense.
-        #[arg(long, value_delimiter = ',', default_value = "query,value")]
-        targets: Vec<String>,
-        #[arg(long, default_value_t = 5e-4)]
-        lr: f64,
-        #[arg(long, default_value_t = 0.01)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 128)]
-        max_len: usize,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        config: TrainConfig,
         /// Write the trained adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         save_adapter: Option<PathBuf>,
@@ -127,16 +108,7 @@ fn run(cli: Cli) -> Result<()> {
             model_dir,
             train: train_file,
             eval,
-            epochs,
-            lora_rank,
-            lora_alpha,
-            lora_dropout,
-            targets,
-            lr,
-            weight_decay,
-            batch_size,
-            max_len,
-            seed,
+            config,
             save_adapter,
             metrics_out,
             limit_train,
@@ -147,29 +119,13 @@ fn run(cli: Cli) -> Result<()> {
                 metrics_out,
             };
             check_outputs(&outputs)?;
-            let mut lora = LoraConfig::new(
-                lora_rank,
-                lora_alpha,
-                &targets.iter().map(String::as_str).collect::<Vec<_>>(),
-            );
-            lora.dropout = lora_dropout;
+            let mut lora = config.lora();
             lora.base_model_name_or_path = Some(model_dir.display().to_string());
             let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
-            let (model, tok) = load_model(&model_dir, max_len)?;
+            let (model, tok) = load_model(&model_dir, config.max_len)?;
             lora.resolve_sites(model.config.num_hidden_layers)
                 .context("--targets")?;
-            let config = TrainConfig {
-                epochs,
-                lora_rank,
-                lora_alpha,
-                lora_dropout,
-                targets,
-                lr,
-                weight_decay,
-                batch_size,
-                max_len,
-                seed,
-            };
+            let seed = config.seed;
             let train_samples = limit_samples(tokenize(&tok, &train_set)?, limit_train, seed);
             let eval_samples =
                 limit_samples(tokenize(&tok, &eval_set)?, limit_eval, seed.wrapping_add(1));

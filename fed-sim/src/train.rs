@@ -18,19 +18,42 @@ use serde::Serialize;
 use crate::data::Dataset;
 use crate::output::{check_writable_dir, check_writable_file, write_atomic};
 
-/// Everything `fibecfed train` can set.
-#[derive(Debug, Clone, Serialize)]
+/// The hyper-parameters of `fibecfed train`: the CLI flags (clap) and the `config`
+/// block of `metrics.json` (serde) are this one struct, so they cannot drift apart.
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct TrainConfig {
+    #[arg(long, default_value_t = 1)]
     pub epochs: usize,
+    #[arg(long, default_value_t = 8)]
     pub lora_rank: usize,
+    #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f32,
+    #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
+    /// PEFT-style target modules: query,key,value,dense,attention.output.dense,intermediate.dense,output.dense.
+    #[arg(long, value_delimiter = ',', default_value = "query,value")]
     pub targets: Vec<String>,
+    #[arg(long, default_value_t = 5e-4)]
     pub lr: f64,
+    #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Truncate inputs to this many tokens, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 128)]
     pub max_len: usize,
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The LoRA configuration these flags describe.
+    pub fn lora(&self) -> LoraConfig {
+        let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
+        let mut lora = LoraConfig::new(self.lora_rank, self.lora_alpha, &targets);
+        lora.dropout = self.lora_dropout;
+        lora
+    }
 }
 
 /// One tokenised, labelled example.

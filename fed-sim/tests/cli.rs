@@ -145,37 +145,46 @@ fn train_embed_and_adapter_round_trip_on_the_tiny_model() {
     )
     .unwrap();
     let output = dir.path().join("emb.jsonl");
-    let out = fibecfed(&[
+    let rows = embed(&model, &input, &output, &["--max-len", "32"]);
+    assert_eq!(
+        rows.len(),
+        3,
+        "one object per input line, empty lines included"
+    );
+    assert!(rows.iter().all(|r| r.len() == 32));
+}
+
+/// Runs `fibecfed embed` and returns its embeddings, one per output line.
+fn embed(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Vec<Vec<f64>> {
+    let mut args = vec![
         "embed",
         "--model-dir",
-        s(&model),
+        s(model),
         "--input",
-        s(&input),
+        s(input),
         "--output",
-        s(&output),
-        "--max-len",
-        "32",
-    ]);
+        s(output),
+    ];
+    args.extend_from_slice(extra);
+    let out = fibecfed(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = fs::read_to_string(&output)
+    fs::read_to_string(output)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(
-        lines.len(),
-        3,
-        "one object per input line, empty lines included"
-    );
-    assert!(
-        lines
-            .iter()
-            .all(|l| l["embedding"].as_array().unwrap().len() == 32)
-    );
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
 }
 
 struct Setup {
@@ -379,34 +388,7 @@ fn embed_matches_transformers_on_the_real_model() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.txt"), dir.path().join("out.jsonl"));
     fs::write(&input, sentences.join("\n")).unwrap();
-    let out = fibecfed(&[
-        "embed",
-        "--model-dir",
-        s(&model),
-        "--input",
-        s(&input),
-        "--output",
-        s(&output),
-        "--batch-size",
-        "4",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<Vec<f64>> = fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect()
-        })
-        .collect();
+    let rows = embed(&model, &input, &output, &["--batch-size", "4"]);
     assert_eq!(rows.len(), sentences.len());
     let scale = want.iter().fold(0.0_f64, |m, v| m.max(f64::from(v.abs())));
     for (i, row) in rows.iter().enumerate() {

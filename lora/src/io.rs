@@ -119,26 +119,7 @@ pub fn read_safetensors(path: &Path) -> Result<NamedTensors, TensorIoError> {
 pub fn read_safetensors_with_metadata(
     path: &Path,
 ) -> Result<(NamedTensors, BTreeMap<String, String>), TensorIoError> {
-    let mapped = map_file(path)?;
-    let parsed = Parsed::new(path, mapped.bytes())?;
-
-    let mut tensors = NamedTensors::new();
-    for (name, info) in parsed.metadata.tensors() {
-        let bytes = parsed.tensor_bytes(&name, info)?;
-        let values = decode_float(info.dtype, bytes)
-            .ok_or_else(|| unsupported(path, &name, info.dtype, FLOAT_DTYPES))?;
-        let array = to_array(path, &name, &info.shape, values)?;
-        tensors.insert(name, array);
-    }
-
-    let metadata = parsed
-        .metadata
-        .metadata()
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Ok((tensors, metadata))
+    read_safetensors_with_metadata_filtered(path, |_| true)
 }
 
 /// Integer tensors (I64, I32) as i64 vectors with shape, for fixtures holding token ids; errors as above.
@@ -407,6 +388,15 @@ pub fn read_safetensors_filtered(
     path: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> Result<NamedTensors, TensorIoError> {
+    read_safetensors_with_metadata_filtered(path, keep).map(|(tensors, _)| tensors)
+}
+
+/// [`read_safetensors_filtered`] that also returns the `__metadata__` map: one
+/// mapping and one header parse serve both.
+pub fn read_safetensors_with_metadata_filtered(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(NamedTensors, BTreeMap<String, String>), TensorIoError> {
     let mapped = map_file(path)?;
     let parsed = Parsed::new(path, mapped.bytes())?;
     let mut tensors = NamedTensors::new();
@@ -420,17 +410,6 @@ pub fn read_safetensors_filtered(
         let array = to_array(path, &name, &info.shape, values)?;
         tensors.insert(name, array);
     }
-    Ok(tensors)
-}
-
-/// [`read_safetensors_filtered`] that also returns the `__metadata__` map.
-pub fn read_safetensors_with_metadata_filtered(
-    path: &Path,
-    keep: impl Fn(&str) -> bool,
-) -> Result<(NamedTensors, BTreeMap<String, String>), TensorIoError> {
-    let tensors = read_safetensors_filtered(path, keep)?;
-    let mapped = map_file(path)?;
-    let parsed = Parsed::new(path, mapped.bytes())?;
     let metadata = parsed
         .metadata
         .metadata()

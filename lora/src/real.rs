@@ -145,36 +145,31 @@ pub fn exp_f32(x: f32) -> f32 {
 /// round-off.
 #[inline]
 pub fn erf_f32(x: f32) -> f32 {
+    let ax = x.abs();
+    (1.0 - erfc_poly(ax) * exp_f32(-ax * ax)).copysign(x)
+}
+
+/// The A&S 7.1.26 factor: erf(z) = 1 − poly(z)·e^(−z²) for z ≥ 0.
+#[inline]
+fn erfc_poly(z: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A1: f32 = 0.254_829_6;
     const A2: f32 = -0.284_496_74;
     const A3: f32 = 1.421_413_7;
     const A4: f32 = -1.453_152_1;
     const A5: f32 = 1.061_405_4;
-    let ax = x.abs();
-    let t = 1.0 / (P * ax + 1.0);
-    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
-    let y = 1.0 - poly * exp_f32(-ax * ax);
-    y.copysign(x)
+    let t = 1.0 / (P * z + 1.0);
+    ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t
 }
 
 /// GELU and its derivative with one exponential: A&S 7.1.26 writes erf(z) through
 /// e^(−z²), and at z = x/√2 that is e^(−x²/2), which is also √(2π)·φ(x).
 #[inline]
 pub fn gelu_f32(x: f32) -> (f32, f32) {
-    const P: f32 = 0.327_591_1;
-    const A1: f32 = 0.254_829_6;
-    const A2: f32 = -0.284_496_74;
-    const A3: f32 = 1.421_413_7;
-    const A4: f32 = -1.453_152_1;
-    const A5: f32 = 1.061_405_4;
     const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let z = (x * INV_SQRT2).abs();
     let e = exp_f32(-0.5 * x * x);
-    let t = 1.0 / (P * z + 1.0);
-    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
-    let erf = (1.0 - poly * e).copysign(x);
+    let erf = (1.0 - erfc_poly((x * INV_SQRT2).abs()) * e).copysign(x);
     let cdf = 0.5 * (1.0 + erf);
     (x * cdf, cdf + x * INV_SQRT_2PI * e)
 }
