@@ -35,10 +35,9 @@ pub fn minilm() -> (BertModel<f32>, &'static str) {
         return (m, "all-MiniLM-L6-v2 (real weights)");
     }
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    (
-        BertModel::random(BertConfig::minilm_l6(), &mut rng),
-        "MiniLM-L6 shape (random weights)",
-    )
+    let model = BertModel::random(BertConfig::minilm_l6(), &mut rng)
+        .unwrap_or_else(|e| panic!("MiniLM shape: {e}"));
+    (model, "MiniLM-L6 shape (random weights)")
 }
 
 /// A full-length batch (no padding) of random token ids and binary labels.
@@ -161,7 +160,8 @@ pub fn train_step(
     let grads = model
         .backward(batch, adapter, &fwd, &dlogits, &mut NoHook)
         .unwrap_or_else(|e| panic!("backward: {e}"));
-    opt.step(params, &grads);
+    opt.step(params, &grads)
+        .unwrap_or_else(|e| panic!("AdamW: {e}"));
     losses.sum()
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fibecfed_sim::data::read_train_eval;
 use fibecfed_sim::embed::embed_file;
@@ -119,16 +119,23 @@ fn run(cli: Cli) -> Result<()> {
                 metrics_out,
             };
             check_outputs(&outputs)?;
+            config.validate()?;
+            if limit_train == Some(0) || limit_eval == Some(0) {
+                anyhow::bail!("--limit-train and --limit-eval must be at least 1");
+            }
             let mut lora = config.lora();
             lora.base_model_name_or_path = Some(model_dir.display().to_string());
             let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
             let (model, tok) = load_model(&model_dir, config.max_len)?;
-            lora.resolve_sites(model.config.num_hidden_layers)
-                .context("--targets")?;
+            lora.resolve_sites(model.config.num_hidden_layers)?;
             let seed = config.seed;
-            let train_samples = limit_samples(tokenize(&tok, &train_set)?, limit_train, seed);
-            let eval_samples =
-                limit_samples(tokenize(&tok, &eval_set)?, limit_eval, seed.wrapping_add(1));
+            let train_samples =
+                limit_samples(tokenize(&tok, &train_set, &train_file)?, limit_train, seed);
+            let eval_samples = limit_samples(
+                tokenize(&tok, &eval_set, &eval)?,
+                limit_eval,
+                seed.wrapping_add(1),
+            );
             eprintln!(
                 "training on {} examples of {}, evaluating on {} of {}; labels {:?}",
                 train_samples.len(),

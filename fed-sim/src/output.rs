@@ -34,7 +34,8 @@ pub fn check_writable_file(file: &Path) -> Result<()> {
             parent.display()
         );
     }
-    let probe = tmp_path(file);
+    // A name of our own, so no file of the user's (say `<file>.tmp`) is touched.
+    let probe = parent.join(format!(".fibecfed-write-probe-{}", std::process::id()));
     fs::write(&probe, b"").with_context(|| format!("cannot write {}", file.display()))?;
     let _ = fs::remove_file(&probe);
     Ok(())
@@ -64,7 +65,8 @@ pub fn write_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
         fs::File::create(&tmp).with_context(|| format!("cannot write {}", file.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("cannot write {}", file.display()))?;
-    f.sync_all().ok();
+    f.sync_all()
+        .with_context(|| format!("cannot write {}", file.display()))?;
     drop(f);
     fs::rename(&tmp, file).with_context(|| format!("cannot write {}", file.display()))?;
     Ok(())

@@ -47,6 +47,35 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks the flags that need no model; each message names the flag.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            bail!("--epochs and --batch-size must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be a non-negative number, got {}",
+                self.weight_decay
+            );
+        }
+        if self.lora_rank == 0 {
+            bail!("--lora-rank must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            bail!(
+                "--lora-dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            );
+        }
+        if !self.lora_alpha.is_finite() {
+            bail!("--lora-alpha must be finite, got {}", self.lora_alpha);
+        }
+        Ok(())
+    }
+
     /// The LoRA configuration these flags describe.
     pub fn lora(&self) -> LoraConfig {
         let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
@@ -73,14 +102,14 @@ pub struct EpochMetrics {
     pub train_tokens_per_second: f64,
 }
 
-pub fn tokenize(tok: &TextEncoder, data: &Dataset) -> Result<Vec<Sample>> {
+pub fn tokenize(tok: &TextEncoder, data: &Dataset, file: &Path) -> Result<Vec<Sample>> {
     data.examples
         .iter()
         .enumerate()
         .map(|(i, ex)| {
             let encoded = tok
                 .encode(&ex.text_a, ex.text_b.as_deref())
-                .with_context(|| format!("{}: example {}", data.name, i + 1))?;
+                .with_context(|| format!("{}: example {}", file.display(), i + 1))?;
             Ok(Sample {
                 encoded,
                 label: ex.label,
@@ -159,11 +188,18 @@ pub fn train(
     if train.is_empty() {
         bail!("the training set is empty");
     }
-    if config.batch_size == 0 || config.epochs == 0 {
-        bail!("--batch-size and --epochs must be at least 1");
-    }
+    config.validate()?;
     let sites = lora.resolve_sites(model.config.num_hidden_layers)?;
     let shapes = model.site_shapes(&sites);
+    if let Some(s) = shapes.iter().find(|s| lora.r > s.d_in.min(s.d_out)) {
+        bail!(
+            "--lora-rank {} exceeds the smaller dimension of site {} ({}×{})",
+            lora.r,
+            s.site,
+            s.d_out,
+            s.d_in
+        );
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut params = LoraParams::<f32>::init(
         lora,
@@ -206,16 +242,14 @@ pub fn train(
             });
             let fwd = model.forward(&batch, adapter, dropout)?;
             let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean)
-                .with_context(|| format!("epoch {epoch}, step {}", step + 1))?;
-            let loss = losses.mean().unwrap_or(f64::NAN);
-            if !loss.is_finite() {
-                bail!(
-                    "epoch {epoch}, step {}: the loss is {loss}; lower --lr",
-                    step + 1
-                );
-            }
+                .with_context(|| {
+                    format!(
+                        "epoch {epoch}, step {}: training diverged (try a lower --lr)",
+                        step + 1
+                    )
+                })?;
             let grads = model.backward(&batch, adapter, &fwd, &dlogits, &mut NoHook)?;
-            opt.step(&mut params, &grads);
+            opt.step(&mut params, &grads)?;
             loss_sum += losses.sum();
             seen += chunk.len();
             tokens += batch.real_tokens();

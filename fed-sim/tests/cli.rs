@@ -398,3 +398,52 @@ fn embed_matches_transformers_on_the_real_model() {
         }
     }
 }
+
+#[test]
+fn flags_out_of_range_name_the_flag() {
+    let su = setup();
+    for (flag, value) in [
+        ("--lora-rank", "100000"),
+        ("--limit-eval", "0"),
+        ("--lr", "NaN"),
+        ("--weight-decay", "-1"),
+        ("--lora-dropout", "1.5"),
+    ] {
+        let arg = format!("{flag}={value}");
+        assert_refused(&train_with(&su, &su.model, &[&arg]), &[flag]);
+    }
+    // A pair needs room for [CLS] a [SEP] b [SEP].
+    fs::write(
+        &su.train,
+        "sentence1\tsentence2\tlabel\ngood movie\tbad movie\t0\nfun plot\tfun film\t1\n",
+    )
+    .unwrap();
+    fs::write(
+        &su.eval,
+        "sentence1\tsentence2\tlabel\ngood movie\tbad movie\t1\n",
+    )
+    .unwrap();
+    let args = [
+        "train",
+        "--model-dir",
+        s(&su.model),
+        "--train",
+        s(&su.train),
+        "--eval",
+        s(&su.eval),
+        "--max-len",
+        "3",
+    ];
+    assert_refused(&fibecfed(&args), &["max length 3"]);
+}
+
+#[test]
+fn non_finite_weights_name_the_tensor() {
+    let su = setup();
+    let path = su.model.join("model.safetensors");
+    let mut t = fibecfed_lora::io::read_safetensors(&path).unwrap();
+    let name = "encoder.layer.0.intermediate.dense.bias";
+    t.get_mut(name).unwrap()[[3]] = f32::NAN;
+    fibecfed_lora::io::write_safetensors(&path, &t, None).unwrap();
+    assert_refused(&train_with(&su, &su.model, &[]), &[name, "NaN"]);
+}

@@ -1,6 +1,7 @@
 //! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use crate::config::LoraConfig;
@@ -50,10 +51,15 @@ pub fn write_adapter<F: Real>(
             problem: e.to_string(),
         }
     })?;
-    fs::write(&tmp, text).map_err(|e| LoraError::Io {
+    let io_err = |e| LoraError::Io {
         path: tmp.clone(),
         source: e,
-    })?;
+    };
+    let mut file = fs::File::create(&tmp).map_err(io_err)?;
+    file.write_all(text.as_bytes()).map_err(io_err)?;
+    // Durable before the rename, as the weights file is.
+    file.sync_all().map_err(io_err)?;
+    drop(file);
     fs::rename(&tmp, &config_path).map_err(|e| LoraError::Io {
         path: config_path,
         source: e,

@@ -57,6 +57,12 @@ pub enum LoraError {
         expected: String,
         found: String,
     },
+    #[error("{file}: tensor `{tensor}` holds the non-finite value {value}")]
+    NonFinite {
+        file: String,
+        tensor: String,
+        value: f32,
+    },
     #[error("{file}: tensor `{tensor}` is missing")]
     MissingTensor { file: String, tensor: String },
     #[error("{file}: unexpected tensor `{tensor}`: {why}")]

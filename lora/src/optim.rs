@@ -1,7 +1,7 @@
 //! AdamW with PyTorch's semantics (decoupled weight decay, bias-corrected moments).
 
-use crate::Real;
 use crate::params::LoraParams;
+use crate::{LoraError, Real};
 
 /// Hyper-parameters; defaults are `torch.optim.AdamW`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,7 +50,20 @@ impl<F: Real> AdamW<F> {
 
     /// One update, as `torch.optim.AdamW.step()` (non-foreach path) computes it:
     /// p ← p·(1 − lr·wd); p ← p − (lr / bc1) · m / (√v / √bc2 + eps).
-    pub fn step(&mut self, params: &mut LoraParams<F>, grads: &LoraParams<F>) {
+    /// Parameters, gradients and the moments must have the same tensors and shapes
+    /// (the parameters this optimiser was made for); anything else is an error.
+    pub fn step(
+        &mut self,
+        params: &mut LoraParams<F>,
+        grads: &LoraParams<F>,
+    ) -> Result<(), LoraError> {
+        let lens = |p: &LoraParams<F>| p.slices().iter().map(|s| s.len()).collect::<Vec<_>>();
+        let (lp, lg, lm) = (lens(params), lens(grads), lens(&self.m));
+        if lp != lg || lp != lm {
+            return Err(LoraError::Config(format!(
+                "AdamW step: parameter sizes {lp:?}, gradient sizes {lg:?} and optimiser state {lm:?} differ"
+            )));
+        }
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -79,5 +92,6 @@ impl<F: Real> AdamW<F> {
                 p[i] = p[i] * decay - step_size * m[i] / denom;
             }
         }
+        Ok(())
     }
 }

@@ -266,6 +266,13 @@ impl<F: Real> LoraParams<F> {
         let (mut head_w, mut head_b) = (None, None);
         let mut ignored = Vec::new();
         for (name, t) in tensors {
+            if let Some(v) = t.iter().find(|v| !v.is_finite()) {
+                return Err(LoraError::NonFinite {
+                    file: source.to_owned(),
+                    tensor: name.clone(),
+                    value: *v,
+                });
+            }
             let Some(key) = parse_peft_key(name) else {
                 return Err(LoraError::UnexpectedTensor {
                     file: source.to_owned(),

@@ -92,7 +92,7 @@ impl BertConfig {
             Some("relu") => Activation::Relu,
             Some(other) => {
                 return Err(err(format!(
-                    "key `hidden_act`: `{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu)"
+                    "key `hidden_act`: `{other}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu)"
                 )));
             }
         };
@@ -117,8 +117,24 @@ impl BertConfig {
             max_position_embeddings: uint("max_position_embeddings")?,
             type_vocab_size: uint("type_vocab_size")?,
             layer_norm_eps,
-            pad_token_id: obj.get("pad_token_id").and_then(Value::as_u64).unwrap_or(0) as u32,
+            pad_token_id: match obj.get("pad_token_id") {
+                None | Some(Value::Null) => 0,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .ok_or_else(|| {
+                        err(format!(
+                            "key `pad_token_id`: expected a token id, found {v}"
+                        ))
+                    })?,
+            },
         };
+        if config.pad_token_id as usize >= config.vocab_size {
+            return Err(err(format!(
+                "pad_token_id {} is outside the vocabulary of {} entries",
+                config.pad_token_id, config.vocab_size
+            )));
+        }
         if !config
             .hidden_size
             .is_multiple_of(config.num_attention_heads)

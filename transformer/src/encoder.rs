@@ -521,6 +521,15 @@ impl<F: Real> BertModel<F> {
                 fwd.logits.dim()
             )));
         }
+        if let Some(site) = params.sites.keys().find(|s| {
+            fwd.layers
+                .get(s.layer)
+                .is_none_or(|c| !c.sites.contains_key(&s.kind))
+        }) {
+            return Err(ModelError::Input(format!(
+                "adapter site {site} was not part of the forward pass: backward needs the adapter forward ran with"
+            )));
+        }
         let hid = self.config.hidden_size;
         let mut grads = params.zeros_like();
         // Head: logits = pooled·Wᵀ + b.

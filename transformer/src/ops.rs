@@ -185,25 +185,37 @@ pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool])
 #[allow(clippy::inline_always)]
 #[inline(always)]
 fn masked_softmax_rows_inner<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
-    let ninf = F::neg_infinity();
+    let mut scratch = Vec::new();
     for mut row in s.rows_mut() {
-        let Some(r) = row.as_slice_mut() else {
-            continue;
-        };
-        let mut max = ninf;
-        for (v, &m) in r.iter_mut().zip(key_mask) {
-            *v = if m { *v } else { ninf };
-            max = max.max(*v);
+        if let Some(r) = row.as_slice_mut() {
+            softmax_slice(r, key_mask);
+        } else {
+            // Strided rows (not produced today) go through a contiguous copy.
+            scratch.clear();
+            scratch.extend(row.iter().copied());
+            softmax_slice(&mut scratch, key_mask);
+            row.iter_mut().zip(&scratch).for_each(|(d, &v)| *d = v);
         }
-        let mut sum = F::zero();
-        for v in r.iter_mut() {
-            *v = (*v - max).fast_exp();
-            sum += *v;
-        }
-        let inv = F::one() / sum;
-        for v in r.iter_mut() {
-            *v *= inv;
-        }
+    }
+}
+
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn softmax_slice<F: Real>(r: &mut [F], key_mask: &[bool]) {
+    let ninf = F::neg_infinity();
+    let mut max = ninf;
+    for (v, &m) in r.iter_mut().zip(key_mask) {
+        *v = if m { *v } else { ninf };
+        max = max.max(*v);
+    }
+    let mut sum = F::zero();
+    for v in r.iter_mut() {
+        *v = (*v - max).fast_exp();
+        sum += *v;
+    }
+    let inv = F::one() / sum;
+    for v in r.iter_mut() {
+        *v *= inv;
     }
 }
 

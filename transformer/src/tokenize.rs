@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::ModelError;
 
@@ -40,6 +42,16 @@ impl TextEncoder {
             problem: e.to_string(),
         };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| tok_err(&e))?;
+        // A pair needs room for its special tokens plus one token of text; below that the
+        // tokenizers crate's own truncation arithmetic underflows.
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        if max_len <= special {
+            return Err(ModelError::Input(format!(
+                "max length {max_len} leaves no room for text: this tokenizer adds {special} special tokens to a pair"
+            )));
+        }
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -138,7 +150,7 @@ impl Batch {
         token_type_ids: Vec<u32>,
         mask: Vec<bool>,
     ) -> Result<Self, ModelError> {
-        let n = batch * seq_len;
+        let n = batch.saturating_mul(seq_len);
         if n == 0 || input_ids.len() != n || token_type_ids.len() != n || mask.len() != n {
             return Err(ModelError::Input(format!(
                 "batch arrays must all hold {batch}×{seq_len} = {n} entries (got ids {}, types {}, mask {})",

@@ -49,25 +49,28 @@ impl<F: Real> EncoderLayer<F> {
         intermediate: Linear<F>,
         output: Linear<F>,
         output_norm: LayerNorm<F>,
-    ) -> Self {
+    ) -> Result<Self, ModelError> {
         let stack2 = |a: [&Array2<F>; 3]| {
             ndarray::concatenate(ndarray::Axis(0), &[a[0].view(), a[1].view(), a[2].view()])
         };
         let stack1 = |a: [&Array1<F>; 3]| {
             ndarray::concatenate(ndarray::Axis(0), &[a[0].view(), a[1].view(), a[2].view()])
         };
-        // Shapes were checked by the caller; equal widths make concatenation infallible.
         let qkv = match (
             stack2([&query.weight, &key.weight, &value.weight]),
             stack1([&query.bias, &key.bias, &value.bias]),
         ) {
             (Ok(weight), Ok(bias)) => Linear { weight, bias },
-            _ => Linear {
-                weight: Array2::zeros((0, 0)),
-                bias: Array1::zeros(0),
-            },
+            _ => {
+                return Err(ModelError::Input(format!(
+                    "query {:?}, key {:?} and value {:?} weights must share their input width",
+                    query.weight.shape(),
+                    key.weight.shape(),
+                    value.weight.shape()
+                )));
+            }
         };
-        Self {
+        Ok(Self {
             qkv,
             query,
             key,
@@ -77,7 +80,7 @@ impl<F: Real> EncoderLayer<F> {
             intermediate,
             output,
             output_norm,
-        }
+        })
     }
 }
 
@@ -128,6 +131,20 @@ impl Source<'_> {
             })
     }
 
+    /// A corrupt checkpoint with NaN/Inf weights would otherwise surface far away, as
+    /// non-finite logits or `null` embeddings.
+    fn finite(&self, name: &str) -> Result<&ndarray::ArrayD<f32>, ModelError> {
+        let t = self.get(name)?;
+        if let Some(v) = t.iter().find(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite(format!(
+                "{}: tensor `{}{name}` holds {v}",
+                self.file.display(),
+                self.prefix
+            )));
+        }
+        Ok(t)
+    }
+
     fn shape_error(&self, name: &str, expected: &[usize], found: &[usize]) -> ModelError {
         ModelError::TensorShape {
             path: self.file.to_path_buf(),
@@ -143,7 +160,7 @@ impl Source<'_> {
         rows: usize,
         cols: usize,
     ) -> Result<Array2<F>, ModelError> {
-        let t = self.get(name)?;
+        let t = self.finite(name)?;
         if t.shape() != [rows, cols] {
             return Err(self.shape_error(name, &[rows, cols], t.shape()));
         }
@@ -155,7 +172,7 @@ impl Source<'_> {
     }
 
     fn vector<F: Real>(&self, name: &str, len: usize) -> Result<Array1<F>, ModelError> {
-        let t = self.get(name)?;
+        let t = self.finite(name)?;
         if t.shape() != [len] {
             return Err(self.shape_error(name, &[len], t.shape()));
         }
@@ -203,11 +220,14 @@ impl Source<'_> {
 }
 
 /// Tensors of a checkpoint that the encoder does not use: pooler, MLM/NSP heads,
-/// buffers such as `position_ids` (often stored as I64).
+/// buffers such as `position_ids` or `token_type_ids` (often stored as I64): only
+/// parameters (weight, bias, gamma, beta) of the embeddings and encoder are read.
 fn is_encoder_tensor(name: &str) -> bool {
     let name = name.strip_prefix("bert.").unwrap_or(name);
-    (name.starts_with("embeddings.") && !name.ends_with("position_ids"))
-        || name.starts_with("encoder.")
+    let parameter = [".weight", ".bias", ".gamma", ".beta"]
+        .iter()
+        .any(|s| name.ends_with(s));
+    parameter && (name.starts_with("embeddings.") || name.starts_with("encoder."))
 }
 
 impl<F: Real> BertModel<F> {
@@ -266,7 +286,7 @@ impl<F: Real> BertModel<F> {
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}");
-                Ok(EncoderLayer::new(
+                EncoderLayer::new(
                     src.linear(&format!("{p}.attention.self.query"), h, h)?,
                     src.linear(&format!("{p}.attention.self.key"), h, h)?,
                     src.linear(&format!("{p}.attention.self.value"), h, h)?,
@@ -275,7 +295,7 @@ impl<F: Real> BertModel<F> {
                     src.linear(&format!("{p}.intermediate.dense"), i, h)?,
                     src.linear(&format!("{p}.output.dense"), h, i)?,
                     src.layer_norm(&format!("{p}.output.LayerNorm"), h, eps)?,
-                ))
+                )
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
@@ -324,17 +344,16 @@ impl<F: Real> BertModel<F> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| {
-                    EncoderLayer::new(
-                        lin(&l.query),
-                        lin(&l.key),
-                        lin(&l.value),
-                        lin(&l.attention_output),
-                        ln(&l.attention_norm),
-                        lin(&l.intermediate),
-                        lin(&l.output),
-                        ln(&l.output_norm),
-                    )
+                .map(|l| EncoderLayer {
+                    qkv: lin(&l.qkv),
+                    query: lin(&l.query),
+                    key: lin(&l.key),
+                    value: lin(&l.value),
+                    attention_output: lin(&l.attention_output),
+                    attention_norm: ln(&l.attention_norm),
+                    intermediate: lin(&l.intermediate),
+                    output: lin(&l.output),
+                    output_norm: ln(&l.output_norm),
                 })
                 .collect(),
         }
@@ -345,7 +364,7 @@ impl<F: Real> BertModel<F> {
     /// A model of the given shape with random weights (N(0, 0.02²) matrices, LayerNorm
     /// near identity): for benchmarks and tests that need the architecture, not the
     /// knowledge.
-    pub fn random(config: BertConfig, rng: &mut impl rand::Rng) -> Self {
+    pub fn random(config: BertConfig, rng: &mut impl rand::Rng) -> Result<Self, ModelError> {
         use rand_distr::{Distribution, Normal};
         let normal = Normal::new(0.0_f64, 0.02).ok();
         let mut draw = |shape: (usize, usize)| {
@@ -373,7 +392,7 @@ impl<F: Real> BertModel<F> {
                 let (inter, out) = (lin(i, h), lin(h, i));
                 EncoderLayer::new(q, k, v, o, ln(), inter, out, ln())
             })
-            .collect();
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let mut draw2 = |shape: (usize, usize)| {
             Array2::from_shape_simple_fn(shape, || {
                 normal.map_or(F::zero(), |n| F::from_f64(n.sample(rng)))
@@ -385,11 +404,11 @@ impl<F: Real> BertModel<F> {
             token_type: draw2((config.type_vocab_size, h)),
             norm: ln(),
         };
-        Self {
+        Ok(Self {
             config,
             embeddings,
             layers,
-        }
+        })
     }
 }
 

@@ -106,3 +106,20 @@ fn token_ids_and_lengths_the_model_cannot_embed() {
         Batch::from_parts(2, 2, vec![1; 4], vec![0; 4], vec![true, true, false, true]).is_err()
     );
 }
+
+#[test]
+fn non_finite_adapter_tensor_is_named() {
+    let model = tiny();
+    let config = LoraConfig::new(2, 4.0, &["value"]);
+    let sites = config.resolve_sites(2).unwrap();
+    let shapes = model.site_shapes(&sites);
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let params = LoraParams::<f32>::init(&config, &shapes, 32, 2, &mut rng);
+    let mut named = params.to_named();
+    let name = "base_model.model.encoder.layer.1.attention.self.value.lora_A.weight";
+    named.get_mut(name).unwrap()[[0, 0]] = f32::INFINITY;
+    let err = LoraParams::<f32>::from_named(&named, 2, &shapes, 32, "adapter_model.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name) && err.contains("inf"), "{err}");
+}
