@@ -1,6 +1,7 @@
 //! Per-sample gradient squares and diagonal sums against per-sample gradients formed
 //! explicitly, element by element, in f64: shapes include r = 1, one token, one
-//! sample, padding, and widths on both sides of the ghost/materialise switch.
+//! sample, right padding and masks with holes, batches that span several parallel
+//! tasks, and widths on both sides of the ghost/materialise switch.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fibecfed_fisher::{NormMethod, SiteRows, head_fisher, site_fisher, sq_norms};
@@ -21,7 +22,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        1usize..4,
+        1usize..11,
         1usize..6,
         1usize..9,
         1usize..9,
@@ -34,15 +35,20 @@ fn case() -> impl Strategy<Value = Case> {
                 proptest::collection::vec(-1.0f64..1.0, n * d_in),
                 proptest::collection::vec(-1.0f64..1.0, n * d_out),
                 proptest::collection::vec(1usize..=seq, batch),
+                // Some cases get holes in the mask instead of right padding.
+                proptest::option::of(proptest::collection::vec(any::<bool>(), n)),
                 proptest::collection::vec(-1.0f64..1.0, r * d_in),
                 proptest::collection::vec(-1.0f64..1.0, d_out * r),
             )
-                .prop_map(move |(x, delta, lengths, a, b)| {
+                .prop_map(move |(x, delta, lengths, holes, a, b)| {
                     let mut mask = Array1::zeros(n);
                     for (i, &len) in lengths.iter().enumerate() {
                         for t in 0..len {
                             mask[i * seq + t] = 1.0;
                         }
+                    }
+                    if let Some(keep) = holes {
+                        mask = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
                     }
                     Case {
                         x: Array2::from_shape_vec((n, d_in), x).unwrap(),
@@ -172,4 +178,43 @@ fn mismatched_shapes_are_errors() {
             .to_string()
             .contains("rows")
     );
+}
+
+#[test]
+fn diagonal_sums_are_bitwise_the_same_on_any_number_of_threads() {
+    let (batch, seq, d_in, d_out, r) = (13, 7, 9, 5, 3);
+    let n = batch * seq;
+    let wave = |k: usize, f: f64| ((k as f64) * f).sin();
+    let x = Array2::from_shape_fn((n, d_in), |(i, j)| wave(i * d_in + j, 0.37) as f32);
+    let delta = Array2::from_shape_fn((n, d_out), |(i, j)| wave(i * d_out + j, 0.11) as f32);
+    let mask = Array1::from_shape_fn(n, |i| {
+        if i % seq < 2 + i / seq % 5 {
+            1.0f32
+        } else {
+            0.0
+        }
+    });
+    let a = Array2::from_shape_fn((r, d_in), |(i, j)| wave(i + 3 * j, 0.5) as f32);
+    let b = Array2::from_shape_fn((d_out, r), |(i, j)| wave(2 * i + j, 0.7) as f32);
+    let rows = SiteRows {
+        x: x.view(),
+        delta: delta.view(),
+        mask: mask.view(),
+        batch,
+        seq_len: seq,
+        a: a.view(),
+        b: b.view(),
+        scale: 0.5,
+    };
+    let on = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| site_fisher(&rows).unwrap())
+    };
+    let one = on(1);
+    for threads in [2, 3, 8] {
+        assert_eq!(on(threads), one, "{threads} threads");
+    }
 }

@@ -1,0 +1,247 @@
+//! Per-layer importance on a client (Fisher sums, or output sensitivity to a perturbed
+//! input) and the server's choice of global aggregation layers (GAL) from the clients'
+//! reports.
+
+use ndarray::ArrayView2;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::FisherError;
+use crate::squares::Scalar;
+
+/// I_l = s_l / Σ s: importance normalised to sum to one. Scores must be finite and
+/// non-negative; when every score is zero (no gradient signal at all) each layer gets
+/// 1/L, so that no layer is preferred on no evidence.
+pub fn normalise(scores: &[f64]) -> Result<Vec<f64>, FisherError> {
+    if let Some((l, s)) = scores
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !s.is_finite() || **s < 0.0)
+    {
+        return Err(FisherError::NonFinite(format!(
+            "layer {l} has importance score {s}; scores must be finite and non-negative"
+        )));
+    }
+    let total: f64 = scores.iter().sum();
+    if total > 0.0 {
+        Ok(scores.iter().map(|s| s / total).collect())
+    } else {
+        Ok(vec![1.0 / scores.len().max(1) as f64; scores.len()])
+    }
+}
+
+/// Output sensitivity of each layer to a noise-perturbed input:
+/// I_l = mean over samples of ‖h_l(x) − h_l(x+ε)‖ / ‖ε‖, norms over the sample's real
+/// tokens. Feed it one layer's clean and perturbed outputs per batch.
+#[derive(Debug, Clone)]
+pub struct PerturbationImportance {
+    sums: Vec<f64>,
+    counts: Vec<usize>,
+}
+
+impl PerturbationImportance {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            sums: vec![0.0; n_layers],
+            counts: vec![0; n_layers],
+        }
+    }
+
+    /// Adds layer `layer`'s outputs for a batch: rows b·T + t, `mask` 1 on real tokens,
+    /// `noise_norms[i]` = ‖ε_i‖ over sample i's real tokens.
+    // Views are cheap handles; taking them by value matches how callers slice them.
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn add<F: Scalar>(
+        &mut self,
+        layer: usize,
+        clean: ArrayView2<'_, F>,
+        noisy: ArrayView2<'_, F>,
+        mask: &[bool],
+        seq_len: usize,
+        noise_norms: &[f64],
+    ) -> Result<(), FisherError> {
+        let n_layers = self.sums.len();
+        if layer >= n_layers {
+            return Err(FisherError::Shape(format!(
+                "layer {layer} of a {n_layers}-layer model"
+            )));
+        }
+        let rows = noise_norms.len() * seq_len;
+        if clean.dim() != noisy.dim() || clean.nrows() != rows || mask.len() != rows {
+            return Err(FisherError::Shape(format!(
+                "perturbation: clean {:?}, perturbed {:?}, mask {} for {} samples × {seq_len} tokens",
+                clean.dim(),
+                noisy.dim(),
+                mask.len(),
+                noise_norms.len()
+            )));
+        }
+        for (i, &eps) in noise_norms.iter().enumerate() {
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(FisherError::NonFinite(format!(
+                    "perturbation: sample {i} has noise norm {eps}"
+                )));
+            }
+            let mut sq = 0.0;
+            for t in (i * seq_len..(i + 1) * seq_len).filter(|&t| mask[t]) {
+                for (a, b) in clean.row(t).iter().zip(noisy.row(t)) {
+                    let d = (*a - *b).to_f64().unwrap_or(f64::NAN);
+                    sq += d * d;
+                }
+            }
+            self.sums[layer] += sq.sqrt() / eps;
+            self.counts[layer] += 1;
+        }
+        Ok(())
+    }
+
+    /// Mean sensitivities, normalised to sum to one.
+    pub fn finish(&self) -> Result<Vec<f64>, FisherError> {
+        let means: Vec<f64> = self
+            .sums
+            .iter()
+            .zip(&self.counts)
+            .map(|(s, &c)| s / c.max(1) as f64)
+            .collect();
+        normalise(&means)
+    }
+}
+
+/// One client's importance report to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportanceReport {
+    /// n_k, the client's number of training samples.
+    pub samples: usize,
+    /// I_l^k per layer, summing to one.
+    pub importance: Vec<f64>,
+}
+
+/// N = ⌈g·L⌉ layers, g in [0, 1].
+pub fn gal_count(fraction: f64, n_layers: usize) -> Result<usize, FisherError> {
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(FisherError::Config(format!(
+            "the global-layer fraction g must be in [0, 1], got {fraction}"
+        )));
+    }
+    Ok(ceil_fraction(fraction, n_layers))
+}
+
+/// ⌈f·n⌉ for f in [0, 1], immune to the float noise of f·n (0.07·100 is
+/// 7.000000000000001 and must count as 7).
+pub fn ceil_fraction(fraction: f64, n: usize) -> usize {
+    let exact = fraction * n as f64;
+    let k = (exact - 1e-9 * exact.abs().max(1.0)).ceil();
+    (k.max(0.0) as usize).min(n)
+}
+
+/// The consensus I_l = Σ_k (n_k/n)·I_l^k. Each layer's terms are summed in sorted
+/// order, so the result is bitwise the same whatever order the reports arrive in.
+pub fn consensus(reports: &[ImportanceReport], n_layers: usize) -> Result<Vec<f64>, FisherError> {
+    let total: usize = reports.iter().map(|r| r.samples).sum();
+    if total == 0 {
+        return Err(FisherError::Config(
+            "no client reported layer importance over any samples".into(),
+        ));
+    }
+    for (k, r) in reports.iter().enumerate() {
+        if r.importance.len() != n_layers {
+            return Err(FisherError::Shape(format!(
+                "client report {k} has {} layer scores for a {n_layers}-layer model",
+                r.importance.len()
+            )));
+        }
+        if let Some((l, v)) = r
+            .importance
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err(FisherError::NonFinite(format!(
+                "client report {k}: layer {l} importance is {v}"
+            )));
+        }
+    }
+    Ok((0..n_layers)
+        .map(|l| {
+            let mut terms: Vec<f64> = reports
+                .iter()
+                .map(|r| r.samples as f64 / total as f64 * r.importance[l])
+                .collect();
+            terms.sort_by(f64::total_cmp);
+            terms.iter().sum()
+        })
+        .collect())
+}
+
+/// Indices of the k largest scores, ties to the lower index, returned ascending.
+pub fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+/// Which layers are shared globally, from the clients' importance reports.
+pub trait LayerSelector: std::fmt::Debug + Send + Sync {
+    /// Ascending layer indices.
+    fn select(
+        &self,
+        reports: &[ImportanceReport],
+        n_layers: usize,
+    ) -> Result<Vec<usize>, FisherError>;
+}
+
+/// FibecFed's rule: the top ⌈g·L⌉ layers of the n_k-weighted consensus.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsensusTopK {
+    pub fraction: f64,
+}
+
+impl LayerSelector for ConsensusTopK {
+    fn select(
+        &self,
+        reports: &[ImportanceReport],
+        n_layers: usize,
+    ) -> Result<Vec<usize>, FisherError> {
+        let n = gal_count(self.fraction, n_layers)?;
+        Ok(top_k(&consensus(reports, n_layers)?, n))
+    }
+}
+
+/// The random-GAL baseline: ⌈g·L⌉ layers drawn uniformly from a seed, ignoring the reports.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomLayers {
+    pub fraction: f64,
+    pub seed: u64,
+}
+
+impl LayerSelector for RandomLayers {
+    fn select(
+        &self,
+        _reports: &[ImportanceReport],
+        n_layers: usize,
+    ) -> Result<Vec<usize>, FisherError> {
+        let n = gal_count(self.fraction, n_layers)?;
+        let mut layers: Vec<usize> = (0..n_layers).collect();
+        layers.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed));
+        layers.truncate(n);
+        layers.sort_unstable();
+        Ok(layers)
+    }
+}
+
+/// Every layer is global (the g = 1 ablation and the FedAvg-style baselines).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllLayers;
+
+impl LayerSelector for AllLayers {
+    fn select(
+        &self,
+        _reports: &[ImportanceReport],
+        n_layers: usize,
+    ) -> Result<Vec<usize>, FisherError> {
+        Ok((0..n_layers).collect())
+    }
+}

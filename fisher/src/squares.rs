@@ -1,0 +1,306 @@
+//! Per-sample gradient squares of one LoRA site and of the head.
+
+use std::iter::Sum;
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{
+    Array1, Array2, ArrayBase, ArrayView1, ArrayView2, CowArray, Data, Ix2, LinalgScalar,
+    ScalarOperand, s,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::FisherError;
+
+/// The float types the Fisher arithmetic runs in (f32 in training, f64 in tests).
+pub trait Scalar:
+    Float + LinalgScalar + ScalarOperand + Sum + Send + Sync + std::fmt::Debug + 'static
+{
+}
+impl<T: Float + LinalgScalar + ScalarOperand + Sum + Send + Sync + std::fmt::Debug + 'static> Scalar
+    for T
+{
+}
+
+/// One LoRA site's rows for a batch, as the encoder's backward hook sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteRows<'a, F> {
+    /// LoRA input rows, batch·seq_len × d_in (row i·T + t).
+    pub x: ArrayView2<'a, F>,
+    /// ∂loss/∂(site output) rows, batch·seq_len × d_out, for a loss that sums the
+    /// per-sample losses (so that row blocks are per-sample gradients).
+    pub delta: ArrayView2<'a, F>,
+    /// 1 for real tokens, 0 for padding.
+    pub mask: ArrayView1<'a, F>,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// r × d_in
+    pub a: ArrayView2<'a, F>,
+    /// d_out × r
+    pub b: ArrayView2<'a, F>,
+    pub scale: F,
+}
+
+/// How per-sample norms are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormMethod {
+    /// The cheaper of the two for these shapes.
+    Auto,
+    /// Gram matrices of the sequence: O(T²·(r + d)) per sample.
+    Ghost,
+    /// The sample's gradient itself, then its squares: O(T·r·d) per sample.
+    Materialize,
+}
+
+/// One sample's (X_i, U_i, Δ_i, V_i): views where no copy is needed.
+type SampleRows<'a, F> = (
+    CowArray<'a, F, Ix2>,
+    Array2<F>,
+    CowArray<'a, F, Ix2>,
+    Array2<F>,
+);
+
+/// Per-sample squared norms and diagonal Fisher sums of one site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteSquares<F> {
+    /// ‖∂ℓ_i/∂A‖² per sample.
+    pub sq_a: Vec<F>,
+    /// ‖∂ℓ_i/∂B‖² per sample.
+    pub sq_b: Vec<F>,
+    /// Σ_i (∂ℓ_i/∂A)², r × d_in.
+    pub diag_a: Array2<F>,
+    /// Σ_i (∂ℓ_i/∂B)², d_out × r.
+    pub diag_b: Array2<F>,
+}
+
+impl<F: Scalar> SiteRows<'_, F> {
+    fn check(&self) -> Result<(), FisherError> {
+        let n = self
+            .batch
+            .checked_mul(self.seq_len)
+            .ok_or_else(|| FisherError::Shape("batch × seq_len overflows".into()))?;
+        let (r, d_in) = self.a.dim();
+        let (d_out, r2) = self.b.dim();
+        let problems = [
+            (
+                self.x.nrows() != n,
+                format!(
+                    "x has {} rows, expected batch·seq_len = {n}",
+                    self.x.nrows()
+                ),
+            ),
+            (
+                self.delta.nrows() != n,
+                format!("δ has {} rows, expected {n}", self.delta.nrows()),
+            ),
+            (
+                self.mask.len() != n,
+                format!("mask has {} entries, expected {n}", self.mask.len()),
+            ),
+            (
+                self.x.ncols() != d_in,
+                format!("x has {} columns but A is {r}×{d_in}", self.x.ncols()),
+            ),
+            (
+                self.delta.ncols() != d_out,
+                format!("δ has {} columns but B is {d_out}×{r2}", self.delta.ncols()),
+            ),
+            (
+                r != r2,
+                format!("A is {r}×{d_in} but B is {d_out}×{r2}: ranks differ"),
+            ),
+        ];
+        match problems.into_iter().find(|(bad, _)| *bad) {
+            Some((_, msg)) => Err(FisherError::Shape(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sample i's masked rows: X_i, U_i = X_i·Aᵀ, Δ_i, V_i = scale·Δ_i·B. With right
+    /// padding (the mask is 1…1 0…0, as batches are built) these are views of the real
+    /// rows only, so padding costs nothing; any other mask gets masked copies.
+    fn sample(&self, i: usize) -> SampleRows<'_, F> {
+        let span = i * self.seq_len..(i + 1) * self.seq_len;
+        let m = self.mask.slice(s![span.clone()]);
+        let len = m.iter().take_while(|&&v| v == F::one()).count();
+        let (x, d) = if m.iter().skip(len).all(|&v| v == F::zero()) {
+            let rows = s![span.start..span.start + len, ..];
+            (
+                CowArray::from(self.x.slice(rows)),
+                CowArray::from(self.delta.slice(rows)),
+            )
+        } else {
+            let rows = s![span, ..];
+            let m = m.insert_axis(ndarray::Axis(1));
+            (
+                CowArray::from(&self.x.slice(rows) * &m),
+                CowArray::from(&self.delta.slice(rows) * &m),
+            )
+        };
+        let u = x.dot(&self.a.t());
+        let v = d.dot(&self.b) * self.scale;
+        (x, u, d, v)
+    }
+}
+
+fn sum_sq<F: Scalar>(a: &Array2<F>) -> F {
+    a.iter().map(|&v| v * v).sum()
+}
+
+/// Σ (P·Pᵀ) ⊙ (Q·Qᵀ) = ‖Pᵀ·Q‖²_F, without forming Pᵀ·Q.
+fn ghost<F: Scalar, S: Data<Elem = F>, T: Data<Elem = F>>(
+    p: &ArrayBase<S, Ix2>,
+    q: &ArrayBase<T, Ix2>,
+) -> F {
+    let t = p.nrows();
+    let mut gp = Array2::zeros((t, t));
+    let mut gq = Array2::zeros((t, t));
+    general_mat_mul(F::one(), p, &p.t(), F::zero(), &mut gp);
+    general_mat_mul(F::one(), q, &q.t(), F::zero(), &mut gq);
+    gp.iter().zip(gq.iter()).map(|(&a, &b)| a * b).sum()
+}
+
+/// ‖∂ℓ_i/∂A‖² and ‖∂ℓ_i/∂B‖² for every sample of the batch.
+pub fn sq_norms<F: Scalar>(
+    rows: &SiteRows<'_, F>,
+    method: NormMethod,
+) -> Result<(Vec<F>, Vec<F>), FisherError> {
+    rows.check()?;
+    let (r, d_in) = rows.a.dim();
+    let d_out = rows.b.nrows();
+    let t = rows.seq_len;
+    let ghost_cheaper = |d: usize| t * (r + d) < r * d;
+    crate::blas::single_threaded();
+    let use_ghost = |dim| match method {
+        NormMethod::Ghost => true,
+        NormMethod::Materialize => false,
+        NormMethod::Auto => ghost_cheaper(dim),
+    };
+    // Samples are independent and each result lands in its own slot: parallel and
+    // still deterministic.
+    let pairs: Vec<(F, F)> = (0..rows.batch)
+        .into_par_iter()
+        .map(|i| {
+            let (x, u, d, v) = rows.sample(i);
+            let a2 = if use_ghost(d_in) {
+                ghost(&v, &x)
+            } else {
+                sum_sq(&v.t().dot(&x))
+            };
+            let b2 = if use_ghost(d_out) {
+                ghost(&d, &u)
+            } else {
+                sum_sq(&d.t().dot(&u))
+            };
+            (a2, b2 * rows.scale * rows.scale)
+        })
+        .collect();
+    let (sq_a, sq_b) = pairs.into_iter().unzip();
+    Ok((sq_a, sq_b))
+}
+
+/// Samples per task of [`site_fisher`]. Fixed, so that the diagonal sums are added in
+/// the same order whatever the number of threads: results are bitwise reproducible.
+const SAMPLES_PER_TASK: usize = 4;
+
+/// Per-sample squared norms plus the diagonal sums Σ_i (∂ℓ_i/∂A)², Σ_i (∂ℓ_i/∂B)².
+/// One sample's gradient (r × d, in cache) at a time is formed, squared and added to
+/// its task's partial diagonal; tasks of [`SAMPLES_PER_TASK`] samples run in parallel
+/// and their partials are added in sample order. Never holds a (batch × r × d) tensor.
+pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
+    rows.check()?;
+    crate::blas::single_threaded();
+    let ids: Vec<usize> = (0..rows.batch).collect();
+    let partials: Vec<SiteSquares<F>> = ids
+        .par_chunks(SAMPLES_PER_TASK)
+        .map(|chunk| {
+            let mut part = SiteSquares {
+                sq_a: Vec::with_capacity(chunk.len()),
+                sq_b: Vec::with_capacity(chunk.len()),
+                diag_a: Array2::zeros(rows.a.raw_dim()),
+                diag_b: Array2::zeros(rows.b.raw_dim()),
+            };
+            let mut ga = Array2::zeros(rows.a.raw_dim());
+            let mut gb = Array2::zeros(rows.b.raw_dim());
+            for &i in chunk {
+                let (x, u, d, v) = rows.sample(i);
+                general_mat_mul(F::one(), &v.t(), &x, F::zero(), &mut ga);
+                general_mat_mul(rows.scale, &d.t(), &u, F::zero(), &mut gb);
+                part.sq_a.push(sum_sq(&ga));
+                part.sq_b.push(sum_sq(&gb));
+                part.diag_a.zip_mut_with(&ga, |acc, &g| *acc = *acc + g * g);
+                part.diag_b.zip_mut_with(&gb, |acc, &g| *acc = *acc + g * g);
+            }
+            part
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let mut out = parts.next().unwrap_or_else(|| SiteSquares {
+        sq_a: Vec::new(),
+        sq_b: Vec::new(),
+        diag_a: Array2::zeros(rows.a.raw_dim()),
+        diag_b: Array2::zeros(rows.b.raw_dim()),
+    });
+    for p in parts {
+        out.sq_a.extend(p.sq_a);
+        out.sq_b.extend(p.sq_b);
+        out.diag_a
+            .zip_mut_with(&p.diag_a, |acc, &g| *acc = *acc + g);
+        out.diag_b
+            .zip_mut_with(&p.diag_b, |acc, &g| *acc = *acc + g);
+    }
+    Ok(out)
+}
+
+/// The head logits = pooled·Wᵀ + b: per-sample ‖∂ℓ_i/∂W‖² = ‖g_i‖²·‖p_i‖² and
+/// ‖∂ℓ_i/∂b‖² = ‖g_i‖² (g = ∂ℓ/∂logits, p = pooled), and the diagonal sums.
+// Views are cheap handles, passed by value as `SiteHook::head` hands them out.
+#[allow(clippy::needless_pass_by_value)]
+pub fn head_fisher<F: Scalar>(
+    pooled: ArrayView2<'_, F>,
+    dlogits: ArrayView2<'_, F>,
+) -> Result<HeadSquares<F>, FisherError> {
+    if pooled.nrows() != dlogits.nrows() {
+        return Err(FisherError::Shape(format!(
+            "pooled has {} rows but dlogits {}",
+            pooled.nrows(),
+            dlogits.nrows()
+        )));
+    }
+    let p2 = pooled.mapv(|v| v * v);
+    let g2 = dlogits.mapv(|v| v * v);
+    let pn: Array1<F> = p2.rows().into_iter().map(|r| r.sum()).collect();
+    let gn: Array1<F> = g2.rows().into_iter().map(|r| r.sum()).collect();
+    Ok(HeadSquares {
+        sq_weight: (&gn * &pn).to_vec(),
+        sq_bias: gn.to_vec(),
+        diag_weight: g2.t().dot(&p2),
+        diag_bias: g2.sum_axis(ndarray::Axis(0)),
+    })
+}
+
+/// Per-sample squared norms and diagonal sums of the classification head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSquares<F> {
+    pub sq_weight: Vec<F>,
+    pub sq_bias: Vec<F>,
+    /// labels × hidden
+    pub diag_weight: Array2<F>,
+    pub diag_bias: Array1<F>,
+}
+
+/// Where per-sample gradient squares are computed: this crate's CPU code, or the CUDA
+/// kernels of `fibecfed-kernels` when a GPU is present.
+pub trait FisherBackend<F> {
+    fn site(&self, rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError>;
+}
+
+/// The CPU backend: [`site_fisher`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+impl<F: Scalar> FisherBackend<F> for CpuBackend {
+    fn site(&self, rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
+        site_fisher(rows)
+    }
+}
