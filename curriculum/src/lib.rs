@@ -1,5 +1,427 @@
 //! Curriculum orderings and pacing functions for FibecFed: which sample ids a client
 //! trains on at round t.
 //!
-//! Not built yet: a placeholder in the workspace shape, filled in by the issue "Fisher
-//! information and curriculum".
+//! Owns the easy→hard ordering of a client's samples from per-sample difficulty
+//! scores ([`Ordering`]: [`EasyFirst`], [`HardFirst`], [`RandomOrder`]), the pacing
+//! function c(t) giving the fraction of data in use at round t ([`Pacing`]:
+//! [`Linear`], [`Root`], [`Geometric`], [`Step`], [`Constant`]), and the per-client
+//! [`Schedule`] that combines them: at round t the ⌈c(t)·n⌉ easiest samples. It knows
+//! nothing about models or Fisher: scores arrive as `&[f64]` (the `fibecfed-fisher`
+//! crate computes them), and [`CurriculumOrder`] / [`PacingConfig`] are the
+//! config-file names (`order = "fisher"`, `[pacing] kind = "root"`).
+//!
+//! ```
+//! use fibecfed_curriculum::{EasyFirst, Linear, Ordering, Schedule};
+//! let difficulty = [0.9, 0.1, 0.5, 0.3];
+//! let order = EasyFirst.order(&difficulty, 0).unwrap();
+//! assert_eq!(order, [1, 3, 2, 0]);
+//! // Start with c0 = 0.5 of the data, all of it from round λ·T = 2 on.
+//! let schedule = Schedule::new(order, Box::new(Linear::new(0.5, 0.5).unwrap()), 4).unwrap();
+//! assert_eq!(schedule.samples_at(0), [1, 3]);
+//! assert_eq!(schedule.samples_at(1), [1, 3, 2]);
+//! assert_eq!(schedule.samples_at(2), [1, 3, 2, 0]);
+//! ```
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CurriculumError {
+    #[error("curriculum settings: {0}")]
+    Config(String),
+    #[error("difficulty of sample {index} is {value}: scores must be finite")]
+    NonFinite { index: usize, value: String },
+}
+
+fn check_scores(scores: &[f64]) -> Result<(), CurriculumError> {
+    match scores.iter().position(|s| !s.is_finite()) {
+        Some(index) => Err(CurriculumError::NonFinite {
+            index,
+            value: scores[index].to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A sort key under which −0.0 and 0.0 tie (total_cmp alone ranks −0.0 first).
+fn key(score: f64) -> f64 {
+    score + 0.0
+}
+
+/// Orders a client's samples for the curriculum: the returned ids go easy → hard in
+/// the order they are added to training.
+pub trait Ordering: std::fmt::Debug + Send + Sync {
+    /// A permutation of `0..scores.len()`; `seed` is for orderings that draw.
+    fn order(&self, scores: &[f64], seed: u64) -> Result<Vec<usize>, CurriculumError>;
+}
+
+/// Ascending difficulty (the curriculum); ties keep the lower id first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EasyFirst;
+
+impl Ordering for EasyFirst {
+    fn order(&self, scores: &[f64], _seed: u64) -> Result<Vec<usize>, CurriculumError> {
+        check_scores(scores)?;
+        let mut ids: Vec<usize> = (0..scores.len()).collect();
+        ids.sort_by(|&a, &b| key(scores[a]).total_cmp(&key(scores[b])).then(a.cmp(&b)));
+        Ok(ids)
+    }
+}
+
+/// Descending difficulty (anti-curriculum); ties keep the lower id first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HardFirst;
+
+impl Ordering for HardFirst {
+    fn order(&self, scores: &[f64], _seed: u64) -> Result<Vec<usize>, CurriculumError> {
+        check_scores(scores)?;
+        let mut ids: Vec<usize> = (0..scores.len()).collect();
+        ids.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])).then(a.cmp(&b)));
+        Ok(ids)
+    }
+}
+
+/// A seeded random order that ignores the scores (the random-curriculum ablation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RandomOrder;
+
+impl Ordering for RandomOrder {
+    fn order(&self, scores: &[f64], seed: u64) -> Result<Vec<usize>, CurriculumError> {
+        let mut ids: Vec<usize> = (0..scores.len()).collect();
+        ids.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        Ok(ids)
+    }
+}
+
+/// Which score a curriculum sorts by, and how: the names a config file uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CurriculumOrder {
+    /// Easy → hard by the Fisher trace (FibecFed).
+    #[default]
+    Fisher,
+    /// Easy → hard by the loss.
+    Loss,
+    /// Random order.
+    Random,
+    /// Hard → easy by the Fisher trace.
+    Anti,
+}
+
+/// The per-sample score an ordering needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreSource {
+    Fisher,
+    Loss,
+    /// None: the ordering ignores scores.
+    Nothing,
+}
+
+impl CurriculumOrder {
+    pub fn source(self) -> ScoreSource {
+        match self {
+            Self::Fisher | Self::Anti => ScoreSource::Fisher,
+            Self::Loss => ScoreSource::Loss,
+            Self::Random => ScoreSource::Nothing,
+        }
+    }
+
+    pub fn ordering(self) -> Box<dyn Ordering> {
+        match self {
+            Self::Fisher | Self::Loss => Box::new(EasyFirst),
+            Self::Anti => Box::new(HardFirst),
+            Self::Random => Box::new(RandomOrder),
+        }
+    }
+}
+
+/// The fraction c(t) ∈ (0, 1] of a client's data in use at round t of T (t from 0).
+/// Implementations are non-decreasing in t and reach 1 by round ⌈λ·T⌉.
+pub trait Pacing: std::fmt::Debug + Send + Sync {
+    fn fraction(&self, round: usize, total_rounds: usize) -> f64;
+}
+
+/// Progress t/(λ·T), clamped to [0, 1]. Rounds from ⌈λ·T⌉ on count as complete even
+/// when float rounding leaves λ·T a hair above an integer.
+fn progress(round: usize, total_rounds: usize, lambda: f64) -> f64 {
+    let end = lambda * total_rounds as f64;
+    let t = round as f64;
+    if t >= end - 1e-9 * end.max(1.0) {
+        1.0
+    } else {
+        (t / end).clamp(0.0, 1.0)
+    }
+}
+
+fn check_c0_lambda(c0: f64, lambda: f64) -> Result<(), CurriculumError> {
+    if !(c0 > 0.0 && c0 <= 1.0) {
+        return Err(CurriculumError::Config(format!(
+            "pacing start fraction c0 must be in (0, 1], got {c0}"
+        )));
+    }
+    if !(lambda > 0.0 && lambda <= 1.0) {
+        return Err(CurriculumError::Config(format!(
+            "pacing λ (the share of rounds until all data is used) must be in (0, 1], got {lambda}"
+        )));
+    }
+    Ok(())
+}
+
+/// c(t) = min(1, c0 + (1−c0)·t/(λT)).
+#[derive(Debug, Clone, Copy)]
+pub struct Linear {
+    c0: f64,
+    lambda: f64,
+}
+
+impl Linear {
+    pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
+        check_c0_lambda(c0, lambda)?;
+        Ok(Self { c0, lambda })
+    }
+}
+
+impl Pacing for Linear {
+    fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
+        let p = progress(round, total_rounds, self.lambda);
+        if p >= 1.0 {
+            1.0
+        } else {
+            (self.c0 + (1.0 - self.c0) * p).min(1.0)
+        }
+    }
+}
+
+/// c(t) = min(1, sqrt(c0² + (1−c0²)·t/(λT))): fast early growth.
+#[derive(Debug, Clone, Copy)]
+pub struct Root {
+    c0: f64,
+    lambda: f64,
+}
+
+impl Root {
+    pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
+        check_c0_lambda(c0, lambda)?;
+        Ok(Self { c0, lambda })
+    }
+}
+
+impl Pacing for Root {
+    fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
+        let p = progress(round, total_rounds, self.lambda);
+        if p >= 1.0 {
+            1.0
+        } else {
+            let c2 = self.c0 * self.c0;
+            (c2 + (1.0 - c2) * p).sqrt().min(1.0)
+        }
+    }
+}
+
+/// c(t) = min(1, c0^(1 − t/(λT))): grows by the same factor every round, slowly at
+/// first.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometric {
+    c0: f64,
+    lambda: f64,
+}
+
+impl Geometric {
+    pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
+        check_c0_lambda(c0, lambda)?;
+        Ok(Self { c0, lambda })
+    }
+}
+
+impl Pacing for Geometric {
+    fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
+        let p = progress(round, total_rounds, self.lambda);
+        if p >= 1.0 {
+            1.0
+        } else {
+            self.c0.powf(1.0 - p).min(1.0)
+        }
+    }
+}
+
+/// c(t) = c0 + (1−c0)·⌊s·t/(λT)⌋/s: `steps` equal jumps, the last at λT.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    c0: f64,
+    lambda: f64,
+    steps: usize,
+}
+
+impl Step {
+    pub fn new(c0: f64, lambda: f64, steps: usize) -> Result<Self, CurriculumError> {
+        check_c0_lambda(c0, lambda)?;
+        if steps == 0 {
+            return Err(CurriculumError::Config(
+                "step pacing needs at least 1 step".into(),
+            ));
+        }
+        Ok(Self { c0, lambda, steps })
+    }
+}
+
+impl Pacing for Step {
+    fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
+        let p = progress(round, total_rounds, self.lambda);
+        if p >= 1.0 {
+            1.0
+        } else {
+            let s = self.steps as f64;
+            (self.c0 + (1.0 - self.c0) * (p * s).floor() / s).min(1.0)
+        }
+    }
+}
+
+/// c(t) = 1: no curriculum.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Constant;
+
+impl Pacing for Constant {
+    fn fraction(&self, _round: usize, _total_rounds: usize) -> f64 {
+        1.0
+    }
+}
+
+fn default_c0() -> f64 {
+    0.3
+}
+fn default_lambda() -> f64 {
+    0.6
+}
+fn default_steps() -> usize {
+    3
+}
+
+/// A pacing function as a config file names it (`kind = "linear"`, with `c0` and
+/// `lambda`, defaults 0.3 and 0.6; `steps` for `step`, default 3).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PacingConfig {
+    Linear {
+        #[serde(default = "default_c0")]
+        c0: f64,
+        #[serde(default = "default_lambda")]
+        lambda: f64,
+    },
+    Root {
+        #[serde(default = "default_c0")]
+        c0: f64,
+        #[serde(default = "default_lambda")]
+        lambda: f64,
+    },
+    Geometric {
+        #[serde(default = "default_c0")]
+        c0: f64,
+        #[serde(default = "default_lambda")]
+        lambda: f64,
+    },
+    Step {
+        #[serde(default = "default_c0")]
+        c0: f64,
+        #[serde(default = "default_lambda")]
+        lambda: f64,
+        #[serde(default = "default_steps")]
+        steps: usize,
+    },
+    /// Written `Constant {}` so that a stray `c0` next to `kind = "constant"` is an
+    /// error rather than silently ignored (serde cannot refuse fields of a unit variant).
+    Constant {},
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        Self::Linear {
+            c0: default_c0(),
+            lambda: default_lambda(),
+        }
+    }
+}
+
+impl PacingConfig {
+    /// The pacing function, its parameters checked.
+    pub fn build(self) -> Result<Box<dyn Pacing>, CurriculumError> {
+        Ok(match self {
+            Self::Linear { c0, lambda } => Box::new(Linear::new(c0, lambda)?),
+            Self::Root { c0, lambda } => Box::new(Root::new(c0, lambda)?),
+            Self::Geometric { c0, lambda } => Box::new(Geometric::new(c0, lambda)?),
+            Self::Step { c0, lambda, steps } => Box::new(Step::new(c0, lambda, steps)?),
+            Self::Constant {} => Box::new(Constant),
+        })
+    }
+}
+
+/// ⌈c·n⌉ clamped to [1, n] for n > 0, immune to the float noise of c·n
+/// (0.07·100 is 7.000000000000001 and must count as 7).
+pub fn sample_count(fraction: f64, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let exact = fraction.clamp(0.0, 1.0) * n as f64;
+    let k = (exact - 1e-9 * exact.max(1.0)).ceil();
+    (k.max(1.0) as usize).min(n)
+}
+
+/// One client's curriculum: its easy→hard order and pacing over T rounds.
+#[derive(Debug)]
+pub struct Schedule {
+    order: Vec<usize>,
+    pacing: Box<dyn Pacing>,
+    total_rounds: usize,
+}
+
+impl Schedule {
+    /// `order` must be a permutation of 0..n (as [`Ordering::order`] returns).
+    pub fn new(
+        order: Vec<usize>,
+        pacing: Box<dyn Pacing>,
+        total_rounds: usize,
+    ) -> Result<Self, CurriculumError> {
+        if total_rounds == 0 {
+            return Err(CurriculumError::Config(
+                "a schedule needs at least 1 round".into(),
+            ));
+        }
+        let mut seen = vec![false; order.len()];
+        for &i in &order {
+            match seen.get_mut(i) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(CurriculumError::Config(format!(
+                        "the order is not a permutation of 0..{}: id {i} is out of range or repeated",
+                        order.len()
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            order,
+            pacing,
+            total_rounds,
+        })
+    }
+
+    /// The full easy→hard order.
+    pub fn order(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// Number of samples in use at round t.
+    pub fn count_at(&self, round: usize) -> usize {
+        sample_count(
+            self.pacing.fraction(round, self.total_rounds),
+            self.order.len(),
+        )
+    }
+
+    /// The sample ids to train on at round t: the ⌈c(t)·n⌉ easiest. Subsets are
+    /// nested: every id of round t is in round t+1's.
+    pub fn samples_at(&self, round: usize) -> &[usize] {
+        &self.order[..self.count_at(round)]
+    }
+}
