@@ -93,6 +93,13 @@ pub struct Forward<F> {
     layers: Vec<LayerCache<F>>,
 }
 
+/// Optional taps into a forward pass.
+#[derive(Debug, Default)]
+struct Tap<'a, F> {
+    embedding_noise: Option<&'a Array2<F>>,
+    layer_outputs: Option<&'a mut Vec<Array2<F>>>,
+}
+
 /// LoRA dropout, as PEFT applies it: on the adapter's input only.
 #[derive(Debug)]
 pub struct Dropout<'a> {
@@ -394,8 +401,20 @@ impl<F: Real> BertModel<F> {
         &self,
         batch: &Batch,
         adapter: Option<Adapter<'_, F>>,
+        dropout: Option<Dropout<'_>>,
+        record: bool,
+    ) -> Result<(Array2<F>, Vec<LayerCache<F>>), ModelError> {
+        self.run_tapped(batch, adapter, dropout, record, &mut Tap::default())
+    }
+
+    /// [`BertModel::run`] with `tap`: noise added to the embeddings, layer outputs kept.
+    fn run_tapped(
+        &self,
+        batch: &Batch,
+        adapter: Option<Adapter<'_, F>>,
         mut dropout: Option<Dropout<'_>>,
         record: bool,
+        tap: &mut Tap<'_, F>,
     ) -> Result<(Array2<F>, Vec<LayerCache<F>>), ModelError> {
         par::init();
         self.check_batch(batch)?;
@@ -404,6 +423,16 @@ impl<F: Real> BertModel<F> {
         }
         let hid = self.config.hidden_size;
         let mut x = self.embed(batch);
+        if let Some(noise) = tap.embedding_noise {
+            if noise.dim() != x.dim() {
+                return Err(ModelError::Input(format!(
+                    "embedding noise is {:?} but the embeddings are {:?}",
+                    noise.dim(),
+                    x.dim()
+                )));
+            }
+            add_assign(&mut x, noise);
+        }
         let mut caches = Vec::with_capacity(if record { self.layers.len() } else { 0 });
         for (l, layer) in self.layers.iter().enumerate() {
             let mut sites = BTreeMap::new();
@@ -462,6 +491,9 @@ impl<F: Real> BertModel<F> {
                     sites,
                 });
             }
+            if let Some(out) = tap.layer_outputs.as_mut() {
+                out.push(h2.clone());
+            }
             x = h2;
         }
         Ok((x, caches))
@@ -474,6 +506,23 @@ impl<F: Real> BertModel<F> {
         adapter: Option<Adapter<'_, F>>,
     ) -> Result<Array2<F>, ModelError> {
         Ok(self.run(batch, adapter, None, false)?.0)
+    }
+
+    /// Every layer's output (B·T × H each, layer 0 first) with `noise` (B·T × H) added to
+    /// the input embeddings: what the perturbation-sensitivity importance compares.
+    pub fn layer_outputs(
+        &self,
+        batch: &Batch,
+        adapter: Option<Adapter<'_, F>>,
+        noise: Option<&Array2<F>>,
+    ) -> Result<Vec<Array2<F>>, ModelError> {
+        let mut outputs = Vec::with_capacity(self.layers.len());
+        let mut tap = Tap {
+            embedding_noise: noise,
+            layer_outputs: Some(&mut outputs),
+        };
+        self.run_tapped(batch, adapter, None, false, &mut tap)?;
+        Ok(outputs)
     }
 
     /// Logits for evaluation (no dropout, nothing kept for backward).

@@ -98,3 +98,31 @@ fn half_precision_checkpoints_load_and_match() {
         assert!(e < TOL, "{folder} ({dtype}) rel err {e}");
     }
 }
+
+/// `layer_outputs` taps the same forward pass: its last layer is the PyTorch-checked
+/// last hidden state, zero noise changes nothing, and noise of the wrong shape is an error.
+#[test]
+fn layer_outputs_tap_the_forward_pass() {
+    let model = BertModel::<f32>::load(&fixtures().join("tiny-bert")).expect("tiny model loads");
+    let fx_path = fixtures().join("tiny_grads.safetensors");
+    let batch = batch_from(&fx_path, "");
+    let outs = model.layer_outputs(&batch, None, None).expect("forward");
+    assert_eq!(outs.len(), model.config.num_hidden_layers);
+    let last = model.encode(&batch, None).expect("forward");
+    assert_eq!(outs.last(), Some(&last));
+    let zeros = ndarray::Array2::<f32>::zeros(last.raw_dim());
+    assert_eq!(
+        model
+            .layer_outputs(&batch, None, Some(&zeros))
+            .expect("forward"),
+        outs
+    );
+    let noise = zeros.mapv(|_| 0.5);
+    let moved = model
+        .layer_outputs(&batch, None, Some(&noise))
+        .expect("forward");
+    assert!(moved.iter().zip(&outs).all(|(a, b)| a != b));
+    let wrong = ndarray::Array2::<f32>::zeros((1, 3));
+    let err = model.layer_outputs(&batch, None, Some(&wrong)).unwrap_err();
+    assert!(err.to_string().contains("embedding noise"), "{err}");
+}
