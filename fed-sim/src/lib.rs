@@ -1,7 +1,8 @@
 //! The federated-simulation glue and the `fibecfed` command-line tool.
 //!
 //! Owns: reading the nine TSV dataset layouts ([`data`]), centralised LoRA training
-//! ([`train`]), sentence embeddings ([`embed`]) and safe output files ([`output`]).
+//! ([`train`]), the Fisher pass that scores a client's samples and layers ([`fisher`]),
+//! sentence embeddings ([`embed`]) and safe output files ([`output`]).
 //! Partitioners, clients, servers and rounds arrive with the federated issue and will
 //! live here too. The numerics live in `fibecfed-transformer` and `fibecfed-lora`.
 //!
@@ -14,5 +15,6 @@
 
 pub mod data;
 pub mod embed;
+pub mod fisher;
 pub mod output;
 pub mod train;

@@ -6,11 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fibecfed_sim::data::read_train_eval;
+use fibecfed_sim::data::read_tsv;
 use fibecfed_sim::embed::embed_file;
-use fibecfed_sim::output::check_writable_file;
+use fibecfed_sim::fisher::{
+    FisherOptions, cpu_backend, difficulty_jsonl, fisher_pass, load_or_init_adapter,
+    perturbation_importance,
+};
+use fibecfed_sim::output::{check_writable_file, write_atomic};
 use fibecfed_sim::train::{
     TrainConfig, TrainOutputs, check_outputs, limit_samples, load_model, tokenize, train,
 };
@@ -71,6 +76,140 @@ enum Command {
         #[arg(long)]
         limit_eval: Option<usize>,
     },
+    /// Per-sample difficulty (trace of the empirical Fisher of sample i alone over every
+    /// LoRA and head parameter) and per-layer importance of an adapter on a dataset.
+    Fisher(FisherArgs),
+}
+
+/// Which label the per-sample gradients are taken at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LabelArg {
+    /// The sample's own label: the empirical Fisher.
+    True,
+    /// y ~ p(·|x) from the model, seeded by --seed.
+    Sampled,
+}
+
+/// How layer importance is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ImportanceArg {
+    /// Normalised Fisher sums of each layer's LoRA parameters.
+    Fisher,
+    /// Output sensitivity of each layer to Gaussian noise on the input embeddings.
+    Perturbation,
+}
+
+/// The flags of `fibecfed fisher`.
+#[derive(Debug, clap::Args)]
+struct FisherArgs {
+    /// Hugging Face BERT-family model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Labelled TSV (any of the nine layouts in shared/data, or a header with sentence/label columns).
+    #[arg(long)]
+    data: PathBuf,
+    /// JSON-lines output, one {"index": i, "difficulty": d, "loss": l} per sample in file order.
+    #[arg(long)]
+    output: PathBuf,
+    /// PEFT adapter folder to score with; without it, a fresh PEFT-style init from --seed.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Write per-layer importance as JSON.
+    #[arg(long)]
+    layer_importance: Option<PathBuf>,
+    /// Truncate inputs to this many tokens, [CLS] and [SEP] included.
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = LabelArg::True)]
+    labels: LabelArg,
+    #[arg(long, value_enum, default_value_t = ImportanceArg::Fisher)]
+    importance: ImportanceArg,
+    /// Standard deviation of the embedding noise for --importance perturbation.
+    #[arg(long, default_value_t = 0.1)]
+    sigma: f32,
+    /// Rank of the fresh adapter (without --adapter).
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Alpha of the fresh adapter (without --adapter).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f32,
+    /// Target modules of the fresh adapter (without --adapter).
+    #[arg(long, value_delimiter = ',', default_value = "query,value")]
+    targets: Vec<String>,
+}
+
+fn run_fisher(args: &FisherArgs) -> Result<()> {
+    check_writable_file(&args.output)?;
+    if let Some(p) = &args.layer_importance {
+        check_writable_file(p)?;
+    }
+    if args.batch_size == 0 || args.max_len < 2 {
+        anyhow::bail!("--batch-size must be at least 1 and --max-len at least 2");
+    }
+    let data = read_tsv(&args.data)?;
+    let (model, tok) = load_model(&args.model_dir, args.max_len)?;
+    let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
+    let fresh = fibecfed_lora::LoraConfig::new(args.lora_rank, args.lora_alpha, &targets);
+    let (lora, params) = load_or_init_adapter(
+        &model,
+        args.adapter.as_deref(),
+        &fresh,
+        data.num_labels(),
+        args.seed,
+    )?;
+    let adapter = fibecfed_transformer::Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
+    let samples = tokenize(&tok, &data, &args.data)?;
+    let options = FisherOptions {
+        batch_size: args.batch_size,
+        labels: match args.labels {
+            LabelArg::True => fibecfed_fisher::LabelMode::True,
+            LabelArg::Sampled => fibecfed_fisher::LabelMode::Sampled,
+        },
+        seed: args.seed,
+    };
+    let start = Instant::now();
+    let report = fisher_pass(&model, adapter, &samples, options, cpu_backend())
+        .with_context(|| format!("{}", args.data.display()))?;
+    write_atomic(&args.output, difficulty_jsonl(&report)?.as_bytes())?;
+    eprintln!(
+        "scored {} samples of {} in {:.1} s into {}",
+        samples.len(),
+        args.data.display(),
+        start.elapsed().as_secs_f64(),
+        args.output.display()
+    );
+    if let Some(path) = &args.layer_importance {
+        let (method, layers) = match args.importance {
+            ImportanceArg::Fisher => ("fisher", report.layer_importance.clone()),
+            ImportanceArg::Perturbation => (
+                "perturbation",
+                perturbation_importance(
+                    &model,
+                    adapter,
+                    &samples,
+                    args.batch_size,
+                    args.sigma,
+                    args.seed,
+                )?,
+            ),
+        };
+        let json = serde_json::json!({
+            "method": method,
+            "labels": format!("{:?}", args.labels).to_lowercase(),
+            "samples": samples.len(),
+            "layers": layers,
+            "fisher_layer_sums": report.layer_sums,
+        });
+        write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -86,6 +225,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Fisher(args) => run_fisher(&args),
         Command::Embed {
             model_dir,
             input,

@@ -189,25 +189,8 @@ pub fn train(
         bail!("the training set is empty");
     }
     config.validate()?;
-    let sites = lora.resolve_sites(model.config.num_hidden_layers)?;
-    let shapes = model.site_shapes(&sites);
-    if let Some(s) = shapes.iter().find(|s| lora.r > s.d_in.min(s.d_out)) {
-        bail!(
-            "--lora-rank {} exceeds the smaller dimension of site {} ({}×{})",
-            lora.r,
-            s.site,
-            s.d_out,
-            s.d_in
-        );
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut params = LoraParams::<f32>::init(
-        lora,
-        &shapes,
-        model.config.hidden_size,
-        num_labels,
-        &mut rng,
-    );
+    let mut params = fresh_adapter(model, lora, num_labels, &mut rng)?;
     let scale = lora.scale();
     let mut opt = AdamW::new(
         AdamWConfig {
@@ -326,6 +309,34 @@ fn progress_bar(len: usize, epoch: usize, show: bool) -> ProgressBar {
 
 /// Takes a seeded random subset of at most `limit` samples (the files are often
 /// sorted by label, so a prefix would be one class).
+/// A fresh PEFT-style adapter for `model` (A uniform, B zero, head normal), its rank
+/// checked against every site.
+pub fn fresh_adapter(
+    model: &BertModel<f32>,
+    lora: &LoraConfig,
+    num_labels: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<LoraParams<f32>> {
+    let sites = lora.resolve_sites(model.config.num_hidden_layers)?;
+    let shapes = model.site_shapes(&sites);
+    if let Some(s) = shapes.iter().find(|s| lora.r > s.d_in.min(s.d_out)) {
+        bail!(
+            "--lora-rank {} exceeds the smaller dimension of site {} ({}×{})",
+            lora.r,
+            s.site,
+            s.d_out,
+            s.d_in
+        );
+    }
+    Ok(LoraParams::init(
+        lora,
+        &shapes,
+        model.config.hidden_size,
+        num_labels,
+        rng,
+    ))
+}
+
 pub fn limit_samples(samples: Vec<Sample>, limit: Option<usize>, seed: u64) -> Vec<Sample> {
     match limit {
         Some(n) if n < samples.len() => {

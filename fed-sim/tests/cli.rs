@@ -440,3 +440,162 @@ fn non_finite_weights_name_the_tensor() {
     fibecfed_lora::io::write_safetensors(&path, &t, None).unwrap();
     assert_refused(&train_with(&su, &su.model, &[]), &[name, "NaN"]);
 }
+
+/// Runs `fibecfed fisher` on the tiny model and returns (stderr-checked) output lines.
+fn fisher_with(su: &Setup, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "fisher",
+        "--model-dir",
+        s(&su.model),
+        "--data",
+        s(data),
+        "--output",
+        s(out),
+        "--max-len",
+        "32",
+        "--batch-size",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    fibecfed(&args)
+}
+
+fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn fisher_scores_every_sample_and_layer() {
+    let su = setup();
+    let (out, layers) = (su.root.join("d.jsonl"), su.root.join("layers.json"));
+    let run = fisher_with(
+        &su,
+        &su.train,
+        &out,
+        &[
+            "--layer-importance",
+            s(&layers),
+            "--targets",
+            "query,value,dense",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines = jsonl(&out);
+    assert_eq!(lines.len(), 16, "one line per sample");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"].as_u64(), Some(i as u64));
+        let d = l["difficulty"].as_f64().unwrap();
+        // A fresh adapter has B = 0, so only B and the head carry gradient: still > 0.
+        assert!(d.is_finite() && d > 0.0, "sample {i}: {d}");
+        assert!(l["loss"].as_f64().unwrap() > 0.0);
+    }
+    let imp: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&layers).unwrap()).unwrap();
+    let v: Vec<f64> = imp["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(v.len(), 2, "the tiny model has 2 layers");
+    assert!((v.iter().sum::<f64>() - 1.0).abs() < 1e-9 && v.iter().all(|x| *x > 0.0));
+
+    // The same seed gives bitwise the same sampled-label scores; the perturbation
+    // importance is a distribution over the layers as well.
+    let sampled = |name: &str| {
+        let p = su.root.join(name);
+        let l = su.root.join(format!("{name}.layers.json"));
+        let run = fisher_with(
+            &su,
+            &su.train,
+            &p,
+            &[
+                "--labels",
+                "sampled",
+                "--seed",
+                "7",
+                "--importance",
+                "perturbation",
+                "--layer-importance",
+                s(&l),
+            ],
+        );
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        (
+            fs::read_to_string(&p).unwrap(),
+            fs::read_to_string(&l).unwrap(),
+        )
+    };
+    let (a, la) = sampled("s1.jsonl");
+    let (b, lb) = sampled("s2.jsonl");
+    assert_eq!(a, b);
+    assert_eq!(la, lb);
+    let imp: serde_json::Value = serde_json::from_str(&la).unwrap();
+    assert_eq!(imp["method"], "perturbation");
+    let v: Vec<f64> = imp["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!((v.iter().sum::<f64>() - 1.0).abs() < 1e-9 && v.len() == 2);
+}
+
+#[test]
+fn fisher_refuses_bad_adapters_data_and_labels() {
+    let su = setup();
+    let out = su.root.join("d.jsonl");
+    // An adapter made for MiniLM (hidden 384) does not fit the tiny model (hidden 32).
+    let minilm_adapter =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../transformer/tests/fixtures/peft_qv");
+    assert_refused(
+        &fisher_with(&su, &su.train, &out, &["--adapter", s(&minilm_adapter)]),
+        &["peft_qv", "lora_A", "does not fit"],
+    );
+    // Header only.
+    let empty = su.root.join("empty.tsv");
+    fs::write(&empty, "sentence\tlabel\n").unwrap();
+    assert_refused(&fisher_with(&su, &empty, &out, &[]), &["empty.tsv"]);
+    // A label the adapter's 2-class head cannot produce.
+    let adapter = su.root.join("adapter");
+    let trained = train_with(&su, &su.model, &["--save-adapter", s(&adapter)]);
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let three = su.root.join("three.tsv");
+    fs::write(
+        &three,
+        "sentence\tlabel\ngood film\t0\nbad film\t1\nthe plot\t2\n",
+    )
+    .unwrap();
+    assert_refused(
+        &fisher_with(&su, &three, &out, &["--adapter", s(&adapter)]),
+        &["sample 2", "label id 2", "2 classes"],
+    );
+    // A head so large that the logits overflow: the loss is NaN, named by sample.
+    let weights = adapter.join("adapter_model.safetensors");
+    let mut t = fibecfed_lora::io::read_safetensors(&weights).unwrap();
+    t.get_mut("base_model.model.classifier.weight")
+        .unwrap()
+        .fill(3e38);
+    fibecfed_lora::io::write_safetensors(&weights, &t, None).unwrap();
+    assert_refused(
+        &fisher_with(&su, &su.train, &out, &["--adapter", s(&adapter)]),
+        &["sample", "not finite"],
+    );
+    assert!(!out.exists(), "nothing is written when the pass fails");
+}

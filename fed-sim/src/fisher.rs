@@ -1,0 +1,342 @@
+//! The Fisher pass over a client's data: per-sample difficulty (trace of the sample's
+//! empirical Fisher over every LoRA A, LoRA B and head parameter), the diagonal Fisher
+//! sums of the adapter, layer importance, and the `fibecfed fisher` command.
+//!
+//! The transformer's backward hook hands each site's (x, δ) to a
+//! [`FisherBackend`]; the loss is the *sum* of per-sample losses, so each sample's
+//! rows of δ are exactly its own gradient and samples never mix.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use fibecfed_fisher::{
+    CpuBackend, DiagFisher, FisherBackend, LabelMode, PerturbationImportance, SampleStats,
+    SiteRows, head_fisher, normalise, sample_labels,
+};
+use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
+use fibecfed_transformer::{
+    Adapter, Batch, BertModel, Encoded, Reduction, SiteHook, SiteTrace, cross_entropy,
+};
+use ndarray::{Array2, ArrayView2};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::Serialize;
+
+use crate::train::{Sample, fresh_adapter};
+
+/// How the pass runs.
+#[derive(Debug, Clone, Copy)]
+pub struct FisherOptions {
+    pub batch_size: usize,
+    /// True label (empirical Fisher) or y ~ p(·|x).
+    pub labels: LabelMode,
+    /// Seeds the sampled labels.
+    pub seed: u64,
+}
+
+impl Default for FisherOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            labels: LabelMode::True,
+            seed: 42,
+        }
+    }
+}
+
+/// What a pass over a client's data yields.
+#[derive(Debug, Clone)]
+pub struct FisherReport {
+    /// Per sample, in the order the samples were given.
+    pub samples: Vec<SampleStats>,
+    /// Σ_i g_i ⊙ g_i per site and for the head (`samples` = n).
+    pub diag: DiagFisher<SiteId>,
+    /// Σ_{p∈φ_l} Σ_i (∂ℓ_i/∂p)² per layer.
+    pub layer_sums: Vec<f64>,
+    /// `layer_sums` normalised to sum to one: I_l^k.
+    pub layer_importance: Vec<f64>,
+}
+
+/// Collects per-sample squares of one batch as the backward pass visits the sites.
+struct FisherHook<'a> {
+    backend: &'a dyn FisherBackend<f32>,
+    stats: Vec<SampleStats>,
+    diag: &'a mut DiagFisher<SiteId>,
+    error: Option<anyhow::Error>,
+}
+
+impl SiteHook<f32> for FisherHook<'_> {
+    fn site(&mut self, trace: &SiteTrace<'_, f32>) {
+        if self.error.is_some() {
+            return;
+        }
+        let rows = SiteRows {
+            x: trace.x,
+            delta: trace.delta,
+            mask: trace.mask,
+            batch: trace.batch,
+            seq_len: trace.seq_len,
+            a: trace.weights.a.view(),
+            b: trace.weights.b.view(),
+            scale: trace.scale,
+        };
+        let result = self.backend.site(&rows).map_err(anyhow::Error::from);
+        let result = result.and_then(|sq| {
+            self.diag.add_site(&trace.site, &sq)?;
+            for (s, (a, b)) in self.stats.iter_mut().zip(sq.sq_a.iter().zip(&sq.sq_b)) {
+                let v = f64::from(*a) + f64::from(*b);
+                s.fisher += v;
+                if let Some(l) = s.per_layer.get_mut(trace.site.layer) {
+                    *l += v;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            self.error = Some(e.context(format!("site {}", trace.site)));
+        }
+    }
+
+    fn head(&mut self, pooled: ArrayView2<'_, f32>, dlogits: ArrayView2<'_, f32>) {
+        let result = head_fisher(pooled, dlogits)
+            .map_err(anyhow::Error::from)
+            .and_then(|sq| {
+                self.diag.add_head(&sq)?;
+                for (s, (w, b)) in self
+                    .stats
+                    .iter_mut()
+                    .zip(sq.sq_weight.iter().zip(&sq.sq_bias))
+                {
+                    let v = f64::from(*w) + f64::from(*b);
+                    s.head += v;
+                    s.fisher += v;
+                }
+                Ok(())
+            });
+        if let Err(e) = result {
+            self.error = Some(e.context("classification head"));
+        }
+    }
+}
+
+/// Sample ids sorted by length, so that batches carry little padding; the results do
+/// not depend on the grouping.
+fn by_length(samples: &[Sample]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| samples[i].encoded.ids.len());
+    order
+}
+
+/// One pass over `samples` with dropout off: per-sample difficulty and loss, the
+/// diagonal Fisher and the layer importance. Errors name the sample (0-based index
+/// into `samples`) or the tensor.
+pub fn fisher_pass(
+    model: &BertModel<f32>,
+    adapter: Adapter<'_, f32>,
+    samples: &[Sample],
+    options: FisherOptions,
+    backend: &dyn FisherBackend<f32>,
+) -> Result<FisherReport> {
+    if samples.is_empty() {
+        bail!("no samples to score: the data is empty");
+    }
+    if options.batch_size == 0 {
+        bail!("the Fisher batch size must be at least 1");
+    }
+    let classes = adapter.params.num_labels();
+    if let Some(i) = samples.iter().position(|s| s.label >= classes) {
+        bail!(
+            "sample {i} has label id {} but the adapter's head produces {classes} classes",
+            samples[i].label
+        );
+    }
+    let n_layers = model.config.num_hidden_layers;
+    let blank = SampleStats {
+        loss: 0.0,
+        fisher: 0.0,
+        per_layer: vec![0.0; n_layers],
+        head: 0.0,
+    };
+    let mut out = vec![blank.clone(); samples.len()];
+    let mut diag = DiagFisher::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    for chunk in by_length(samples).chunks(options.batch_size) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
+        let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
+        let fwd = model.forward(&batch, adapter, None)?;
+        if let Some(row) = fwd
+            .logits
+            .rows()
+            .into_iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+        {
+            bail!(
+                "sample {}: the logits are not finite ({}), so its loss is NaN: check the model and adapter weights",
+                chunk[row],
+                fwd.logits.row(row)
+            );
+        }
+        let labels = match options.labels {
+            LabelMode::True => chunk.iter().map(|&i| samples[i].label).collect(),
+            LabelMode::Sampled => sample_labels(fwd.logits.view(), &mut rng)
+                .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?,
+        };
+        let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Sum)
+            .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?;
+        let mut hook = FisherHook {
+            backend,
+            stats: vec![blank.clone(); chunk.len()],
+            diag: &mut diag,
+            error: None,
+        };
+        model.backward(&batch, adapter, &fwd, &dlogits, &mut hook)?;
+        if let Some(e) = hook.error {
+            return Err(e.context(format!("Fisher of samples {chunk:?}")));
+        }
+        for ((&i, mut s), loss) in chunk.iter().zip(hook.stats).zip(losses) {
+            if !loss.is_finite() || !s.fisher.is_finite() {
+                bail!(
+                    "sample {i}: loss {loss} and Fisher trace {} are not both finite (NaN in the model, adapter or input?)",
+                    s.fisher
+                );
+            }
+            s.loss = loss;
+            out[i] = s;
+        }
+        diag.samples += chunk.len();
+    }
+    if let Some(what) = diag.first_non_finite() {
+        bail!("the diagonal Fisher of {what} is not finite");
+    }
+    let layer_sums = diag.layer_sums(n_layers, |s| s.layer)?;
+    let layer_importance = normalise(&layer_sums)?;
+    Ok(FisherReport {
+        samples: out,
+        diag,
+        layer_sums,
+        layer_importance,
+    })
+}
+
+/// The perturbation-sensitivity alternative to Fisher importance:
+/// I_l = mean_i ‖h_l(x_i) − h_l(x_i+ε_i)‖ / ‖ε_i‖, ε ~ N(0, σ²) on the input
+/// embeddings of real tokens, normalised over layers.
+pub fn perturbation_importance(
+    model: &BertModel<f32>,
+    adapter: Adapter<'_, f32>,
+    samples: &[Sample],
+    batch_size: usize,
+    sigma: f32,
+    seed: u64,
+) -> Result<Vec<f64>> {
+    if samples.is_empty() {
+        bail!("no samples to score: the data is empty");
+    }
+    if batch_size == 0 {
+        bail!("the batch size must be at least 1");
+    }
+    let normal = Normal::new(0.0f32, sigma)
+        .ok()
+        .filter(|_| sigma.is_finite() && sigma > 0.0)
+        .with_context(|| format!("the perturbation σ must be positive and finite, got {sigma}"))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut acc = PerturbationImportance::new(model.config.num_hidden_layers);
+    let hid = model.config.hidden_size;
+    for chunk in by_length(samples).chunks(batch_size) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
+        let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
+        let rows = batch.batch * batch.seq_len;
+        let noise = Array2::from_shape_fn((rows, hid), |(r, _)| {
+            if batch.mask[r] {
+                normal.sample(&mut rng)
+            } else {
+                0.0
+            }
+        });
+        let norms: Vec<f64> = noise
+            .axis_chunks_iter(ndarray::Axis(0), batch.seq_len)
+            .map(|n| {
+                n.iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect();
+        let clean = model.layer_outputs(&batch, Some(adapter), None)?;
+        let noisy = model.layer_outputs(&batch, Some(adapter), Some(&noise))?;
+        for (l, (c, p)) in clean.iter().zip(&noisy).enumerate() {
+            acc.add(l, c.view(), p.view(), &batch.mask, batch.seq_len, &norms)?;
+        }
+    }
+    Ok(acc.finish()?)
+}
+
+/// The adapter to score: a PEFT folder, checked against the model, or a fresh
+/// PEFT-style init (A uniform, B zero, head normal) from `seed` for `num_labels`.
+pub fn load_or_init_adapter(
+    model: &BertModel<f32>,
+    adapter_dir: Option<&Path>,
+    fresh: &LoraConfig,
+    num_labels: usize,
+    seed: u64,
+) -> Result<(LoraConfig, LoraParams<f32>)> {
+    let layers = model.config.num_hidden_layers;
+    if let Some(dir) = adapter_dir {
+        let (config, tensors) =
+            read_adapter(dir).with_context(|| format!("adapter {}", dir.display()))?;
+        let sites = config
+            .resolve_sites(layers)
+            .with_context(|| format!("adapter {}", dir.display()))?;
+        let shapes = model.site_shapes(&sites);
+        let (params, _ignored) = LoraParams::<f32>::from_named(
+            &tensors,
+            config.r,
+            &shapes,
+            model.config.hidden_size,
+            &dir.display().to_string(),
+        )
+        .with_context(|| {
+            format!(
+                "adapter {} does not fit the model ({}-layer, hidden {})",
+                dir.display(),
+                layers,
+                model.config.hidden_size
+            )
+        })?;
+        model
+            .check_adapter(&params)
+            .with_context(|| format!("adapter {}", dir.display()))?;
+        return Ok((config, params));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let params = fresh_adapter(model, fresh, num_labels, &mut rng)?;
+    Ok((fresh.clone(), params))
+}
+
+/// One line of `fibecfed fisher`'s output.
+#[derive(Debug, Serialize)]
+struct Line {
+    index: usize,
+    difficulty: f64,
+    loss: f64,
+}
+
+/// JSON lines `{"index": i, "difficulty": d, "loss": ℓ}`, one per sample, in input order.
+pub fn difficulty_jsonl(report: &FisherReport) -> Result<String> {
+    let mut text = String::new();
+    for (index, s) in report.samples.iter().enumerate() {
+        text += &serde_json::to_string(&Line {
+            index,
+            difficulty: s.fisher,
+            loss: s.loss,
+        })?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// The default backend: the CPU code of `fibecfed-fisher`.
+pub fn cpu_backend() -> &'static dyn FisherBackend<f32> {
+    &CpuBackend
+}

@@ -1,0 +1,217 @@
+//! The Fisher pass on the tiny BERT fixture (no download) against an independent
+//! reference: each sample run alone through forward + backward, its full gradient
+//! squared and summed. Checks per-sample traces, per-layer parts, the diagonal Fisher of
+//! every site and of the head, that batching and padding change nothing, and that the
+//! sampled-label and perturbation variants are seeded and well formed.
+//!
+//! Tolerance 1e-4 relative: both sides are f32 with different summation orders.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use fibecfed_fisher::{CpuBackend, LabelMode};
+use fibecfed_lora::{LoraConfig, LoraParams};
+use fibecfed_sim::fisher::{FisherOptions, fisher_pass, perturbation_importance};
+use fibecfed_sim::train::Sample;
+use fibecfed_transformer::{Adapter, Batch, BertModel, Encoded, NoHook, Reduction, cross_entropy};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TOL: f64 = 1e-4;
+
+fn tiny() -> BertModel<f32> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../transformer/tests/fixtures/tiny-bert");
+    BertModel::load(&dir).unwrap()
+}
+
+/// An adapter on every linear module with non-zero B, 3 classes.
+fn params(model: &BertModel<f32>) -> (LoraConfig, LoraParams<f32>) {
+    let lora = LoraConfig::new(3, 6.0, &["query", "key", "value", "dense"]);
+    let sites = lora.resolve_sites(model.config.num_hidden_layers).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut p = LoraParams::init(
+        &lora,
+        &model.site_shapes(&sites),
+        model.config.hidden_size,
+        3,
+        &mut rng,
+    );
+    for w in p.sites.values_mut() {
+        w.b.mapv_inplace(|_| rng.random_range(-0.3..0.3));
+    }
+    (lora, p)
+}
+
+fn samples(n: usize, vocab: u32) -> Vec<Sample> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(2..20);
+            Sample {
+                encoded: Encoded {
+                    ids: (0..len).map(|_| rng.random_range(1..vocab)).collect(),
+                    type_ids: vec![0; len],
+                },
+                label: rng.random_range(0..3),
+            }
+        })
+        .collect()
+}
+
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= TOL * want.abs().max(1e-12)
+}
+
+#[test]
+fn per_sample_traces_and_diagonals_equal_single_sample_gradients() {
+    let model = tiny();
+    let (lora, params) = params(&model);
+    let adapter = Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
+    let data = samples(11, model.config.vocab_size as u32);
+    let options = FisherOptions {
+        batch_size: 4,
+        ..FisherOptions::default()
+    };
+    let report = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap();
+
+    let mut diag = params.zeros_like();
+    for (i, s) in data.iter().enumerate() {
+        let batch = Batch::from_encoded(&[&s.encoded], 0).unwrap();
+        let fwd = model.forward(&batch, adapter, None).unwrap();
+        let (loss, dlogits) = cross_entropy(&fwd.logits, &[s.label], Reduction::Sum).unwrap();
+        let g = model
+            .backward(&batch, adapter, &fwd, &dlogits, &mut NoHook)
+            .unwrap();
+        let total: f64 = g
+            .slices()
+            .iter()
+            .flat_map(|t| t.iter())
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum();
+        let got = &report.samples[i];
+        assert!(
+            close(got.fisher, total),
+            "sample {i}: trace {} vs {total}",
+            got.fisher
+        );
+        assert!(
+            close(got.loss, loss[0]),
+            "sample {i}: loss {} vs {}",
+            got.loss,
+            loss[0]
+        );
+        let parts: f64 = got.per_layer.iter().sum::<f64>() + got.head;
+        assert!(
+            close(parts, total),
+            "sample {i}: layers + head {parts} vs {total}"
+        );
+        for (acc, gi) in diag.slices_mut().into_iter().zip(g.slices()) {
+            for (a, v) in acc.iter_mut().zip(gi) {
+                *a += v * v;
+            }
+        }
+    }
+    for (site, w) in &diag.sites {
+        let got = &report.diag.sites[site];
+        for (g, want) in got
+            .a
+            .iter()
+            .zip(w.a.iter())
+            .chain(got.b.iter().zip(w.b.iter()))
+        {
+            assert!(
+                (g - f64::from(*want)).abs() <= TOL * (f64::from(*want).abs() + 1e-6),
+                "site {site}: {g} vs {want}"
+            );
+        }
+    }
+    let head = report.diag.head.as_ref().unwrap();
+    for (g, want) in head.weight.iter().zip(diag.head.weight.iter()) {
+        assert!((g - f64::from(*want)).abs() <= TOL * (f64::from(*want).abs() + 1e-6));
+    }
+    assert_eq!(report.diag.samples, data.len());
+    assert!((report.layer_importance.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn batching_does_not_change_the_scores() {
+    let model = tiny();
+    let (lora, params) = params(&model);
+    let adapter = Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
+    let data = samples(9, model.config.vocab_size as u32);
+    let run = |batch_size| {
+        let options = FisherOptions {
+            batch_size,
+            ..FisherOptions::default()
+        };
+        fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap()
+    };
+    let (one, all) = (run(1), run(9));
+    for (i, (a, b)) in one.samples.iter().zip(&all.samples).enumerate() {
+        assert!(
+            close(a.fisher, b.fisher),
+            "sample {i}: {} vs {}",
+            a.fisher,
+            b.fisher
+        );
+    }
+}
+
+#[test]
+fn sampled_labels_and_perturbation_are_seeded() {
+    let model = tiny();
+    let (lora, params) = params(&model);
+    let adapter = Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
+    let data = samples(10, model.config.vocab_size as u32);
+    let sampled = |seed| {
+        let options = FisherOptions {
+            batch_size: 3,
+            labels: LabelMode::Sampled,
+            seed,
+        };
+        fisher_pass(&model, adapter, &data, options, &CpuBackend)
+            .unwrap()
+            .samples
+    };
+    assert_eq!(sampled(3), sampled(3));
+    let s = sampled(3);
+    assert!(
+        s.iter()
+            .all(|x| x.fisher.is_finite() && x.fisher >= 0.0 && x.loss >= 0.0)
+    );
+    let p = |seed| perturbation_importance(&model, adapter, &data, 4, 0.1, seed).unwrap();
+    let (a, b) = (p(1), p(1));
+    assert_eq!(a, b);
+    assert_eq!(a.len(), model.config.num_hidden_layers);
+    assert!((a.iter().sum::<f64>() - 1.0).abs() < 1e-12 && a.iter().all(|v| *v > 0.0));
+}
+
+#[test]
+fn empty_data_and_zero_batch_are_refused() {
+    let model = tiny();
+    let (lora, params) = params(&model);
+    let adapter = Adapter {
+        params: &params,
+        scale: lora.scale(),
+    };
+    let err = fisher_pass(&model, adapter, &[], FisherOptions::default(), &CpuBackend).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let data = samples(2, 64);
+    let options = FisherOptions {
+        batch_size: 0,
+        ..FisherOptions::default()
+    };
+    let err = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap_err();
+    assert!(err.to_string().contains("batch size"), "{err}");
+    let err = perturbation_importance(&model, adapter, &data, 2, f32::NAN, 0).unwrap_err();
+    assert!(err.to_string().contains("σ"), "{err}");
+}
