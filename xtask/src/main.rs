@@ -33,8 +33,9 @@ Commands:
   test [CARGO_TEST_ARGS...]
       Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
       the doc examples (`cargo test --workspace --doc`).
-  bench [--quick] [-- CRITERION_ARGS...]
-      `cargo bench -p fibecfed-benches --bench transformer` with the model found.
+  bench [--quick] [--only transformer|fisher] [-- CRITERION_ARGS...]
+      `cargo bench -p fibecfed-benches` (training step; Fisher squares and pass)
+      with the model found; --only runs one of the two benches.
   assets [--model-dir DIR] [--print-path]
       Makes all-MiniLM-L6-v2 available; prints its folder on the last stdout line
       (with --print-path, that line is all of stdout).
@@ -112,8 +113,9 @@ fn try_main() -> Result<ExitCode> {
         "bench" => {
             let criterion_args = args.split_off_after_dashes();
             let quick = args.flag("--quick");
+            let only = args.value("--only")?;
             args.finish(&command)?;
-            bench(quick, &criterion_args)
+            bench(quick, only.as_deref(), &criterion_args)
         }
         "reproduce" => {
             let options = reproduce::Options {
@@ -166,10 +168,13 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
 
 /// `cargo xtask bench`: the benchmark prints its own table; we only set the
 /// stage and pass its exit code on.
-fn bench(quick: bool, criterion_args: &[String]) -> Result<ExitCode> {
+fn bench(quick: bool, only: Option<&str>, criterion_args: &[String]) -> Result<ExitCode> {
     let mut cmd = cargo();
-    cmd.args(["bench", "-p", "fibecfed-benches", "--bench", "transformer"])
+    cmd.args(["bench", "-p", "fibecfed-benches"])
         .current_dir(workspace_root()?);
+    if let Some(name) = only {
+        cmd.args(["--bench", name]);
+    }
     if quick || !criterion_args.is_empty() {
         cmd.arg("--");
         if quick {
