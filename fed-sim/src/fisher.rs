@@ -10,8 +10,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use fibecfed_fisher::{
-    CpuBackend, DiagFisher, FisherBackend, LabelMode, PerturbationImportance, SampleStats,
-    SiteRows, head_fisher, normalise, sample_labels,
+    CpuBackend, DiagFisher, FisherBackend, LabelMode, PerturbationImportance, Products,
+    SampleStats, SiteRows, head_fisher, normalise, sample_labels,
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
 use fibecfed_transformer::{
@@ -80,6 +80,10 @@ impl SiteHook<f32> for FisherHook<'_> {
             a: trace.weights.a.view(),
             b: trace.weights.b.view(),
             scale: trace.scale,
+            products: Some(Products {
+                u: trace.u,
+                db: trace.db,
+            }),
         };
         let result = self.backend.site(&rows).map_err(anyhow::Error::from);
         let result = result.and_then(|sq| {

@@ -35,7 +35,7 @@
 //! let delta = array![[1.0_f64], [2.0]];
 //! let mask = array![1.0_f64, 1.0];
 //! let (a, b) = (array![[1.0_f64, 1.0]], array![[1.0_f64]]);
-//! let rows = SiteRows { x: x.view(), delta: delta.view(), mask: mask.view(), batch: 1, seq_len: 2, a: a.view(), b: b.view(), scale: 1.0 };
+//! let rows = SiteRows { x: x.view(), delta: delta.view(), mask: mask.view(), batch: 1, seq_len: 2, a: a.view(), b: b.view(), scale: 1.0, products: None };
 //! let (sq_a, sq_b) = sq_norms(&rows, NormMethod::Auto).unwrap();
 //! // ∂A = [1·(1,0) + 2·(0,1)] = (1, 2): ‖·‖² = 5. u = (1, 1): ∂B = 1·1 + 2·1 = 3: 9.
 //! assert_eq!((sq_a[0], sq_b[0]), (5.0, 9.0));
@@ -61,8 +61,8 @@ pub use score::{
     DifficultyScorer, FisherTrace, LabelMode, LossScore, SampleStats, sample_labels, scores,
 };
 pub use squares::{
-    CpuBackend, FisherBackend, HeadSquares, NormMethod, Scalar, SiteRows, SiteSquares, head_fisher,
-    site_fisher, sq_norms,
+    CpuBackend, FisherBackend, HeadSquares, NormMethod, Products, Scalar, SiteRows, SiteSquares,
+    head_fisher, site_fisher, sq_norms,
 };
 
 /// Everything this crate can refuse: the message names the tensor, sample or setting.

@@ -39,6 +39,18 @@ pub struct SiteRows<'a, F> {
     /// d_out × r
     pub b: ArrayView2<'a, F>,
     pub scale: F,
+    /// x·Aᵀ and δ·B when the caller already has them (the encoder's forward and
+    /// backward form both); `None` recomputes them.
+    pub products: Option<Products<'a, F>>,
+}
+
+/// The rank-r products a LoRA site's forward and backward passes form anyway.
+#[derive(Debug, Clone, Copy)]
+pub struct Products<'a, F> {
+    /// u = x·Aᵀ, batch·seq_len × r.
+    pub u: ArrayView2<'a, F>,
+    /// δ·B (without the scale), batch·seq_len × r.
+    pub db: ArrayView2<'a, F>,
 }
 
 /// How per-sample norms are formed.
@@ -110,9 +122,18 @@ impl<F: Scalar> SiteRows<'_, F> {
                 format!("A is {r}×{d_in} but B is {d_out}×{r2}: ranks differ"),
             ),
         ];
-        match problems.into_iter().find(|(bad, _)| *bad) {
-            Some((_, msg)) => Err(FisherError::Shape(msg)),
-            None => Ok(()),
+        if let Some((_, msg)) = problems.into_iter().find(|(bad, _)| *bad) {
+            return Err(FisherError::Shape(msg));
+        }
+        match &self.products {
+            Some(p) if p.u.dim() != (n, r) || p.db.dim() != (n, r) => {
+                Err(FisherError::Shape(format!(
+                    "products x·Aᵀ {:?} and δ·B {:?}, expected ({n}, {r}) each",
+                    p.u.dim(),
+                    p.db.dim()
+                )))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -123,22 +144,32 @@ impl<F: Scalar> SiteRows<'_, F> {
         let span = i * self.seq_len..(i + 1) * self.seq_len;
         let m = self.mask.slice(s![span.clone()]);
         let len = m.iter().take_while(|&&v| v == F::one()).count();
-        let (x, d) = if m.iter().skip(len).all(|&v| v == F::zero()) {
-            let rows = s![span.start..span.start + len, ..];
+        let prefix = m.iter().skip(len).all(|&v| v == F::zero());
+        let rows = if prefix {
+            s![span.start..span.start + len, ..]
+        } else {
+            s![span.clone(), ..]
+        };
+        let masked = |a: ArrayView2<'_, F>| -> Array2<F> { &a * &m.insert_axis(ndarray::Axis(1)) };
+        let (x, d) = if prefix {
             (
                 CowArray::from(self.x.slice(rows)),
                 CowArray::from(self.delta.slice(rows)),
             )
         } else {
-            let rows = s![span, ..];
-            let m = m.insert_axis(ndarray::Axis(1));
             (
-                CowArray::from(&self.x.slice(rows) * &m),
-                CowArray::from(&self.delta.slice(rows) * &m),
+                CowArray::from(masked(self.x.slice(rows))),
+                CowArray::from(masked(self.delta.slice(rows))),
             )
         };
-        let u = x.dot(&self.a.t());
-        let v = d.dot(&self.b) * self.scale;
+        let (u, v) = match (&self.products, prefix) {
+            (Some(p), true) => (p.u.slice(rows).to_owned(), &p.db.slice(rows) * self.scale),
+            (Some(p), false) => (
+                masked(p.u.slice(rows)),
+                masked(p.db.slice(rows)) * self.scale,
+            ),
+            (None, _) => (x.dot(&self.a.t()), d.dot(&self.b) * self.scale),
+        };
         (x, u, d, v)
     }
 }

@@ -4,7 +4,7 @@
 //! tasks, and widths on both sides of the ghost/materialise switch.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fibecfed_fisher::{NormMethod, SiteRows, head_fisher, site_fisher, sq_norms};
+use fibecfed_fisher::{NormMethod, Products, SiteRows, head_fisher, site_fisher, sq_norms};
 use ndarray::{Array1, Array2};
 use proptest::prelude::*;
 
@@ -106,25 +106,30 @@ proptest! {
 
     #[test]
     fn squares_and_diagonals_equal_materialised_gradients(c in case()) {
-        let rows = SiteRows { x: c.x.view(), delta: c.delta.view(), mask: c.mask.view(), batch: c.batch, seq_len: c.seq, a: c.a.view(), b: c.b.view(), scale: c.scale };
+        // Without products, and with x·Aᵀ, δ·B handed in as the encoder does.
+        let (u, db) = (c.x.dot(&c.a.t()), c.delta.dot(&c.b));
+        let plain = SiteRows { x: c.x.view(), delta: c.delta.view(), mask: c.mask.view(), batch: c.batch, seq_len: c.seq, a: c.a.view(), b: c.b.view(), scale: c.scale, products: None };
+        let given = SiteRows { products: Some(Products { u: u.view(), db: db.view() }), ..plain };
         let (ga, gb) = reference(&c);
-        let want_a: Vec<f64> = ga.iter().map(|g| g.iter().map(|v| v * v).sum()).collect();
-        let want_b: Vec<f64> = gb.iter().map(|g| g.iter().map(|v| v * v).sum()).collect();
-        for method in [NormMethod::Ghost, NormMethod::Materialize, NormMethod::Auto] {
-            let (sa, sb) = sq_norms(&rows, method).unwrap();
-            for i in 0..c.batch {
-                prop_assert!(close(sa[i], want_a[i]), "{method:?} sample {i}: ‖∂A‖² {} vs {}", sa[i], want_a[i]);
-                prop_assert!(close(sb[i], want_b[i]), "{method:?} sample {i}: ‖∂B‖² {} vs {}", sb[i], want_b[i]);
+        for rows in [plain, given] {
+            let want_a: Vec<f64> = ga.iter().map(|g| g.iter().map(|v| v * v).sum()).collect();
+            let want_b: Vec<f64> = gb.iter().map(|g| g.iter().map(|v| v * v).sum()).collect();
+            for method in [NormMethod::Ghost, NormMethod::Materialize, NormMethod::Auto] {
+                let (sa, sb) = sq_norms(&rows, method).unwrap();
+                for i in 0..c.batch {
+                    prop_assert!(close(sa[i], want_a[i]), "{method:?} sample {i}: ‖∂A‖² {} vs {}", sa[i], want_a[i]);
+                    prop_assert!(close(sb[i], want_b[i]), "{method:?} sample {i}: ‖∂B‖² {} vs {}", sb[i], want_b[i]);
+                }
             }
-        }
-        let f = site_fisher(&rows).unwrap();
-        for i in 0..c.batch {
-            prop_assert!(close(f.sq_a[i], want_a[i]) && close(f.sq_b[i], want_b[i]));
-        }
-        let diag_a = ga.iter().fold(Array2::<f64>::zeros(c.a.raw_dim()), |acc, g| acc + g.mapv(|v| v * v));
-        let diag_b = gb.iter().fold(Array2::<f64>::zeros(c.b.raw_dim()), |acc, g| acc + g.mapv(|v| v * v));
-        for (got, want) in f.diag_a.iter().zip(diag_a.iter()).chain(f.diag_b.iter().zip(diag_b.iter())) {
-            prop_assert!(close(*got, *want), "diagonal {got} vs {want}");
+            let f = site_fisher(&rows).unwrap();
+            for i in 0..c.batch {
+                prop_assert!(close(f.sq_a[i], want_a[i]) && close(f.sq_b[i], want_b[i]));
+            }
+            let diag_a = ga.iter().fold(Array2::<f64>::zeros(c.a.raw_dim()), |acc, g| acc + g.mapv(|v| v * v));
+            let diag_b = gb.iter().fold(Array2::<f64>::zeros(c.b.raw_dim()), |acc, g| acc + g.mapv(|v| v * v));
+            for (got, want) in f.diag_a.iter().zip(diag_a.iter()).chain(f.diag_b.iter().zip(diag_b.iter())) {
+                prop_assert!(close(*got, *want), "diagonal {got} vs {want}");
+            }
         }
     }
 }
@@ -168,9 +173,23 @@ fn mismatched_shapes_are_errors() {
         a: a.view(),
         b: b.view(),
         scale: 1.0,
+        products: None,
     };
     let err = site_fisher(&rows).unwrap_err().to_string();
     assert!(err.contains("ranks differ"), "{err}");
+    let b2 = Array2::<f64>::zeros((2, 2));
+    let short = Array2::<f64>::zeros((3, 2));
+    let err = site_fisher(&SiteRows {
+        b: b2.view(),
+        products: Some(Products {
+            u: short.view(),
+            db: short.view(),
+        }),
+        ..rows
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("products"), "{err}");
     let rows = SiteRows { batch: 3, ..rows };
     assert!(
         sq_norms(&rows, NormMethod::Auto)
@@ -205,6 +224,7 @@ fn diagonal_sums_are_bitwise_the_same_on_any_number_of_threads() {
         a: a.view(),
         b: b.view(),
         scale: 0.5,
+        products: None,
     };
     let on = |threads| {
         rayon::ThreadPoolBuilder::new()

@@ -43,6 +43,10 @@ pub struct SiteTrace<'a, F> {
     pub seq_len: usize,
     pub weights: &'a LoraWeights<F>,
     pub scale: F,
+    /// x·Aᵀ rows (B·T × r), as the forward pass formed them.
+    pub u: ArrayView2<'a, F>,
+    /// δ·B rows (B·T × r, without the scale), as backward formed them for ∂A.
+    pub db: ArrayView2<'a, F>,
 }
 
 /// Receives per-site activations and output gradients during backward. The
@@ -198,6 +202,8 @@ fn lora_backward<F: Real>(
         seq_len: ctx.seq_len,
         weights: w,
         scale,
+        u: cache.u.view(),
+        db: dyb.view(),
     });
 }
 

@@ -192,6 +192,17 @@ impl SiteHook<f64> for Rebuild {
     fn site(&mut self, t: &SiteTrace<'_, f64>) {
         let u = t.x.dot(&t.weights.a.t());
         let v = t.delta.dot(&t.weights.b);
+        // The products the trace hands out are those very products.
+        let diff = |p: &ndarray::ArrayView2<'_, f64>, q: &ndarray::Array2<f64>| {
+            p.iter()
+                .zip(q)
+                .fold(0.0_f64, |m, (a, b)| m.max((a - b).abs()))
+        };
+        assert!(
+            diff(&t.u, &u) < 1e-12 && diff(&t.db, &v) < 1e-12,
+            "site {}",
+            t.site
+        );
         self.a.insert(t.site, v.t().dot(&t.x) * t.scale);
         self.b.insert(t.site, t.delta.t().dot(&u) * t.scale);
         for (row, &m) in t.delta.axis_iter(Axis(0)).zip(t.mask.iter()) {
