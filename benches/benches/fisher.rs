@@ -236,10 +236,15 @@ fn main() {
                         std::hint::black_box(materialise_then_square(&case));
                     });
                     let fused = median_seconds(7, || {
-                        std::hint::black_box(site_fisher(&case.rows()).ok());
+                        std::hint::black_box(
+                            site_fisher(&case.rows()).unwrap_or_else(|e| panic!("{e}")),
+                        );
                     });
                     let norms = median_seconds(7, || {
-                        std::hint::black_box(sq_norms(&case.rows(), NormMethod::Auto).ok());
+                        std::hint::black_box(
+                            sq_norms(&case.rows(), NormMethod::Auto)
+                                .unwrap_or_else(|e| panic!("{e}")),
+                        );
                     });
                     println!(
                         "| {shape} | {site} {h}→{d_out} | {r} | {t} | {:.2} ms | {:.2} ms ({:.2}×) | {:.2} ms ({:.2}×) |",
@@ -275,7 +280,10 @@ fn main() {
             std::hint::black_box(plain_pass(&model, adapter, &samples));
             let p = start.elapsed().as_secs_f64();
             let start = Instant::now();
-            std::hint::black_box(fisher_pass(&model, adapter, &samples, options, &CpuBackend).ok());
+            std::hint::black_box(
+                fisher_pass(&model, adapter, &samples, options, &CpuBackend)
+                    .unwrap_or_else(|e| panic!("Fisher pass: {e:#}")),
+            );
             let f = start.elapsed().as_secs_f64();
             plain.push(p);
             fisher.push(f);

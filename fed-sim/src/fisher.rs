@@ -25,6 +25,11 @@ use serde::Serialize;
 
 use crate::train::{Sample, fresh_adapter};
 
+/// ChaCha streams of one seed: 0 initialises a fresh adapter (as `fibecfed train`
+/// does), these two draw sampled labels and embedding noise.
+const LABEL_STREAM: u64 = 1;
+const NOISE_STREAM: u64 = 2;
+
 /// How the pass runs.
 #[derive(Debug, Clone, Copy)]
 pub struct FisherOptions {
@@ -164,7 +169,10 @@ pub fn fisher_pass(
     };
     let mut out = vec![blank.clone(); samples.len()];
     let mut diag = DiagFisher::new();
+    // Its own stream, so that it never repeats the draws of an adapter initialised
+    // from the same seed.
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    rng.set_stream(LABEL_STREAM);
     for chunk in by_length(samples).chunks(options.batch_size) {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
         let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
@@ -181,13 +189,21 @@ pub fn fisher_pass(
                 fwd.logits.row(row)
             );
         }
-        let labels = match options.labels {
-            LabelMode::True => chunk.iter().map(|&i| samples[i].label).collect(),
-            LabelMode::Sampled => sample_labels(fwd.logits.view(), &mut rng)
-                .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?,
+        let truth: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
+        let in_batch = |e: fibecfed_transformer::ModelError| {
+            anyhow::anyhow!("{e} (batch of samples {chunk:?})")
         };
-        let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Sum)
-            .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?;
+        // The reported loss is always at the true label; only the gradient's label
+        // follows the mode.
+        let (losses, mut dlogits) =
+            cross_entropy(&fwd.logits, &truth, Reduction::Sum).map_err(in_batch)?;
+        if options.labels == LabelMode::Sampled {
+            let drawn = sample_labels(fwd.logits.view(), &mut rng)
+                .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?;
+            dlogits = cross_entropy(&fwd.logits, &drawn, Reduction::Sum)
+                .map_err(in_batch)?
+                .1;
+        }
         let mut hook = FisherHook {
             backend,
             stats: vec![blank.clone(); chunk.len()],
@@ -245,6 +261,7 @@ pub fn perturbation_importance(
         .filter(|_| sigma.is_finite() && sigma > 0.0)
         .with_context(|| format!("the perturbation σ must be positive and finite, got {sigma}"))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(NOISE_STREAM);
     let mut acc = PerturbationImportance::new(model.config.num_hidden_layers);
     let hid = model.config.hidden_size;
     for chunk in by_length(samples).chunks(batch_size) {

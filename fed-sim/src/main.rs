@@ -150,7 +150,22 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
     if args.batch_size == 0 || args.max_len < 2 {
         anyhow::bail!("--batch-size must be at least 1 and --max-len at least 2");
     }
+    if args.importance == ImportanceArg::Perturbation {
+        if args.layer_importance.is_none() {
+            anyhow::bail!("--importance perturbation needs --layer-importance FILE to write to");
+        }
+        if !(args.sigma.is_finite() && args.sigma > 0.0) {
+            anyhow::bail!("--sigma must be a positive number, got {}", args.sigma);
+        }
+    }
     let data = read_tsv(&args.data)?;
+    if data.num_labels() < 2 {
+        anyhow::bail!(
+            "{}: only one label value ({:?}); a classifier's Fisher needs at least 2 classes",
+            args.data.display(),
+            data.label_names
+        );
+    }
     let (model, tok) = load_model(&args.model_dir, args.max_len)?;
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let fresh = fibecfed_lora::LoraConfig::new(args.lora_rank, args.lora_alpha, &targets);
@@ -161,6 +176,18 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
         data.num_labels(),
         args.seed,
     )?;
+    // Label ids are positions in the file's label list (fixed for the nine datasets,
+    // sorted values otherwise): with a different class count they would not mean what
+    // the head's rows mean.
+    if params.num_labels() != data.num_labels() {
+        anyhow::bail!(
+            "{} has {} label values {:?} but the adapter's head has {} classes: label ids would not line up",
+            args.data.display(),
+            data.num_labels(),
+            data.label_names,
+            params.num_labels()
+        );
+    }
     let adapter = fibecfed_transformer::Adapter {
         params: &params,
         scale: lora.scale(),
@@ -177,29 +204,28 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
     let start = Instant::now();
     let report = fisher_pass(&model, adapter, &samples, options, cpu_backend())
         .with_context(|| format!("{}", args.data.display()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let importance = match (&args.layer_importance, args.importance) {
+        (None, _) => None,
+        (Some(path), ImportanceArg::Fisher) => {
+            Some((path, "fisher", report.layer_importance.clone()))
+        }
+        (Some(path), ImportanceArg::Perturbation) => Some((
+            path,
+            "perturbation",
+            perturbation_importance(
+                &model,
+                adapter,
+                &samples,
+                args.batch_size,
+                args.sigma,
+                args.seed,
+            )?,
+        )),
+    };
+    // Everything is computed before anything is written.
     write_atomic(&args.output, difficulty_jsonl(&report)?.as_bytes())?;
-    eprintln!(
-        "scored {} samples of {} in {:.1} s into {}",
-        samples.len(),
-        args.data.display(),
-        start.elapsed().as_secs_f64(),
-        args.output.display()
-    );
-    if let Some(path) = &args.layer_importance {
-        let (method, layers) = match args.importance {
-            ImportanceArg::Fisher => ("fisher", report.layer_importance.clone()),
-            ImportanceArg::Perturbation => (
-                "perturbation",
-                perturbation_importance(
-                    &model,
-                    adapter,
-                    &samples,
-                    args.batch_size,
-                    args.sigma,
-                    args.seed,
-                )?,
-            ),
-        };
+    if let Some((path, method, layers)) = importance {
         let json = serde_json::json!({
             "method": method,
             "labels": format!("{:?}", args.labels).to_lowercase(),
@@ -209,6 +235,12 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
         });
         write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
+    eprintln!(
+        "scored {} samples of {} in {seconds:.1} s into {}",
+        samples.len(),
+        args.data.display(),
+        args.output.display()
+    );
     Ok(())
 }
 

@@ -307,8 +307,6 @@ fn progress_bar(len: usize, epoch: usize, show: bool) -> ProgressBar {
     bar
 }
 
-/// Takes a seeded random subset of at most `limit` samples (the files are often
-/// sorted by label, so a prefix would be one class).
 /// A fresh PEFT-style adapter for `model` (A uniform, B zero, head normal), its rank
 /// checked against every site.
 pub fn fresh_adapter(
@@ -337,6 +335,8 @@ pub fn fresh_adapter(
     ))
 }
 
+/// Takes a seeded random subset of at most `limit` samples (the files are often
+/// sorted by label, so a prefix would be one class).
 pub fn limit_samples(samples: Vec<Sample>, limit: Option<usize>, seed: u64) -> Vec<Sample> {
     match limit {
         Some(n) if n < samples.len() => {

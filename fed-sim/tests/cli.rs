@@ -584,7 +584,36 @@ fn fisher_refuses_bad_adapters_data_and_labels() {
     .unwrap();
     assert_refused(
         &fisher_with(&su, &three, &out, &["--adapter", s(&adapter)]),
-        &["sample 2", "label id 2", "2 classes"],
+        &["three.tsv", "3 label values", "2 classes"],
+    );
+    // One class only: no classifier Fisher to speak of.
+    let one = su.root.join("one.tsv");
+    fs::write(&one, "sentence\tlabel\ngood film\t1\nfun film\t1\n").unwrap();
+    assert_refused(
+        &fisher_with(&su, &one, &out, &[]),
+        &["one.tsv", "at least 2 classes"],
+    );
+    // Perturbation settings are checked before any work.
+    assert_refused(
+        &fisher_with(&su, &su.train, &out, &["--importance", "perturbation"]),
+        &["--layer-importance"],
+    );
+    let layers = su.root.join("layers.json");
+    assert_refused(
+        &fisher_with(
+            &su,
+            &su.train,
+            &out,
+            &[
+                "--importance",
+                "perturbation",
+                "--layer-importance",
+                s(&layers),
+                "--sigma",
+                "0",
+            ],
+        ),
+        &["--sigma"],
     );
     // A head so large that the logits overflow: the loss is NaN, named by sample.
     let weights = adapter.join("adapter_model.safetensors");

@@ -78,6 +78,7 @@ fn per_sample_traces_and_diagonals_equal_single_sample_gradients() {
     let report = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap();
 
     let mut diag = params.zeros_like();
+    let layers = model.config.num_hidden_layers;
     for (i, s) in data.iter().enumerate() {
         let batch = Batch::from_encoded(&[&s.encoded], 0).unwrap();
         let fwd = model.forward(&batch, adapter, None).unwrap();
@@ -108,6 +109,33 @@ fn per_sample_traces_and_diagonals_equal_single_sample_gradients() {
             close(parts, total),
             "sample {i}: layers + head {parts} vs {total}"
         );
+        // Each layer's share: the squares of that layer's sites' gradients.
+        let sq =
+            |a: &ndarray::Array2<f32>| a.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+        for l in 0..layers {
+            let want: f64 = g
+                .sites
+                .iter()
+                .filter(|(site, _)| site.layer == l)
+                .map(|(_, w)| sq(&w.a) + sq(&w.b))
+                .sum();
+            assert!(
+                close(got.per_layer[l], want),
+                "sample {i} layer {l}: {} vs {want}",
+                got.per_layer[l]
+            );
+        }
+        let head: f64 = sq(&g.head.weight)
+            + g.head
+                .bias
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
+        assert!(
+            close(got.head, head),
+            "sample {i} head: {} vs {head}",
+            got.head
+        );
         for (acc, gi) in diag.slices_mut().into_iter().zip(g.slices()) {
             for (a, v) in acc.iter_mut().zip(gi) {
                 *a += v * v;
@@ -129,7 +157,12 @@ fn per_sample_traces_and_diagonals_equal_single_sample_gradients() {
         }
     }
     let head = report.diag.head.as_ref().unwrap();
-    for (g, want) in head.weight.iter().zip(diag.head.weight.iter()) {
+    for (g, want) in head
+        .weight
+        .iter()
+        .zip(diag.head.weight.iter())
+        .chain(head.bias.iter().zip(diag.head.bias.iter()))
+    {
         assert!((g - f64::from(*want)).abs() <= TOL * (f64::from(*want).abs() + 1e-6));
     }
     assert_eq!(report.diag.samples, data.len());
@@ -188,6 +221,70 @@ fn sampled_labels_and_perturbation_are_seeded() {
         s.iter()
             .all(|x| x.fisher.is_finite() && x.fisher >= 0.0 && x.loss >= 0.0)
     );
+    // The reported loss stays the true-label loss.
+    let truth = fisher_pass(
+        &model,
+        adapter,
+        &data,
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap();
+    for (a, b) in s.iter().zip(&truth.samples) {
+        assert!(close(a.loss, b.loss));
+    }
+    // A head that puts all mass on class 2 makes every draw 2: the sampled-label
+    // Fisher is then the true-label Fisher of the data relabelled 2.
+    let mut peaked = params.clone();
+    peaked.head.bias[2] = 60.0;
+    let adapter2 = Adapter {
+        params: &peaked,
+        scale: lora.scale(),
+    };
+    let options = FisherOptions {
+        batch_size: 3,
+        labels: LabelMode::Sampled,
+        seed: 3,
+    };
+    let got = fisher_pass(&model, adapter2, &data, options, &CpuBackend).unwrap();
+    let relabelled: Vec<Sample> = data
+        .iter()
+        .map(|s| Sample {
+            label: 2,
+            ..s.clone()
+        })
+        .collect();
+    let want = fisher_pass(
+        &model,
+        adapter2,
+        &relabelled,
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap();
+    for (i, (a, b)) in got.samples.iter().zip(&want.samples).enumerate() {
+        assert!(
+            close(a.fisher, b.fisher),
+            "sample {i}: {} vs {}",
+            a.fisher,
+            b.fisher
+        );
+    }
+    // At the true labels (mostly not 2) it differs.
+    let at_truth = fisher_pass(
+        &model,
+        adapter2,
+        &data,
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap();
+    assert!(
+        got.samples
+            .iter()
+            .zip(&at_truth.samples)
+            .any(|(a, b)| !close(a.fisher, b.fisher))
+    );
     let p = |seed| perturbation_importance(&model, adapter, &data, 4, 0.1, seed).unwrap();
     let (a, b) = (p(1), p(1));
     assert_eq!(a, b);
@@ -196,7 +293,7 @@ fn sampled_labels_and_perturbation_are_seeded() {
 }
 
 #[test]
-fn empty_data_and_zero_batch_are_refused() {
+fn empty_data_zero_batch_and_impossible_labels_are_refused() {
     let model = tiny();
     let (lora, params) = params(&model);
     let adapter = Adapter {
@@ -212,6 +309,16 @@ fn empty_data_and_zero_batch_are_refused() {
     };
     let err = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap_err();
     assert!(err.to_string().contains("batch size"), "{err}");
+    let mut bad = samples(3, 64);
+    bad[1].label = 5;
+    let err =
+        fisher_pass(&model, adapter, &bad, FisherOptions::default(), &CpuBackend).unwrap_err();
+    assert!(err.to_string().contains("sample 1 has label id 5"), "{err}");
+    let mut bad = samples(3, 64);
+    bad[1].label = 5;
+    let err =
+        fisher_pass(&model, adapter, &bad, FisherOptions::default(), &CpuBackend).unwrap_err();
+    assert!(err.to_string().contains("sample 1 has label id 5"), "{err}");
     let err = perturbation_importance(&model, adapter, &data, 2, f32::NAN, 0).unwrap_err();
     assert!(err.to_string().contains("σ"), "{err}");
 }

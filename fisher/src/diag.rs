@@ -83,7 +83,8 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
         Self::default()
     }
 
-    /// Adds one batch's diagonal sums of a site.
+    /// Adds one batch's diagonal sums of a site (add the batch's size to `samples`
+    /// once per batch).
     pub fn add_site<F: Scalar>(&mut self, key: &K, sq: &SiteSquares<F>) -> Result<(), FisherError> {
         let (r, d_in) = sq.diag_a.dim();
         let entry = self
@@ -104,10 +105,17 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
         add_into(&mut head.bias, &sq.diag_bias, "head bias")
     }
 
-    /// The mean over samples: F = (1/n) Σ_i g_i ⊙ g_i (unchanged when n = 0).
-    pub fn mean(&self) -> Self {
+    /// The mean over samples: F = (1/n) Σ_i g_i ⊙ g_i. Sums with `samples` = 0 are an
+    /// error (the count is set by whoever adds the batches, e.g. `diag.samples += b`).
+    pub fn mean(&self) -> Result<Self, FisherError> {
+        let empty = self.sites.is_empty() && self.head.is_none();
+        if self.samples == 0 && !empty {
+            return Err(FisherError::Config(
+                "diagonal Fisher sums with a sample count of 0: set `samples` to the number of samples added".into(),
+            ));
+        }
         let w = 1.0 / self.samples.max(1) as f64;
-        Self {
+        Ok(Self {
             sites: self
                 .sites
                 .iter()
@@ -126,7 +134,7 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
                 bias: &h.bias * w,
             }),
             samples: 1,
-        }
+        })
     }
 
     /// Σ_{p∈φ_l} F[p] for each of `n_layers` layers; `layer_of` maps a site to its layer.
@@ -165,26 +173,58 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
 }
 
 /// Fisher momentum across rounds, F_t = γ·F_{t−1} + (1−γ)·F̂_t, on per-sample means
-/// (so that rounds with different subset sizes weigh alike). The first estimate of a
-/// site is taken as it is: starting from zero would only scale every entry by (1−γ)
-/// and the masks built on F are invariant to that.
+/// (so that rounds with different subset sizes weigh alike). [`FisherMomentum::new`]
+/// starts from F_0 = 0, the bare recurrence; [`FisherMomentum::seeded`] starts from a
+/// given estimate, e.g. the initialisation pass's Fisher. A site absent from a round's
+/// estimate counts as zero there (it decays by γ); a new site starts from zero.
 #[derive(Debug, Clone)]
 pub struct FisherMomentum<K: Ord> {
     gamma: f64,
     state: DiagFisher<K>,
 }
 
+fn check_gamma(gamma: f64) -> Result<(), FisherError> {
+    if (0.0..=1.0).contains(&gamma) {
+        Ok(())
+    } else {
+        Err(FisherError::Config(format!(
+            "Fisher momentum γ must be in [0, 1], got {gamma}"
+        )))
+    }
+}
+
+fn same_dim<D: ndarray::Dimension>(
+    old: &ndarray::Array<f64, D>,
+    new: &ndarray::Array<f64, D>,
+    what: &str,
+) -> Result<(), FisherError> {
+    if old.shape() == new.shape() {
+        Ok(())
+    } else {
+        Err(FisherError::Shape(format!(
+            "{what}: momentum holds {:?} but the new estimate is {:?}",
+            old.shape(),
+            new.shape()
+        )))
+    }
+}
+
 impl<K: Ord + Clone + std::fmt::Debug> FisherMomentum<K> {
-    /// γ in [0, 1]: 0 keeps only the newest estimate, 1 never moves after the first.
+    /// γ in [0, 1], F_0 = 0: 0 keeps only the newest estimate, 1 never moves.
     pub fn new(gamma: f64) -> Result<Self, FisherError> {
-        if !(0.0..=1.0).contains(&gamma) {
-            return Err(FisherError::Config(format!(
-                "Fisher momentum γ must be in [0, 1], got {gamma}"
-            )));
-        }
+        check_gamma(gamma)?;
         Ok(Self {
             gamma,
             state: DiagFisher::new(),
+        })
+    }
+
+    /// γ in [0, 1], F_0 = the per-sample mean of `initial`.
+    pub fn seeded(gamma: f64, initial: &DiagFisher<K>) -> Result<Self, FisherError> {
+        check_gamma(gamma)?;
+        Ok(Self {
+            gamma,
+            state: initial.mean()?,
         })
     }
 
@@ -197,46 +237,67 @@ impl<K: Ord + Clone + std::fmt::Debug> FisherMomentum<K> {
         &self.state
     }
 
-    /// Folds in a round's sums (divided by their sample count first).
+    /// Folds in a round's sums (divided by their sample count first). Every shape is
+    /// checked before anything changes, so an error leaves the momentum as it was.
     pub fn update(&mut self, fresh: &DiagFisher<K>) -> Result<(), FisherError> {
-        let fresh = fresh.mean();
-        let (g, h) = (self.gamma, 1.0 - self.gamma);
-        let blend = |old: &mut Array2<f64>, new: &Array2<f64>, what: &str| {
-            if old.dim() != new.dim() {
-                return Err(FisherError::Shape(format!(
-                    "{what}: momentum holds {:?} but the new estimate is {:?}",
-                    old.dim(),
-                    new.dim()
-                )));
+        let fresh = fresh.mean()?;
+        for (k, d) in &fresh.sites {
+            if let Some(old) = self.state.sites.get(k) {
+                same_dim(&old.a, &d.a, &format!("site {k:?} A"))?;
+                same_dim(&old.b, &d.b, &format!("site {k:?} B"))?;
             }
+        }
+        if let (Some(old), Some(new)) = (&self.state.head, &fresh.head) {
+            same_dim(&old.weight, &new.weight, "head weight")?;
+            same_dim(&old.bias, &new.bias, "head bias")?;
+        }
+        let (g, h) = (self.gamma, 1.0 - self.gamma);
+        let blend = |old: &mut Array2<f64>, new: &Array2<f64>| {
             Zip::from(old)
                 .and(new)
                 .for_each(|o, &n| *o = g * *o + h * n);
-            Ok(())
         };
+        for (k, old) in &mut self.state.sites {
+            if !fresh.sites.contains_key(k) {
+                old.a *= g;
+                old.b *= g;
+            }
+        }
         for (k, d) in fresh.sites {
             match self.state.sites.get_mut(&k) {
                 Some(old) => {
-                    blend(&mut old.a, &d.a, &format!("site {k:?} A"))?;
-                    blend(&mut old.b, &d.b, &format!("site {k:?} B"))?;
+                    blend(&mut old.a, &d.a);
+                    blend(&mut old.b, &d.b);
                 }
                 None => {
-                    self.state.sites.insert(k, d);
+                    self.state.sites.insert(
+                        k,
+                        SiteDiag {
+                            a: d.a * h,
+                            b: d.b * h,
+                        },
+                    );
                 }
             }
         }
         match (&mut self.state.head, fresh.head) {
             (Some(old), Some(new)) => {
-                blend(&mut old.weight, &new.weight, "head weight")?;
-                if old.bias.len() != new.bias.len() {
-                    return Err(FisherError::Shape("head bias changed length".into()));
-                }
+                blend(&mut old.weight, &new.weight);
                 Zip::from(&mut old.bias)
                     .and(&new.bias)
                     .for_each(|o, &n| *o = g * *o + h * n);
             }
-            (old @ None, new) => *old = new,
-            (Some(_), None) => {}
+            (old @ None, Some(new)) => {
+                *old = Some(HeadDiag {
+                    weight: new.weight * h,
+                    bias: new.bias * h,
+                });
+            }
+            (Some(old), None) => {
+                old.weight *= g;
+                old.bias *= g;
+            }
+            (None, None) => {}
         }
         self.state.samples = 1;
         Ok(())

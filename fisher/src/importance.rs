@@ -77,12 +77,16 @@ impl PerturbationImportance {
                 noise_norms.len()
             )));
         }
+        if let Some((i, eps)) = noise_norms
+            .iter()
+            .enumerate()
+            .find(|(_, e)| !(e.is_finite() && **e > 0.0))
+        {
+            return Err(FisherError::NonFinite(format!(
+                "perturbation: sample {i} has noise norm {eps}"
+            )));
+        }
         for (i, &eps) in noise_norms.iter().enumerate() {
-            if !(eps.is_finite() && eps > 0.0) {
-                return Err(FisherError::NonFinite(format!(
-                    "perturbation: sample {i} has noise norm {eps}"
-                )));
-            }
             let mut sq = 0.0;
             for t in (i * seq_len..(i + 1) * seq_len).filter(|&t| mask[t]) {
                 for (a, b) in clean.row(t).iter().zip(noisy.row(t)) {
@@ -128,11 +132,12 @@ pub fn gal_count(fraction: f64, n_layers: usize) -> Result<usize, FisherError> {
 }
 
 /// ⌈f·n⌉ for f in [0, 1], immune to the float noise of f·n (0.07·100 is
-/// 7.000000000000001 and must count as 7).
+/// 7.000000000000001 and must count as 7); at least 1 when f·n > 0, 0 for NaN.
 pub fn ceil_fraction(fraction: f64, n: usize) -> usize {
     let exact = fraction * n as f64;
     let k = (exact - 1e-9 * exact.abs().max(1.0)).ceil();
-    (k.max(0.0) as usize).min(n)
+    let floor = if exact > 0.0 { 1.0 } else { 0.0 };
+    (k.max(floor) as usize).min(n)
 }
 
 /// The consensus I_l = Σ_k (n_k/n)·I_l^k. Each layer's terms are summed in sorted
@@ -174,7 +179,8 @@ pub fn consensus(reports: &[ImportanceReport], n_layers: usize) -> Result<Vec<f6
         .collect())
 }
 
-/// Indices of the k largest scores, ties to the lower index, returned ascending.
+/// Indices of the k largest scores (all of them when k ≥ n), ties to the lower index,
+/// returned ascending.
 pub fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));

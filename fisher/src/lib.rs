@@ -10,9 +10,11 @@
 //! ∂ℓ_i/∂A = Σ_t v_t x_tᵀ,   ∂ℓ_i/∂B = scale · Σ_t δ_t u_tᵀ.
 //!
 //! [`sq_norms`] gives ‖∂ℓ_i/∂A‖² and ‖∂ℓ_i/∂B‖² per sample, by the Gram ("ghost") form
-//! Σ_{t,t'} (v_t·v_t')(x_t·x_t') when a sequence is short relative to the width, or by
-//! forming one sample's gradient at a time otherwise ([`NormMethod::Auto`] picks by
-//! cost); [`site_fisher`] also sums the squared gradients over samples (the diagonal
+//! Σ_{t,t'} (v_t·v_t')(x_t·x_t') or by forming one sample's gradient at a time
+//! ([`NormMethod::Auto`] picks by cost: Gram when T·(r+d) < r·d, which for a LoRA
+//! factor means fewer tokens than about r; at LoRA ranks forming the small r×d
+//! gradient is usually cheaper, while the Gram form is what pays for wide dense
+//! gradients); [`site_fisher`] also sums the squared gradients over samples (the diagonal
 //! Fisher F_A, F_B) one sample at a time, never holding a (batch × r × d) tensor.
 //!
 //! Built on those squares, still on arrays and scores only:

@@ -89,6 +89,13 @@ pub fn site_mask(
     granularity: Granularity,
 ) -> Result<SiteMask, FisherError> {
     check_rho(rho)?;
+    if diag.a.nrows() != diag.b.ncols() {
+        return Err(FisherError::Shape(format!(
+            "Fisher of A is {:?} but of B {:?}: ranks differ",
+            diag.a.dim(),
+            diag.b.dim()
+        )));
+    }
     if let Some(v) = diag.a.iter().chain(diag.b.iter()).find(|v| !v.is_finite()) {
         return Err(FisherError::NonFinite(format!(
             "cannot build a mask from a Fisher entry of {v}"

@@ -67,7 +67,7 @@ pub enum NormMethod {
 /// One sample's (X_i, U_i, Δ_i, V_i): views where no copy is needed.
 type SampleRows<'a, F> = (
     CowArray<'a, F, Ix2>,
-    Array2<F>,
+    CowArray<'a, F, Ix2>,
     CowArray<'a, F, Ix2>,
     Array2<F>,
 );
@@ -163,12 +163,18 @@ impl<F: Scalar> SiteRows<'_, F> {
             )
         };
         let (u, v) = match (&self.products, prefix) {
-            (Some(p), true) => (p.u.slice(rows).to_owned(), &p.db.slice(rows) * self.scale),
+            (Some(p), true) => (
+                CowArray::from(p.u.slice(rows)),
+                &p.db.slice(rows) * self.scale,
+            ),
             (Some(p), false) => (
-                masked(p.u.slice(rows)),
+                CowArray::from(masked(p.u.slice(rows))),
                 masked(p.db.slice(rows)) * self.scale,
             ),
-            (None, _) => (x.dot(&self.a.t()), d.dot(&self.b) * self.scale),
+            (None, _) => (
+                CowArray::from(x.dot(&self.a.t())),
+                d.dot(&self.b) * self.scale,
+            ),
         };
         (x, u, d, v)
     }
@@ -232,7 +238,7 @@ pub fn sq_norms<F: Scalar>(
 
 /// Samples per task of [`site_fisher`]. Fixed, so that the diagonal sums are added in
 /// the same order whatever the number of threads: results are bitwise reproducible.
-const SAMPLES_PER_TASK: usize = 4;
+const SAMPLES_PER_TASK: usize = 2;
 
 /// Per-sample squared norms plus the diagonal sums Σ_i (∂ℓ_i/∂A)², Σ_i (∂ℓ_i/∂B)².
 /// One sample's gradient (r × d, in cache) at a time is formed, squared and added to
@@ -320,8 +326,8 @@ pub struct HeadSquares<F> {
     pub diag_bias: Array1<F>,
 }
 
-/// Where per-sample gradient squares are computed: this crate's CPU code, or the CUDA
-/// kernels of `fibecfed-kernels` when a GPU is present.
+/// Where per-sample gradient squares are computed: this crate's CPU code; a CUDA
+/// backend (`fibecfed-kernels`, the kernels issue) is meant to implement it too.
 pub trait FisherBackend<F> {
     fn site(&self, rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError>;
 }

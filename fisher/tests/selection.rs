@@ -665,12 +665,17 @@ proptest! {
     #[test]
     fn momentum_blends_per_sample_means(e in estimates(), gamma in gamma()) {
         let (n1, n2) = (e.first.samples as f64, e.second.samples as f64);
+        // F_0 = 0: F_1 = (1−γ)·F̂_1, F_2 = γ·F_1 + (1−γ)·F̂_2.
         let mut m = FisherMomentum::new(gamma).unwrap();
         prop_assert_eq!(m.gamma(), gamma);
         m.update(&e.first).unwrap();
+        check_blend(m.current(), &e, |x, _| (1.0 - gamma) * x / n1)?;
+        m.update(&e.second).unwrap();
+        check_blend(m.current(), &e, |x, y| gamma * (1.0 - gamma) * (x / n1) + (1.0 - gamma) * (y / n2))?;
+        // Seeded with F_0 = F̂_1 (e.g. the initialisation pass).
+        let mut m = FisherMomentum::seeded(gamma, &e.first).unwrap();
         check_blend(m.current(), &e, |x, _| x / n1)?;
-        // Also the crate's own mean, for the sites.
-        for (key, d) in &e.first.mean().sites {
+        for (key, d) in &e.first.mean().unwrap().sites {
             let c = &m.current().sites[key];
             prop_assert!(c.a.iter().zip(d.a.iter()).all(|(g, w)| close(*g, *w)));
             prop_assert!(c.b.iter().zip(d.b.iter()).all(|(g, w)| close(*g, *w)));
@@ -680,7 +685,7 @@ proptest! {
     }
 
     #[test]
-    fn momentum_takes_a_new_site_as_it_is(e in estimates(), gamma in gamma()) {
+    fn momentum_starts_a_new_site_from_zero(e in estimates(), gamma in gamma()) {
         let mut m = FisherMomentum::new(gamma).unwrap();
         let mut first = e.first.clone();
         let new_key = *e.shapes.keys().next().unwrap();
@@ -691,19 +696,21 @@ proptest! {
         let n2 = e.second.samples as f64;
         let got = &m.current().sites[&new_key];
         let fresh = &e.second.sites[&new_key];
-        prop_assert!(got.a.iter().zip(fresh.a.iter()).all(|(g, y)| close(*g, y / n2)));
-        prop_assert!(got.b.iter().zip(fresh.b.iter()).all(|(g, y)| close(*g, y / n2)));
+        prop_assert!(got.a.iter().zip(fresh.a.iter()).all(|(g, y)| close(*g, (1.0 - gamma) * y / n2)));
+        prop_assert!(got.b.iter().zip(fresh.b.iter()).all(|(g, y)| close(*g, (1.0 - gamma) * y / n2)));
     }
 
     #[test]
-    fn momentum_refuses_a_changed_shape(e in estimates()) {
+    fn momentum_refuses_a_changed_shape_and_changes_nothing(e in estimates()) {
         let mut m = FisherMomentum::new(0.5).unwrap();
         m.update(&e.first).unwrap();
+        let before = m.current().clone();
         let mut second = e.second.clone();
-        let key = *e.shapes.keys().next().unwrap();
+        let key = *e.shapes.keys().last().unwrap();
         let (r, d_in, _) = e.shapes[&key];
         second.sites.get_mut(&key).unwrap().a = Array2::zeros((r, d_in + 1));
         prop_assert!(matches!(m.update(&second), Err(FisherError::Shape(_))));
+        prop_assert_eq!(m.current(), &before);
     }
 
     #[test]
@@ -742,6 +749,15 @@ fn momentum_gamma_outside_the_unit_interval_is_refused() {
     }
     assert!(FisherMomentum::<Key>::new(0.0).is_ok());
     assert!(FisherMomentum::<Key>::new(1.0).is_ok());
+    // Sums whose sample count was never set cannot be averaged.
+    let mut d = DiagFisher::<Key>::new();
+    d.head = Some(HeadDiag {
+        weight: Array2::ones((2, 3)),
+        bias: Array1::ones(2),
+    });
+    assert!(matches!(d.mean(), Err(FisherError::Config(_))));
+    assert!(FisherMomentum::new(0.5).unwrap().update(&d).is_err());
+    assert!(DiagFisher::<Key>::new().mean().is_ok());
 }
 
 fn rows(logits: &[f64], n: usize) -> Array2<f64> {
@@ -914,4 +930,21 @@ fn perturbation_importance_is_the_mean_output_change_per_unit_noise() {
         p.add(0, clean.view(), l0.view(), &mask[..3], 2, &norms)
             .is_err()
     );
+}
+
+#[test]
+fn tiny_positive_fractions_keep_one_unit_and_rank_mismatches_are_refused() {
+    assert_eq!(gal_count(1e-10, 6).unwrap(), 1);
+    assert_eq!(ceil_fraction(0.0, 6), 0);
+    assert_eq!(ceil_fraction(f64::NAN, 6), 0);
+    let diag = SiteDiag {
+        a: Array2::zeros((2, 3)),
+        b: Array2::zeros((4, 3)),
+    };
+    for g in [Granularity::Neuron, Granularity::Parameter] {
+        assert!(matches!(
+            site_mask(&diag, 0.5, g),
+            Err(FisherError::Shape(_))
+        ));
+    }
 }
