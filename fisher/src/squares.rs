@@ -85,7 +85,7 @@ pub struct SiteSquares<F> {
     pub diag_b: Array2<F>,
 }
 
-impl<F: Scalar> SiteRows<'_, F> {
+impl<'a, F: Scalar> SiteRows<'a, F> {
     fn check(&self) -> Result<(), FisherError> {
         let n = self
             .batch
@@ -134,6 +134,28 @@ impl<F: Scalar> SiteRows<'_, F> {
                 )))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// These rows with `products` = (u, δ·B) as given.
+    fn with_products<'b>(&self, products: &'b (Array2<F>, Array2<F>)) -> SiteRows<'b, F>
+    where
+        'a: 'b,
+    {
+        // Spelled out: `..*self` would tie the result to this lifetime ('a).
+        SiteRows {
+            x: self.x,
+            delta: self.delta,
+            mask: self.mask,
+            batch: self.batch,
+            seq_len: self.seq_len,
+            a: self.a,
+            b: self.b,
+            scale: self.scale,
+            products: Some(Products {
+                u: products.0.view(),
+                db: products.1.view(),
+            }),
         }
     }
 
@@ -208,6 +230,10 @@ pub fn sq_norms<F: Scalar>(
     let t = rows.seq_len;
     let ghost_cheaper = |d: usize| t * (r + d) < r * d;
     crate::blas::single_threaded();
+    if rows.products.is_none() {
+        let owned = batch_products(rows);
+        return sq_norms(&rows.with_products(&owned), method);
+    }
     let use_ghost = |dim| match method {
         NormMethod::Ghost => true,
         NormMethod::Materialize => false,
@@ -236,6 +262,71 @@ pub fn sq_norms<F: Scalar>(
     Ok((sq_a, sq_b))
 }
 
+/// Adds s2·(g ⊙ g) to `acc` and returns s2·Σ g², in one pass over g.
+fn square_into<F: Scalar>(acc: &mut Array2<F>, g: &Array2<F>, s2: F) -> F {
+    let mut total = F::zero();
+    ndarray::Zip::from(acc).and(g).for_each(|a, &v| {
+        let v2 = s2 * v * v;
+        *a = *a + v2;
+        total = total + v2;
+    });
+    total
+}
+
+/// out = Σ_t p_tᵀ q_t = Pᵀ·Q for P (len × r), Q (len × d): one sample's LoRA gradient.
+/// With r of 8 or 16 and len of a sentence, BLAS's packing costs more than the
+/// arithmetic; r axpy's per token over Q's contiguous row stay in cache and vectorise.
+fn outer_sum<F: Scalar>(p: &ArrayView2<'_, F>, q: &ArrayView2<'_, F>, out: &mut Array2<F>) {
+    out.fill(F::zero());
+    let d = q.ncols();
+    let Some(flat) = out.as_slice_mut() else {
+        general_mat_mul(F::one(), &p.t(), q, F::zero(), out);
+        return;
+    };
+    for (prow, qrow) in p.rows().into_iter().zip(q.rows()) {
+        let Some(qs) = qrow.as_slice() else {
+            general_mat_mul(F::one(), &p.t(), q, F::zero(), out);
+            return;
+        };
+        for (c, &pc) in prow.iter().enumerate() {
+            if pc == F::zero() {
+                continue;
+            }
+            for (o, &qv) in flat[c * d..(c + 1) * d].iter_mut().zip(qs) {
+                *o = *o + pc * qv;
+            }
+        }
+    }
+}
+
+/// Rows per block of [`batch_products`].
+const PRODUCT_ROWS: usize = 256;
+
+/// x·Aᵀ and δ·B for the whole batch, padding rows included, in a few large GEMMs over
+/// row blocks in parallel: far cheaper than one small GEMM per sample.
+fn batch_products<F: Scalar>(rows: &SiteRows<'_, F>) -> (Array2<F>, Array2<F>) {
+    let (n, r) = (rows.x.nrows(), rows.a.nrows());
+    let mut u = Array2::zeros((n, r));
+    let mut db = Array2::zeros((n, r));
+    u.axis_chunks_iter_mut(ndarray::Axis(0), PRODUCT_ROWS)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(k, mut block)| {
+            let start = k * PRODUCT_ROWS;
+            let x = rows.x.slice(s![start..start + block.nrows(), ..]);
+            general_mat_mul(F::one(), &x, &rows.a.t(), F::zero(), &mut block);
+        });
+    db.axis_chunks_iter_mut(ndarray::Axis(0), PRODUCT_ROWS)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(k, mut block)| {
+            let start = k * PRODUCT_ROWS;
+            let d = rows.delta.slice(s![start..start + block.nrows(), ..]);
+            general_mat_mul(F::one(), &d, &rows.b, F::zero(), &mut block);
+        });
+    (u, db)
+}
+
 /// Samples per task of [`site_fisher`]. Fixed, so that the diagonal sums are added in
 /// the same order whatever the number of threads: results are bitwise reproducible.
 const SAMPLES_PER_TASK: usize = 2;
@@ -247,6 +338,10 @@ const SAMPLES_PER_TASK: usize = 2;
 pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
     rows.check()?;
     crate::blas::single_threaded();
+    if rows.products.is_none() {
+        let owned = batch_products(rows);
+        return site_fisher(&rows.with_products(&owned));
+    }
     let ids: Vec<usize> = (0..rows.batch).collect();
     let partials: Vec<SiteSquares<F>> = ids
         .par_chunks(SAMPLES_PER_TASK)
@@ -257,17 +352,24 @@ pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, 
                 diag_a: Array2::zeros(rows.a.raw_dim()),
                 diag_b: Array2::zeros(rows.b.raw_dim()),
             };
-            let mut ga = Array2::zeros(rows.a.raw_dim());
-            let mut gb = Array2::zeros(rows.b.raw_dim());
-            for &i in chunk {
-                let (x, u, d, v) = rows.sample(i);
-                general_mat_mul(F::one(), &v.t(), &x, F::zero(), &mut ga);
-                general_mat_mul(rows.scale, &d.t(), &u, F::zero(), &mut gb);
-                part.sq_a.push(sum_sq(&ga));
-                part.sq_b.push(sum_sq(&gb));
-                part.diag_a.zip_mut_with(&ga, |acc, &g| *acc = *acc + g * g);
-                part.diag_b.zip_mut_with(&gb, |acc, &g| *acc = *acc + g * g);
-            }
+            // B's gradient is formed transposed (r × d_out) so that both products
+            // are Σ_t p_tᵀ q_t with long contiguous rows; its diagonal likewise.
+            let (r, d_in) = rows.a.dim();
+            let d_out = rows.b.nrows();
+            let mut ga = Array2::zeros((r, d_in));
+            let mut gbt = Array2::zeros((r, d_out));
+            let mut diag_bt = Array2::zeros((r, d_out));
+            let s2 = rows.scale * rows.scale;
+            crate::blas::simd(|| {
+                for &i in chunk {
+                    let (x, u, d, v) = rows.sample(i);
+                    outer_sum(&v.view(), &x.view(), &mut ga);
+                    outer_sum(&u.view(), &d.view(), &mut gbt);
+                    part.sq_a.push(square_into(&mut part.diag_a, &ga, F::one()));
+                    part.sq_b.push(square_into(&mut diag_bt, &gbt, s2));
+                }
+            });
+            part.diag_b = diag_bt.reversed_axes().as_standard_layout().into_owned();
             part
         })
         .collect();
