@@ -45,9 +45,22 @@ fn check_scores(scores: &[f64]) -> Result<(), CurriculumError> {
     }
 }
 
-/// A sort key under which −0.0 and 0.0 tie (total_cmp alone ranks −0.0 first).
-fn key(score: f64) -> f64 {
-    score + 0.0
+/// Ids sorted by score, ascending or (`hardest_first`) descending; ties keep the lower
+/// id first, and −0.0 ties with 0.0 (`total_cmp` alone ranks −0.0 first).
+fn sorted_ids(scores: &[f64], hardest_first: bool) -> Result<Vec<usize>, CurriculumError> {
+    check_scores(scores)?;
+    let key = |i: usize| scores[i] + 0.0;
+    let mut ids: Vec<usize> = (0..scores.len()).collect();
+    ids.sort_by(|&a, &b| {
+        let by_score = key(a).total_cmp(&key(b));
+        let by_score = if hardest_first {
+            by_score.reverse()
+        } else {
+            by_score
+        };
+        by_score.then(a.cmp(&b))
+    });
+    Ok(ids)
 }
 
 /// Orders a client's samples for the curriculum: the returned ids go easy → hard in
@@ -63,10 +76,7 @@ pub struct EasyFirst;
 
 impl Ordering for EasyFirst {
     fn order(&self, scores: &[f64], _seed: u64) -> Result<Vec<usize>, CurriculumError> {
-        check_scores(scores)?;
-        let mut ids: Vec<usize> = (0..scores.len()).collect();
-        ids.sort_by(|&a, &b| key(scores[a]).total_cmp(&key(scores[b])).then(a.cmp(&b)));
-        Ok(ids)
+        sorted_ids(scores, false)
     }
 }
 
@@ -76,10 +86,7 @@ pub struct HardFirst;
 
 impl Ordering for HardFirst {
     fn order(&self, scores: &[f64], _seed: u64) -> Result<Vec<usize>, CurriculumError> {
-        check_scores(scores)?;
-        let mut ids: Vec<usize> = (0..scores.len()).collect();
-        ids.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])).then(a.cmp(&b)));
-        Ok(ids)
+        sorted_ids(scores, true)
     }
 }
 
@@ -143,138 +150,118 @@ pub trait Pacing: std::fmt::Debug + Send + Sync {
     fn fraction(&self, round: usize, total_rounds: usize) -> f64;
 }
 
-/// Progress t/(λ·T), clamped to [0, 1]. Rounds from ⌈λ·T⌉ on count as complete even
-/// when float rounding leaves λ·T a hair above an integer.
-fn progress(round: usize, total_rounds: usize, lambda: f64) -> f64 {
-    let end = lambda * total_rounds as f64;
-    let t = round as f64;
-    if t >= end - 1e-9 * end.max(1.0) {
-        1.0
-    } else {
-        (t / end).clamp(0.0, 1.0)
-    }
-}
-
-fn check_c0_lambda(c0: f64, lambda: f64) -> Result<(), CurriculumError> {
-    if !(c0 > 0.0 && c0 <= 1.0) {
-        return Err(CurriculumError::Config(format!(
-            "pacing start fraction c0 must be in (0, 1], got {c0}"
-        )));
-    }
-    if !(lambda > 0.0 && lambda <= 1.0) {
-        return Err(CurriculumError::Config(format!(
-            "pacing λ (the share of rounds until all data is used) must be in (0, 1], got {lambda}"
-        )));
-    }
-    Ok(())
-}
-
-/// c(t) = min(1, c0 + (1−c0)·t/(λT)).
+/// What the ramped pacings share: the start fraction c0 and the share λ of the rounds
+/// after which all data is in use.
 #[derive(Debug, Clone, Copy)]
-pub struct Linear {
+struct Ramp {
     c0: f64,
     lambda: f64,
 }
 
+impl Ramp {
+    fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
+        if !(c0 > 0.0 && c0 <= 1.0) {
+            return Err(CurriculumError::Config(format!(
+                "pacing start fraction c0 must be in (0, 1], got {c0}"
+            )));
+        }
+        if !(lambda > 0.0 && lambda <= 1.0) {
+            return Err(CurriculumError::Config(format!(
+                "pacing λ (the share of rounds until all data is used) must be in (0, 1], got {lambda}"
+            )));
+        }
+        Ok(Self { c0, lambda })
+    }
+
+    /// `shape(c0, p)` at progress p = t/(λ·T), capped at 1; exactly 1 from round ⌈λ·T⌉
+    /// on, even when float rounding leaves λ·T a hair above an integer.
+    fn at(self, round: usize, total_rounds: usize, shape: impl Fn(f64, f64) -> f64) -> f64 {
+        let end = self.lambda * total_rounds as f64;
+        let t = round as f64;
+        if t >= end - 1e-9 * end.max(1.0) {
+            1.0
+        } else {
+            shape(self.c0, (t / end).clamp(0.0, 1.0)).min(1.0)
+        }
+    }
+}
+
+/// c(t) = min(1, c0 + (1−c0)·t/(λT)).
+#[derive(Debug, Clone, Copy)]
+pub struct Linear(Ramp);
+
 impl Linear {
     pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
-        check_c0_lambda(c0, lambda)?;
-        Ok(Self { c0, lambda })
+        Ok(Self(Ramp::new(c0, lambda)?))
     }
 }
 
 impl Pacing for Linear {
     fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
-        let p = progress(round, total_rounds, self.lambda);
-        if p >= 1.0 {
-            1.0
-        } else {
-            (self.c0 + (1.0 - self.c0) * p).min(1.0)
-        }
+        self.0.at(round, total_rounds, |c0, p| c0 + (1.0 - c0) * p)
     }
 }
 
 /// c(t) = min(1, sqrt(c0² + (1−c0²)·t/(λT))): fast early growth.
 #[derive(Debug, Clone, Copy)]
-pub struct Root {
-    c0: f64,
-    lambda: f64,
-}
+pub struct Root(Ramp);
 
 impl Root {
     pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
-        check_c0_lambda(c0, lambda)?;
-        Ok(Self { c0, lambda })
+        Ok(Self(Ramp::new(c0, lambda)?))
     }
 }
 
 impl Pacing for Root {
     fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
-        let p = progress(round, total_rounds, self.lambda);
-        if p >= 1.0 {
-            1.0
-        } else {
-            let c2 = self.c0 * self.c0;
-            (c2 + (1.0 - c2) * p).sqrt().min(1.0)
-        }
+        self.0.at(round, total_rounds, |c0, p| {
+            (c0 * c0 + (1.0 - c0 * c0) * p).sqrt()
+        })
     }
 }
 
 /// c(t) = min(1, c0^(1 − t/(λT))): grows by the same factor every round, slowly at
 /// first.
 #[derive(Debug, Clone, Copy)]
-pub struct Geometric {
-    c0: f64,
-    lambda: f64,
-}
+pub struct Geometric(Ramp);
 
 impl Geometric {
     pub fn new(c0: f64, lambda: f64) -> Result<Self, CurriculumError> {
-        check_c0_lambda(c0, lambda)?;
-        Ok(Self { c0, lambda })
+        Ok(Self(Ramp::new(c0, lambda)?))
     }
 }
 
 impl Pacing for Geometric {
     fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
-        let p = progress(round, total_rounds, self.lambda);
-        if p >= 1.0 {
-            1.0
-        } else {
-            self.c0.powf(1.0 - p).min(1.0)
-        }
+        self.0.at(round, total_rounds, |c0, p| c0.powf(1.0 - p))
     }
 }
 
 /// c(t) = c0 + (1−c0)·⌊s·t/(λT)⌋/s: `steps` equal jumps, the last at λT.
 #[derive(Debug, Clone, Copy)]
 pub struct Step {
-    c0: f64,
-    lambda: f64,
+    ramp: Ramp,
     steps: usize,
 }
 
 impl Step {
     pub fn new(c0: f64, lambda: f64, steps: usize) -> Result<Self, CurriculumError> {
-        check_c0_lambda(c0, lambda)?;
+        let ramp = Ramp::new(c0, lambda)?;
         if steps == 0 {
             return Err(CurriculumError::Config(
                 "step pacing needs at least 1 step".into(),
             ));
         }
-        Ok(Self { c0, lambda, steps })
+        Ok(Self { ramp, steps })
     }
 }
 
 impl Pacing for Step {
     fn fraction(&self, round: usize, total_rounds: usize) -> f64 {
-        let p = progress(round, total_rounds, self.lambda);
-        if p >= 1.0 {
-            1.0
-        } else {
-            let s = self.steps as f64;
-            (self.c0 + (1.0 - self.c0) * (p * s).floor() / s).min(1.0)
-        }
+        let s = self.steps as f64;
+        self.ramp.at(round, total_rounds, |c0, p| {
+            c0 + (1.0 - c0) * (p * s).floor() / s
+        })
     }
 }
 
