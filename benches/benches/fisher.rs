@@ -21,9 +21,9 @@ use fibecfed_benches::{lora_params, median_seconds, minilm};
 use fibecfed_fisher::{CpuBackend, NormMethod, SiteRows, site_fisher, sq_norms};
 use fibecfed_lora::LoraConfig;
 use fibecfed_sim::fisher::{FisherOptions, fisher_pass};
-use fibecfed_sim::train::Sample;
+use fibecfed_sim::train::{Sample, batch_of, by_length};
 use fibecfed_transformer::{
-    Adapter, Batch, BertModel, Encoded, NoHook, Reduction, TextEncoder, cross_entropy,
+    Adapter, BertModel, Encoded, NoHook, Reduction, TextEncoder, cross_entropy,
 };
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
@@ -151,14 +151,10 @@ fn client_samples(model: &BertModel<f32>) -> (Vec<Sample>, &'static str) {
 
 /// Forward + backward over the same length-sorted batches as the Fisher pass, no hook.
 fn plain_pass(model: &BertModel<f32>, adapter: Adapter<'_, f32>, samples: &[Sample]) -> f64 {
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|&i| samples[i].encoded.ids.len());
     let mut total = 0.0;
-    for chunk in order.chunks(BATCH) {
-        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
+    for chunk in by_length(samples).chunks(BATCH) {
         let labels: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
-        let batch = Batch::from_encoded(&items, model.config.pad_token_id)
-            .unwrap_or_else(|e| panic!("batch: {e}"));
+        let batch = batch_of(model, samples, chunk).unwrap_or_else(|e| panic!("batch: {e}"));
         let fwd = model
             .forward(&batch, adapter, None)
             .unwrap_or_else(|e| panic!("forward: {e}"));

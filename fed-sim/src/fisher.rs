@@ -14,16 +14,14 @@ use fibecfed_fisher::{
     SampleStats, SiteRows, head_fisher, normalise, sample_labels,
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
-use fibecfed_transformer::{
-    Adapter, Batch, BertModel, Encoded, Reduction, SiteHook, SiteTrace, cross_entropy,
-};
+use fibecfed_transformer::{Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy};
 use ndarray::{Array2, ArrayView2};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::Serialize;
 
-use crate::train::{Sample, fresh_adapter};
+use crate::train::{Sample, batch_of, by_length, fresh_adapter};
 
 /// ChaCha streams of one seed: 0 initialises a fresh adapter (as `fibecfed train`
 /// does), these two draw sampled labels and embedding noise.
@@ -129,14 +127,6 @@ impl SiteHook<f32> for FisherHook<'_> {
     }
 }
 
-/// Sample ids sorted by length, so that batches carry little padding; the results do
-/// not depend on the grouping.
-fn by_length(samples: &[Sample]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|&i| samples[i].encoded.ids.len());
-    order
-}
-
 /// One pass over `samples` with dropout off: per-sample difficulty and loss, the
 /// diagonal Fisher and the layer importance. Errors name the sample (0-based index
 /// into `samples`) or the tensor.
@@ -174,8 +164,7 @@ pub fn fisher_pass(
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     rng.set_stream(LABEL_STREAM);
     for chunk in by_length(samples).chunks(options.batch_size) {
-        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
-        let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
+        let batch = batch_of(model, samples, chunk)?;
         let fwd = model.forward(&batch, adapter, None)?;
         if let Some(row) = fwd
             .logits
@@ -190,18 +179,16 @@ pub fn fisher_pass(
             );
         }
         let truth: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
-        let in_batch = |e: fibecfed_transformer::ModelError| {
-            anyhow::anyhow!("{e} (batch of samples {chunk:?})")
-        };
+        let in_batch =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("{e} (batch of samples {chunk:?})");
         // The reported loss is always at the true label; only the gradient's label
         // follows the mode.
         let (losses, mut dlogits) =
-            cross_entropy(&fwd.logits, &truth, Reduction::Sum).map_err(in_batch)?;
+            cross_entropy(&fwd.logits, &truth, Reduction::Sum).map_err(|e| in_batch(&e))?;
         if options.labels == LabelMode::Sampled {
-            let drawn = sample_labels(fwd.logits.view(), &mut rng)
-                .map_err(|e| anyhow::anyhow!("{e} (batch of samples {chunk:?})"))?;
+            let drawn = sample_labels(fwd.logits.view(), &mut rng).map_err(|e| in_batch(&e))?;
             dlogits = cross_entropy(&fwd.logits, &drawn, Reduction::Sum)
-                .map_err(in_batch)?
+                .map_err(|e| in_batch(&e))?
                 .1;
         }
         let mut hook = FisherHook {
@@ -265,8 +252,7 @@ pub fn perturbation_importance(
     let mut acc = PerturbationImportance::new(model.config.num_hidden_layers);
     let hid = model.config.hidden_size;
     for chunk in by_length(samples).chunks(batch_size) {
-        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
-        let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
+        let batch = batch_of(model, samples, chunk)?;
         let rows = batch.batch * batch.seq_len;
         let noise = Array2::from_shape_fn((rows, hid), |(r, _)| {
             if batch.mask[r] {

@@ -118,6 +118,23 @@ pub fn tokenize(tok: &TextEncoder, data: &Dataset, file: &Path) -> Result<Vec<Sa
         .collect()
 }
 
+/// Sample ids sorted by length, so that batches of neighbours carry little padding.
+pub fn by_length(samples: &[Sample]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| samples[i].encoded.ids.len());
+    order
+}
+
+/// The right-padded batch of `samples[ids]`.
+pub fn batch_of(
+    model: &BertModel<f32>,
+    samples: &[Sample],
+    ids: &[usize],
+) -> Result<Batch, fibecfed_transformer::ModelError> {
+    let items: Vec<&Encoded> = ids.iter().map(|&i| &samples[i].encoded).collect();
+    Batch::from_encoded(&items, model.config.pad_token_id)
+}
+
 /// Accuracy and mean loss over `samples`; batches are formed by length so that
 /// little compute goes to padding (order does not change the result).
 pub fn evaluate(
@@ -129,13 +146,10 @@ pub fn evaluate(
     if samples.is_empty() {
         bail!("the evaluation set is empty");
     }
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    order.sort_by_key(|&i| samples[i].encoded.ids.len());
     let (mut correct, mut loss_sum) = (0usize, 0.0f64);
-    for chunk in order.chunks(batch_size.max(1)) {
-        let items: Vec<&Encoded> = chunk.iter().map(|&i| &samples[i].encoded).collect();
+    for chunk in by_length(samples).chunks(batch_size.max(1)) {
         let labels: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
-        let batch = Batch::from_encoded(&items, model.config.pad_token_id)?;
+        let batch = batch_of(model, samples, chunk)?;
         let logits = model.logits(&batch, adapter)?;
         let (losses, _) = cross_entropy(&logits, &labels, Reduction::Sum)?;
         loss_sum += losses.sum();

@@ -85,7 +85,7 @@ pub struct SiteSquares<F> {
     pub diag_b: Array2<F>,
 }
 
-impl<'a, F: Scalar> SiteRows<'a, F> {
+impl<F: Scalar> SiteRows<'_, F> {
     fn check(&self) -> Result<(), FisherError> {
         let n = self
             .batch
@@ -137,32 +137,24 @@ impl<'a, F: Scalar> SiteRows<'a, F> {
         }
     }
 
-    /// These rows with `products` = (u, δ·B) as given.
-    fn with_products<'b>(&self, products: &'b (Array2<F>, Array2<F>)) -> SiteRows<'b, F>
-    where
-        'a: 'b,
-    {
-        // Spelled out: `..*self` would tie the result to this lifetime ('a).
-        SiteRows {
-            x: self.x,
-            delta: self.delta,
-            mask: self.mask,
-            batch: self.batch,
-            seq_len: self.seq_len,
-            a: self.a,
-            b: self.b,
-            scale: self.scale,
-            products: Some(Products {
-                u: products.0.view(),
-                db: products.1.view(),
-            }),
+    /// The batch's products: the caller's, or formed here into `store`. (Products is
+    /// invariant in its lifetime, as ndarray views are, so the caller's views are
+    /// reborrowed to the lifetime the formed ones have.)
+    fn products_in<'s>(&'s self, store: &'s mut Option<OwnedProducts<F>>) -> Products<'s, F> {
+        match &self.products {
+            Some(p) => Products {
+                u: p.u.reborrow(),
+                db: p.db.reborrow(),
+            },
+            None => store.insert(batch_products(self)).view(),
         }
     }
 
-    /// Sample i's masked rows: X_i, U_i = X_i·Aᵀ, Δ_i, V_i = scale·Δ_i·B. With right
-    /// padding (the mask is 1…1 0…0, as batches are built) these are views of the real
-    /// rows only, so padding costs nothing; any other mask gets masked copies.
-    fn sample(&self, i: usize) -> SampleRows<'_, F> {
+    /// Sample i's masked rows: X_i, U_i = X_i·Aᵀ, Δ_i, V_i = scale·Δ_i·B, with U and
+    /// δ·B taken from `p` (the whole batch's products). With right padding (the mask is
+    /// 1…1 0…0, as batches are built) these are views of the real rows only, so padding
+    /// costs nothing; any other mask gets masked copies.
+    fn sample<'s>(&'s self, p: Products<'s, F>, i: usize) -> SampleRows<'s, F> {
         let span = i * self.seq_len..(i + 1) * self.seq_len;
         let m = self.mask.slice(s![span.clone()]);
         let len = m.iter().take_while(|&&v| v == F::one()).count();
@@ -184,19 +176,16 @@ impl<'a, F: Scalar> SiteRows<'a, F> {
                 CowArray::from(masked(self.delta.slice(rows))),
             )
         };
-        let (u, v) = match (&self.products, prefix) {
-            (Some(p), true) => (
-                CowArray::from(p.u.slice(rows)),
+        let (u, v) = if prefix {
+            (
+                CowArray::from(p.u.slice_move(rows)),
                 &p.db.slice(rows) * self.scale,
-            ),
-            (Some(p), false) => (
+            )
+        } else {
+            (
                 CowArray::from(masked(p.u.slice(rows))),
                 masked(p.db.slice(rows)) * self.scale,
-            ),
-            (None, _) => (
-                CowArray::from(x.dot(&self.a.t())),
-                d.dot(&self.b) * self.scale,
-            ),
+            )
         };
         (x, u, d, v)
     }
@@ -230,10 +219,8 @@ pub fn sq_norms<F: Scalar>(
     let t = rows.seq_len;
     let ghost_cheaper = |d: usize| t * (r + d) < r * d;
     crate::blas::single_threaded();
-    if rows.products.is_none() {
-        let owned = batch_products(rows);
-        return sq_norms(&rows.with_products(&owned), method);
-    }
+    let mut store = None;
+    let products = rows.products_in(&mut store);
     let use_ghost = |dim| match method {
         NormMethod::Ghost => true,
         NormMethod::Materialize => false,
@@ -244,7 +231,7 @@ pub fn sq_norms<F: Scalar>(
     let pairs: Vec<(F, F)> = (0..rows.batch)
         .into_par_iter()
         .map(|i| {
-            let (x, u, d, v) = rows.sample(i);
+            let (x, u, d, v) = rows.sample(products, i);
             let a2 = if use_ghost(d_in) {
                 ghost(&v, &x)
             } else {
@@ -304,7 +291,7 @@ const PRODUCT_ROWS: usize = 256;
 
 /// x·Aᵀ and δ·B for the whole batch, padding rows included, in a few large GEMMs over
 /// row blocks in parallel: far cheaper than one small GEMM per sample.
-fn batch_products<F: Scalar>(rows: &SiteRows<'_, F>) -> (Array2<F>, Array2<F>) {
+fn batch_products<F: Scalar>(rows: &SiteRows<'_, F>) -> OwnedProducts<F> {
     let (n, r) = (rows.x.nrows(), rows.a.nrows());
     let mut u = Array2::zeros((n, r));
     let mut db = Array2::zeros((n, r));
@@ -324,7 +311,22 @@ fn batch_products<F: Scalar>(rows: &SiteRows<'_, F>) -> (Array2<F>, Array2<F>) {
             let d = rows.delta.slice(s![start..start + block.nrows(), ..]);
             general_mat_mul(F::one(), &d, &rows.b, F::zero(), &mut block);
         });
-    (u, db)
+    OwnedProducts { u, db }
+}
+
+/// [`Products`] formed here because the caller had none.
+struct OwnedProducts<F> {
+    u: Array2<F>,
+    db: Array2<F>,
+}
+
+impl<F> OwnedProducts<F> {
+    fn view(&self) -> Products<'_, F> {
+        Products {
+            u: self.u.view(),
+            db: self.db.view(),
+        }
+    }
 }
 
 /// Samples per task of [`site_fisher`]. Fixed, so that the diagonal sums are added in
@@ -338,49 +340,40 @@ const SAMPLES_PER_TASK: usize = 2;
 pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
     rows.check()?;
     crate::blas::single_threaded();
-    if rows.products.is_none() {
-        let owned = batch_products(rows);
-        return site_fisher(&rows.with_products(&owned));
-    }
+    let mut store = None;
+    let products = rows.products_in(&mut store);
+    // B's gradient is formed transposed (r × d_out) so that both products are
+    // Σ_t p_tᵀ q_t with long contiguous rows; its diagonal stays transposed until the end.
+    let (r, d_in) = rows.a.dim();
+    let d_out = rows.b.nrows();
+    let empty = |n| SiteSquares {
+        sq_a: Vec::with_capacity(n),
+        sq_b: Vec::with_capacity(n),
+        diag_a: Array2::zeros((r, d_in)),
+        diag_b: Array2::zeros((r, d_out)),
+    };
+    let s2 = rows.scale * rows.scale;
     let ids: Vec<usize> = (0..rows.batch).collect();
     let partials: Vec<SiteSquares<F>> = ids
         .par_chunks(SAMPLES_PER_TASK)
         .map(|chunk| {
-            let mut part = SiteSquares {
-                sq_a: Vec::with_capacity(chunk.len()),
-                sq_b: Vec::with_capacity(chunk.len()),
-                diag_a: Array2::zeros(rows.a.raw_dim()),
-                diag_b: Array2::zeros(rows.b.raw_dim()),
-            };
-            // B's gradient is formed transposed (r × d_out) so that both products
-            // are Σ_t p_tᵀ q_t with long contiguous rows; its diagonal likewise.
-            let (r, d_in) = rows.a.dim();
-            let d_out = rows.b.nrows();
+            let mut part = empty(chunk.len());
             let mut ga = Array2::zeros((r, d_in));
             let mut gbt = Array2::zeros((r, d_out));
-            let mut diag_bt = Array2::zeros((r, d_out));
-            let s2 = rows.scale * rows.scale;
             crate::blas::simd(|| {
                 for &i in chunk {
-                    let (x, u, d, v) = rows.sample(i);
+                    let (x, u, d, v) = rows.sample(products, i);
                     outer_sum(&v.view(), &x.view(), &mut ga);
                     outer_sum(&u.view(), &d.view(), &mut gbt);
                     part.sq_a.push(square_into(&mut part.diag_a, &ga, F::one()));
-                    part.sq_b.push(square_into(&mut diag_bt, &gbt, s2));
+                    part.sq_b.push(square_into(&mut part.diag_b, &gbt, s2));
                 }
             });
-            part.diag_b = diag_bt.reversed_axes().as_standard_layout().into_owned();
             part
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let mut out = parts.next().unwrap_or_else(|| SiteSquares {
-        sq_a: Vec::new(),
-        sq_b: Vec::new(),
-        diag_a: Array2::zeros(rows.a.raw_dim()),
-        diag_b: Array2::zeros(rows.b.raw_dim()),
-    });
-    for p in parts {
+    let mut out = empty(rows.batch);
+    for p in partials {
         out.sq_a.extend(p.sq_a);
         out.sq_b.extend(p.sq_b);
         out.diag_a
@@ -388,6 +381,7 @@ pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, 
         out.diag_b
             .zip_mut_with(&p.diag_b, |acc, &g| *acc = *acc + g);
     }
+    out.diag_b = out.diag_b.reversed_axes().as_standard_layout().into_owned();
     Ok(out)
 }
 
