@@ -62,16 +62,19 @@ pub struct FisherReport {
 }
 
 /// Collects per-sample squares of one batch as the backward pass visits the sites.
-struct FisherHook<'a> {
-    backend: &'a dyn FisherBackend<f32>,
-    stats: Vec<SampleStats>,
-    diag: &'a mut DiagFisher<SiteId>,
-    error: Option<anyhow::Error>,
+pub(crate) struct FisherHook<'a> {
+    pub(crate) backend: &'a dyn FisherBackend<f32>,
+    pub(crate) stats: Vec<SampleStats>,
+    pub(crate) diag: &'a mut DiagFisher<SiteId>,
+    /// Layers whose sites are skipped (the training pass needs the Fisher of the
+    /// client's own layers only); empty = none.
+    pub(crate) skip_layers: &'a [usize],
+    pub(crate) error: Option<anyhow::Error>,
 }
 
 impl SiteHook<f32> for FisherHook<'_> {
     fn site(&mut self, trace: &SiteTrace<'_, f32>) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.skip_layers.contains(&trace.site.layer) {
             return;
         }
         let rows = SiteRows {
@@ -195,6 +198,7 @@ pub fn fisher_pass(
             backend,
             stats: vec![blank.clone(); chunk.len()],
             diag: &mut diag,
+            skip_layers: &[],
             error: None,
         };
         model.backward(&batch, adapter, &fwd, &dlogits, &mut hook)?;

@@ -13,8 +13,14 @@
 //! # Ok::<(), fibecfed_sim::data::DataError>(())
 //! ```
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod embed;
+pub mod engine;
 pub mod fisher;
 pub mod output;
+pub mod partition;
+pub mod registry;
+pub mod run;
 pub mod train;

@@ -16,6 +16,8 @@ use fibecfed_sim::fisher::{
     perturbation_importance,
 };
 use fibecfed_sim::output::{check_writable_file, write_atomic};
+use fibecfed_sim::registry::Registry;
+use fibecfed_sim::run::{RunArgs, run_command};
 use fibecfed_sim::train::{
     TrainConfig, TrainOutputs, check_outputs, limit_samples, load_model, tokenize, train,
 };
@@ -76,6 +78,9 @@ enum Command {
         #[arg(long)]
         limit_eval: Option<usize>,
     },
+    /// A federated run (FibecFed or any baseline) from a TOML config, with a checkpoint
+    /// after every round; `--resume DIR` continues a stopped run.
+    Run(RunArgs),
     /// Per-sample difficulty (trace of the empirical Fisher of sample i alone over every
     /// LoRA and head parameter) and per-layer importance of an adapter on a dataset.
     Fisher(FisherArgs),
@@ -258,6 +263,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fisher(args) => run_fisher(&args),
+        Command::Run(args) => {
+            let out = run_command(&args, &Registry::builtin())?;
+            eprintln!("metrics in {}", out.join("metrics.jsonl").display());
+            Ok(())
+        }
         Command::Embed {
             model_dir,
             input,

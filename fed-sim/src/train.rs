@@ -146,6 +146,21 @@ pub fn evaluate(
     if samples.is_empty() {
         bail!("the evaluation set is empty");
     }
+    let (correct, loss_sum) = evaluate_counts(model, adapter, samples, batch_size)?;
+    Ok((
+        correct as f64 / samples.len() as f64,
+        loss_sum / samples.len() as f64,
+    ))
+}
+
+/// Correct predictions and the summed loss over `samples` (federated evaluation adds
+/// these up over clients).
+pub fn evaluate_counts(
+    model: &BertModel<f32>,
+    adapter: Adapter<'_, f32>,
+    samples: &[Sample],
+    batch_size: usize,
+) -> Result<(usize, f64)> {
     let (mut correct, mut loss_sum) = (0usize, 0.0f64);
     for chunk in by_length(samples).chunks(batch_size.max(1)) {
         let labels: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
@@ -164,10 +179,7 @@ pub fn evaluate(
             correct += usize::from(pred == y);
         }
     }
-    Ok((
-        correct as f64 / samples.len() as f64,
-        loss_sum / samples.len() as f64,
-    ))
+    Ok((correct, loss_sum))
 }
 
 /// Where `train` writes.

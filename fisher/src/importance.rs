@@ -197,6 +197,12 @@ pub trait LayerSelector: std::fmt::Debug + Send + Sync {
         reports: &[ImportanceReport],
         n_layers: usize,
     ) -> Result<Vec<usize>, FisherError>;
+
+    /// Whether [`LayerSelector::select`] reads the reports: when it does not, clients
+    /// need not run an importance pass for it.
+    fn needs_reports(&self) -> bool {
+        true
+    }
 }
 
 /// FibecFed's rule: the top ⌈g·L⌉ layers of the n_k-weighted consensus.
@@ -236,6 +242,10 @@ impl LayerSelector for RandomLayers {
         layers.sort_unstable();
         Ok(layers)
     }
+
+    fn needs_reports(&self) -> bool {
+        false
+    }
 }
 
 /// Every layer is global (the g = 1 ablation and the FedAvg-style baselines).
@@ -249,5 +259,9 @@ impl LayerSelector for AllLayers {
         n_layers: usize,
     ) -> Result<Vec<usize>, FisherError> {
         Ok((0..n_layers).collect())
+    }
+
+    fn needs_reports(&self) -> bool {
+        false
     }
 }

@@ -8,7 +8,8 @@ use crate::diag::SiteDiag;
 use crate::importance::{ceil_fraction, top_k};
 
 /// What a kept "unit" is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Granularity {
     /// Output neurons (rows of B) and rank components (rows of A).
     Neuron,

@@ -14,6 +14,7 @@
 mod assets;
 mod common;
 mod data;
+mod report;
 mod reproduce;
 
 use std::path::PathBuf;
@@ -27,9 +28,11 @@ const USAGE: &str = "\
 Usage: cargo xtask <command> [options]
 
 Commands:
-  reproduce [--preset default|smoke] [--epochs N] [--model-dir DIR] [--data-dir DIR]
-      The main job. For now: the centralised LoRA baseline on MR (federated
-      rounds come later). Writes results/<UTC time>/{adapter,metrics.json,summary.md}.
+  reproduce [--preset default|smoke|paper] [--datasets mr,sst-2,...] [--seeds 42,43]
+            [--model-dir DIR] [--data-dir DIR]
+      The main job: FibecFed and the baselines (configs/*.toml) with `fibecfed run`
+      on MR (default) or the named datasets. Writes results/<UTC time>/ with
+      summary.md, summary.csv, configs/, runs/ and plots/.
   test [CARGO_TEST_ARGS...]
       Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
       the doc examples (`cargo test --workspace --doc`).
@@ -118,33 +121,39 @@ fn try_main() -> Result<ExitCode> {
             bench(quick, only.as_deref(), &criterion_args)
         }
         "reproduce" => {
+            let list = |v: Option<String>| -> Vec<String> {
+                v.map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
+            let datasets = list(args.value("--datasets")?);
+            let seeds = list(args.value("--seeds")?)
+                .iter()
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map_err(|_| usage_error(format!("--seeds: {s:?} is not a whole number")))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let options = reproduce::Options {
                 data_dir: args.value("--data-dir")?.map(PathBuf::from),
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
-                epochs: args
-                    .value("--epochs")?
-                    .map(|n| parse_epochs(&n))
-                    .transpose()?,
                 preset: args
                     .value("--preset")?
                     .map(|p| reproduce::Preset::parse(&p))
                     .transpose()?
                     .unwrap_or_default(),
+                datasets,
+                seeds,
             };
             args.finish(&command)?;
             reproduce::run(&options)?;
             Ok(ExitCode::SUCCESS)
         }
         other => Err(usage_error(format!("unknown command `{other}`"))),
-    }
-}
-
-fn parse_epochs(text: &str) -> Result<u32> {
-    match text.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(usage_error(format!(
-            "--epochs {text:?}: expected a whole number of at least 1"
-        ))),
     }
 }
 
@@ -339,9 +348,6 @@ mod tests {
         ));
         assert!(is_user_error(args(&["--x=1", "--x", "2"]).value("--x")));
         assert!(is_user_error(args(&["--bogus"]).finish("data")));
-        assert!(is_user_error(parse_epochs("0")));
-        assert!(is_user_error(parse_epochs("two")));
-        assert_eq!(parse_epochs("3").ok(), Some(3));
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! `cargo xtask reproduce`: the project's main job.
-//!
-//! Until the federated rounds land, it trains the centralised LoRA baseline on
-//! MR with the `fibecfed` binary and writes `results/<UTC time>/summary.md`
-//! next to the adapter and the metrics the binary produced.
+//! `cargo xtask reproduce`: the project's main job. It obtains the model and the data,
+//! runs FibecFed and the baselines (the TOML files in `configs/`, merged over the
+//! preset's federation settings) with `fibecfed run`, and writes
+//! `results/<UTC time>/` with `summary.md`, `summary.csv`, the configs used, every
+//! run's folder (metrics.jsonl, partition.json, checkpoint) and the PNG plots.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -14,25 +14,35 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::common::{cargo, describe, usage_error, user_error, workspace_root};
+use crate::common::{absolute, cargo, describe, usage_error, user_error, workspace_root};
+use crate::report;
 use crate::{assets, data};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preset {
-    /// The full MR train and dev sets.
+    /// MR, 10 clients, 15 rounds on a 1,000-example slice: FibecFed and four baselines.
     #[default]
     Default,
-    /// A few minutes on a laptop: enough to prove the pipeline end to end (CI).
+    /// Proves the pipeline end to end in a few minutes (CI).
     Smoke,
+    /// The paper's protocol: K = 100, q = 0.1, T = 100, batch 8, full data, every
+    /// baseline and ablation. Hours to days on a CPU.
+    Paper,
 }
+
+/// The baseline whose final accuracy sets the target.
+const BASELINE: &str = "fedavg-lora";
+/// Target = this fraction of the baseline's final accuracy.
+const TARGET_FRACTION: f64 = 0.95;
 
 impl Preset {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "default" => Ok(Self::Default),
             "smoke" => Ok(Self::Smoke),
+            "paper" => Ok(Self::Paper),
             other => Err(usage_error(format!(
-                "--preset {other:?}: expected `default` or `smoke`"
+                "--preset {other:?}: expected `default`, `smoke` or `paper`"
             ))),
         }
     }
@@ -41,6 +51,58 @@ impl Preset {
         match self {
             Self::Default => "default",
             Self::Smoke => "smoke",
+            Self::Paper => "paper",
+        }
+    }
+
+    /// Config files under `configs/`, FibecFed first and the target's baseline second.
+    fn methods(self) -> &'static [&'static str] {
+        match self {
+            Self::Smoke => &["fibecfed", "fedavg-lora"],
+            Self::Default => &[
+                "fibecfed",
+                "fedavg-lora",
+                "fedprox-lora",
+                "ffa-lora",
+                "local-only",
+            ],
+            Self::Paper => &[
+                "fibecfed",
+                "fedavg-lora",
+                "fedprox-lora",
+                "fedadam-lora",
+                "fedyogi-lora",
+                "ffa-lora",
+                "fedsa-lora",
+                "random-gal",
+                "local-only",
+                "centralised",
+                "ablations/no-curriculum",
+                "ablations/loss-curriculum",
+                "ablations/random-curriculum",
+                "ablations/anti-curriculum",
+                "ablations/dense",
+                "ablations/all-layers",
+                "ablations/perturbation",
+            ],
+        }
+    }
+
+    /// The settings every method of the preset shares (a method's file may override
+    /// them, as `centralised` does). Shared so that nothing is tuned per method.
+    fn settings(self) -> &'static str {
+        match self {
+            Self::Smoke => {
+                "[data]\nlimit_train = 240\nlimit_test = 120\n\n\
+                 [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nlr = 1e-3\n"
+            }
+            Self::Default => {
+                "[data]\nlimit_train = 1000\nlimit_test = 200\n\n\
+                 [federation]\nclients = 10\nfraction = 0.2\nrounds = 15\nlr = 1e-3\n"
+            }
+            Self::Paper => {
+                "[federation]\nclients = 100\nfraction = 0.1\nrounds = 100\nbatch_size = 8\nlr = 1e-3\n"
+            }
         }
     }
 }
@@ -49,99 +111,257 @@ impl Preset {
 pub struct Options {
     pub data_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
-    pub epochs: Option<u32>,
     pub preset: Preset,
+    /// Dataset folder names; default MR (or its stand-in).
+    pub datasets: Vec<String>,
+    /// One run per seed and method; default 42.
+    pub seeds: Vec<u64>,
 }
 
-/// The dataset `reproduce` trains on: the real MR, or its stand-in.
-const DATASETS: [&str; 2] = ["mr", data::FALLBACK_DATASET];
+/// The dataset `reproduce` trains on by default: the real MR, or its stand-in.
+const DEFAULT_DATASETS: [&str; 2] = ["mr", data::FALLBACK_DATASET];
+
+/// A dataset to run on.
+struct Dataset {
+    name: String,
+    train: PathBuf,
+    test: PathBuf,
+}
 
 pub fn run(options: &Options) -> Result<()> {
     let root = workspace_root()?;
     let model = assets::resolve(options.model_dir.as_deref())?;
     let data_root = data::resolve(options.data_dir.as_deref())?;
-    let (dataset, train, dev) = pick_dataset(&data_root)?;
-
+    let datasets = pick_datasets(&data_root, &options.datasets)?;
+    let seeds = if options.seeds.is_empty() {
+        vec![42]
+    } else {
+        options.seeds.clone()
+    };
     let binary = build_binary(&root)?;
 
     let started = SystemTime::now();
-    let results_rel = create_results_dir(&root, started)?;
-    let epochs = options.epochs.unwrap_or(1);
-    let mut args: Vec<String> = vec!["train".into()];
-    let mut push = |flag: &str, value: String| {
-        args.push(flag.to_owned());
-        args.push(value);
-    };
-    push("--model-dir", model.display().to_string());
-    push("--train", train.display().to_string());
-    push("--eval", dev.display().to_string());
-    push("--epochs", epochs.to_string());
-    push("--lora-rank", "8".into());
-    push("--lora-alpha", "16".into());
-    push("--targets", "query,value".into());
-    push("--lr", "5e-4".into());
-    push("--batch-size", "16".into());
-    push("--max-len", "64".into());
-    push("--seed", "42".into());
-    push("--save-adapter", format!("{results_rel}/adapter"));
-    push("--metrics-out", format!("{results_rel}/metrics.json"));
-    if options.preset == Preset::Smoke {
-        push("--limit-train", "256".into());
-        push("--limit-eval", "200".into());
-    }
-
-    let mut train_cmd = Command::new(&binary);
-    train_cmd.args(&args).current_dir(&root);
-    let command_line = describe(&train_cmd);
-    eprintln!("+ (in {}) {command_line}", root.display());
     let clock = Instant::now();
-    let status = train_cmd
-        .status()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let wall = clock.elapsed().as_secs_f64();
-    if !status.success() {
-        bail!("`fibecfed train` failed ({status}); whatever it wrote is in {results_rel}/");
+    let results_rel = create_results_dir(&root, started)?;
+    let results = root.join(&results_rel);
+    let preset = options.preset;
+    let mut md = String::new();
+    let mut csv = String::new();
+    let mut commands = Vec::new();
+    for ds in &datasets {
+        let mut runs = Vec::new();
+        for method in preset.methods() {
+            let config = merged_config(&root, preset, method)?;
+            let name = method.rsplit('/').next().unwrap_or(method);
+            let config_path = results
+                .join("configs")
+                .join(&ds.name)
+                .join(format!("{name}.toml"));
+            write_file(&config_path, &config)?;
+            for &seed in &seeds {
+                let out = results
+                    .join("runs")
+                    .join(&ds.name)
+                    .join(format!("{name}-seed{seed}"));
+                let mut cmd = Command::new(&binary);
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(&config_path)
+                    .arg("--out")
+                    .arg(&out)
+                    .arg("--model-dir")
+                    .arg(&model)
+                    .arg("--train")
+                    .arg(&ds.train)
+                    .arg("--test")
+                    .arg(&ds.test)
+                    .arg("--seed")
+                    .arg(seed.to_string());
+                let line = describe(&cmd);
+                eprintln!("+ {line}");
+                let status = cmd
+                    .status()
+                    .with_context(|| format!("cannot start {}", binary.display()))?;
+                if !status.success() {
+                    bail!(
+                        "{name} on {} (seed {seed}) failed ({status}); its folder is {}; continue it with `{} run --resume {}`",
+                        ds.name,
+                        out.display(),
+                        binary.display(),
+                        out.display()
+                    );
+                }
+                commands.push(line);
+                let metrics = out.join("metrics.jsonl");
+                let text = fs::read_to_string(&metrics)
+                    .with_context(|| format!("cannot read {}", metrics.display()))?;
+                runs.push(
+                    report::parse_metrics(&text)
+                        .with_context(|| format!("{}", metrics.display()))?,
+                );
+            }
+        }
+        let table = report::summarise(&runs, BASELINE, TARGET_FRACTION)?;
+        let plots_dir = results.join("plots").join(&ds.name);
+        let plots = report::draw_plots(&runs, Some(table.target), &plots_dir)?;
+        let _ = writeln!(md, "## {}\n", ds.name);
+        let _ = writeln!(md, "{}", report::markdown(&table));
+        let _ = writeln!(md, "{}", acceptance(&table));
+        for p in &plots {
+            let rel = p.strip_prefix(&results).unwrap_or(p);
+            let _ = writeln!(md, "![{}]({})", rel.display(), rel.display());
+        }
+        let _ = writeln!(md);
+        let body = report::csv(&table);
+        let mut lines = body.lines();
+        if csv.is_empty() {
+            if let Some(header) = lines.next() {
+                let _ = writeln!(csv, "dataset,{header}");
+            }
+        } else {
+            lines.next();
+        }
+        for l in lines {
+            let _ = writeln!(csv, "{},{l}", ds.name);
+        }
     }
-
-    let metrics_path = root.join(&results_rel).join("metrics.json");
-    let metrics_text = fs::read_to_string(&metrics_path).with_context(|| {
-        format!(
-            "`fibecfed train` succeeded but left no {}",
-            metrics_path.display()
-        )
-    })?;
-    let metrics = Metrics::parse(&metrics_text)
-        .with_context(|| format!("cannot read {}", metrics_path.display()))?;
-
-    let summary = render_summary(&Summary {
-        metrics: &metrics,
-        command: &command_line,
-        workdir: &root,
-        preset: options.preset,
-        model: &model,
-        dataset,
+    let wall = clock.elapsed().as_secs_f64();
+    let summary = render_summary(&SummaryInfo {
+        preset,
+        seeds: &seeds,
+        datasets: &datasets,
         data_source: data_root.source,
-        train: &train,
-        dev: &dev,
+        model: &model,
         results: &results_rel,
         commit: &git_commit(&root),
         machine: &machine(),
         date: &utc_string(started),
         wall_seconds: wall,
+        tables: &md,
+        commands: &commands,
     });
-    let summary_path = root.join(&results_rel).join("summary.md");
-    fs::write(&summary_path, &summary)
-        .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    write_file(&results.join("summary.md"), &summary)?;
+    write_file(&results.join("summary.csv"), &csv)?;
     println!("{summary}");
-    println!("{}", summary_path.display());
+    println!("{}", results.join("summary.md").display());
     Ok(())
 }
 
-fn pick_dataset(root: &data::DataRoot) -> Result<(&'static str, PathBuf, PathBuf)> {
+/// The preset's shared settings with the method's file merged over them.
+fn merged_config(root: &Path, preset: Preset, method: &str) -> Result<String> {
+    let path = root.join("configs").join(format!("{method}.toml"));
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let own: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let mut merged: toml::Table = toml::from_str(preset.settings())?;
+    merge(&mut merged, own);
+    Ok(format!(
+        "# {method}: configs/{method}.toml over the `{}` preset's shared settings.\n{}",
+        preset.name(),
+        toml::to_string(&merged)?
+    ))
+}
+
+/// Deep merge: tables merge key by key, anything else in `over` replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The issue's acceptance checks for FibecFed against the baseline, stated plainly.
+fn acceptance(table: &report::Table) -> String {
+    let find = |m: &str| table.rows.iter().find(|r| r.method == m);
+    let (Some(fib), Some(base)) = (find("fibecfed"), find(BASELINE)) else {
+        return String::new();
+    };
+    let mut out = String::from("Checks (FibecFed against FedAvg-LoRA):\n\n");
+    let time = match (&fib.sim_seconds_to_target, &base.sim_seconds_to_target) {
+        (Some(f), Some(b)) => format!(
+            "{}: reaches the target in {:.1} simulated s against {:.1} s",
+            if f.mean < b.mean {
+                "holds"
+            } else {
+                "does NOT hold"
+            },
+            f.mean,
+            b.mean
+        ),
+        (None, _) => "does NOT hold: FibecFed never reaches the target".into(),
+        (Some(f), None) => format!(
+            "holds: FibecFed reaches the target in {:.1} simulated s, the baseline not at all",
+            f.mean
+        ),
+    };
+    let _ = writeln!(out, "- less simulated time to the target: {time}");
+    let ratio = fib.mb_up.mean / base.mb_up.mean.max(f64::MIN_POSITIVE);
+    let _ = writeln!(
+        out,
+        "- uploads ≤ 60% of the baseline's bytes: {} ({:.1}%: {:.2} MB against {:.2} MB)",
+        if ratio <= 0.6 {
+            "holds"
+        } else {
+            "does NOT hold"
+        },
+        100.0 * ratio,
+        fib.mb_up.mean,
+        base.mb_up.mean
+    );
+    let gap = 100.0 * (fib.final_accuracy.mean - base.final_accuracy.mean);
+    let _ = writeln!(
+        out,
+        "- final accuracy within 1 point of the baseline or above: {} ({gap:+.2} points)",
+        if gap >= -1.0 {
+            "holds"
+        } else {
+            "does NOT hold"
+        }
+    );
+    out
+}
+
+fn pick_datasets(root: &data::DataRoot, asked: &[String]) -> Result<Vec<Dataset>> {
+    if !asked.is_empty() {
+        return asked
+            .iter()
+            .map(|name| {
+                let (train, test) = data::split_files(&root.path, name).map_err(|e| {
+                    user_error(format!(
+                        "--datasets {name}: not usable under {} ({e:#})",
+                        root.path.display()
+                    ))
+                })?;
+                Ok(Dataset {
+                    name: name.clone(),
+                    train: absolute(&train)?,
+                    test: absolute(&test)?,
+                })
+            })
+            .collect();
+    }
     let mut reasons = Vec::new();
-    for dataset in DATASETS {
-        match data::split_files(&root.path, dataset) {
-            Ok((train, dev)) => return Ok((dataset, train, dev)),
+    for name in DEFAULT_DATASETS {
+        match data::split_files(&root.path, name) {
+            Ok((train, test)) => {
+                return Ok(vec![Dataset {
+                    name: name.to_owned(),
+                    train: absolute(&train)?,
+                    test: absolute(&test)?,
+                }]);
+            }
             Err(why) => reasons.push(format!("{why:#}")),
         }
     }
@@ -156,6 +376,67 @@ fn pick_dataset(root: &data::DataRoot) -> Result<(&'static str, PathBuf, PathBuf
     } else {
         bail!(message)
     }
+}
+
+struct SummaryInfo<'a> {
+    preset: Preset,
+    seeds: &'a [u64],
+    datasets: &'a [Dataset],
+    data_source: &'a str,
+    model: &'a Path,
+    results: &'a str,
+    commit: &'a str,
+    machine: &'a str,
+    date: &'a str,
+    wall_seconds: f64,
+    tables: &'a str,
+    commands: &'a [String],
+}
+
+fn render_summary(s: &SummaryInfo<'_>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# FibecFed against baselines ({})\n", s.results);
+    let _ = writeln!(
+        out,
+        "Personalised accuracy (each client's own model on its own test part, weighted \
+         by test size). Target: {:.0}% of {BASELINE}'s final accuracy. Simulated time is the \
+         cost model of the configs' `[simulation]` section (padded tokens × seconds per \
+         token + bytes ÷ bandwidth, slowest selected client per round, the scoring pass \
+         included); MB counts the exact safetensors messages, up and down. Every method \
+         uses the same preset settings; nothing is tuned per method on the test split.\n",
+        100.0 * TARGET_FRACTION
+    );
+    out.push_str(s.tables);
+    let _ = writeln!(out, "## Run\n");
+    let _ = writeln!(out, "- preset: `{}`", s.preset.name());
+    let seeds: Vec<String> = s.seeds.iter().map(u64::to_string).collect();
+    let _ = writeln!(out, "- seeds: {}", seeds.join(", "));
+    let _ = writeln!(out, "- model folder: `{}`", s.model.display());
+    for d in s.datasets {
+        let _ = writeln!(
+            out,
+            "- {}: train `{}`, test `{}` (from {})",
+            d.name,
+            d.train.display(),
+            d.test.display(),
+            s.data_source
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- configs: `{}/configs/`; runs: `{0}/runs/`",
+        s.results
+    );
+    let _ = writeln!(out, "- wall time of the whole job: {:.1} s", s.wall_seconds);
+    let _ = writeln!(out, "- git commit: `{}`", s.commit);
+    let _ = writeln!(out, "- machine: {}", s.machine);
+    let _ = writeln!(out, "- date: {}", s.date);
+    let _ = writeln!(out, "\nCommands:\n\n```sh");
+    for c in s.commands {
+        let _ = writeln!(out, "{c}");
+    }
+    let _ = writeln!(out, "```");
+    out
 }
 
 /// Builds the binary and asks cargo where it put it, so a custom
@@ -217,125 +498,6 @@ fn create_results_dir(root: &Path, started: SystemTime) -> Result<String> {
         }
     }
     bail!("cannot find a free results/{stamp}-N folder")
-}
-
-#[derive(Debug, PartialEq)]
-struct EpochRow {
-    epoch: u64,
-    train_loss: f64,
-    eval_accuracy: f64,
-    seconds: f64,
-}
-
-/// What `fibecfed train --metrics-out` writes:
-/// `{"epochs":[{"epoch":1,"train_loss":..,"eval_accuracy":..,"seconds":..}],"config":{..}}`.
-#[derive(Debug)]
-struct Metrics {
-    epochs: Vec<EpochRow>,
-    config: Option<Value>,
-}
-
-impl Metrics {
-    fn parse(text: &str) -> Result<Self> {
-        let json: Value = serde_json::from_str(text).context("not valid JSON")?;
-        let rows = json["epochs"]
-            .as_array()
-            .context("field `epochs`: expected an array")?;
-        let mut epochs = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            let number = |field: &str| {
-                row[field]
-                    .as_f64()
-                    .with_context(|| format!("field `epochs[{i}].{field}`: expected a number"))
-            };
-            epochs.push(EpochRow {
-                epoch: row["epoch"].as_u64().with_context(|| {
-                    format!("field `epochs[{i}].epoch`: expected a non-negative integer")
-                })?,
-                train_loss: number("train_loss")?,
-                eval_accuracy: number("eval_accuracy")?,
-                seconds: number("seconds")?,
-            });
-        }
-        let config = json.get("config").filter(|c| !c.is_null()).cloned();
-        Ok(Self { epochs, config })
-    }
-}
-
-struct Summary<'a> {
-    metrics: &'a Metrics,
-    command: &'a str,
-    workdir: &'a Path,
-    preset: Preset,
-    model: &'a Path,
-    dataset: &'a str,
-    data_source: &'a str,
-    train: &'a Path,
-    dev: &'a Path,
-    results: &'a str,
-    commit: &'a str,
-    machine: &'a str,
-    date: &'a str,
-    wall_seconds: f64,
-}
-
-fn render_summary(s: &Summary<'_>) -> String {
-    let mut out = String::new();
-    // `writeln!` into a String cannot fail; the results are ignored on purpose.
-    let _ = writeln!(out, "# Centralised LoRA baseline ({})\n", s.results);
-    let _ = writeln!(
-        out,
-        "This is the **centralised LoRA baseline**: one model trained on all of the \
-         training data, with no clients and no federated rounds. FibecFed rounds \
-         (Fisher-based curriculum, global aggregation layers, sparse updates) arrive \
-         with the federated issue; until then `cargo xtask reproduce` runs only this \
-         baseline.\n"
-    );
-    let _ = writeln!(out, "| epoch | train loss | eval accuracy | wall seconds |");
-    let _ = writeln!(out, "|---:|---:|---:|---:|");
-    for row in &s.metrics.epochs {
-        let _ = writeln!(
-            out,
-            "| {} | {:.4} | {:.4} | {:.1} |",
-            row.epoch, row.train_loss, row.eval_accuracy, row.seconds
-        );
-    }
-    if s.metrics.epochs.is_empty() {
-        let _ = writeln!(out, "| (metrics.json lists no epochs) | | | |");
-    }
-    let _ = writeln!(out, "\n## Run\n");
-    let _ = writeln!(out, "- preset: `{}`", s.preset.name());
-    let _ = writeln!(
-        out,
-        "- command (run from `{}`):\n\n  ```sh\n  {}\n  ```\n",
-        s.workdir.display(),
-        s.command
-    );
-    let _ = writeln!(out, "- model folder: `{}`", s.model.display());
-    let _ = writeln!(out, "- dataset: `{}` (from {})", s.dataset, s.data_source);
-    let _ = writeln!(out, "- train file: `{}`", s.train.display());
-    let _ = writeln!(out, "- eval file: `{}`", s.dev.display());
-    let _ = writeln!(
-        out,
-        "- outputs: `{0}/adapter`, `{0}/metrics.json`",
-        s.results
-    );
-    let _ = writeln!(
-        out,
-        "- wall time of the train command (measured by xtask): {:.1} s",
-        s.wall_seconds
-    );
-    let _ = writeln!(out, "- git commit: `{}`", s.commit);
-    let _ = writeln!(out, "- machine: {}", s.machine);
-    let _ = writeln!(out, "- date: {}", s.date);
-    if let Some(config) = &s.metrics.config {
-        let pretty = serde_json::to_string_pretty(config).unwrap_or_else(|_| config.to_string());
-        let _ = writeln!(
-            out,
-            "\n## Config (as reported by the binary)\n\n```json\n{pretty}\n```"
-        );
-    }
-    out
 }
 
 fn git_commit(root: &Path) -> String {
@@ -422,7 +584,6 @@ fn utc_string(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::shell_words;
     use std::time::Duration;
 
     #[test]
@@ -433,60 +594,6 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(compact_stamp(t), "20231114-221320");
         assert_eq!(utc_string(t), "2023-11-14 22:13:20 UTC");
-    }
-
-    #[test]
-    fn metrics_contract() -> Result<()> {
-        let m = Metrics::parse(
-            r#"{"epochs":[{"epoch":1,"train_loss":0.41,"eval_accuracy":0.79,"seconds":123.4}],
-                "config":{"lora_rank":8}}"#,
-        )?;
-        assert_eq!(
-            m.epochs,
-            vec![EpochRow {
-                epoch: 1,
-                train_loss: 0.41,
-                eval_accuracy: 0.79,
-                seconds: 123.4
-            }]
-        );
-        assert_eq!(m.config, Some(serde_json::json!({"lora_rank": 8})));
-
-        let err = Metrics::parse(r#"{"epochs":[{"epoch":1,"train_loss":"x"}]}"#)
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
-        assert!(err.contains("epochs[0].train_loss"), "{err}");
-        assert!(Metrics::parse("{}").is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn summary_names_the_baseline_and_the_numbers() -> Result<()> {
-        let metrics = Metrics::parse(
-            r#"{"epochs":[{"epoch":1,"train_loss":0.41,"eval_accuracy":0.79,"seconds":123.4}]}"#,
-        )?;
-        let text = render_summary(&Summary {
-            metrics: &metrics,
-            command: &shell_words(["fibecfed", "train", "--epochs", "1"]),
-            workdir: Path::new("/w"),
-            preset: Preset::Smoke,
-            model: Path::new("/m"),
-            dataset: "mr",
-            data_source: "../shared/data",
-            train: Path::new("/d/mr/train.tsv"),
-            dev: Path::new("/d/mr/dev.tsv"),
-            results: "results/20231114-221320",
-            commit: "unknown",
-            machine: "host, 2 logical CPUs (nproc), cpu",
-            date: "2023-11-14 22:13:20 UTC",
-            wall_seconds: 130.0,
-        });
-        assert!(text.contains("centralised LoRA baseline"));
-        assert!(text.contains("FibecFed rounds"));
-        assert!(text.contains("| 1 | 0.4100 | 0.7900 | 123.4 |"), "{text}");
-        assert!(text.contains("fibecfed train --epochs 1"));
-        Ok(())
     }
 
     #[test]
@@ -512,6 +619,39 @@ not json
     #[test]
     fn presets_parse() {
         assert_eq!(Preset::parse("smoke").ok(), Some(Preset::Smoke));
+        assert_eq!(Preset::parse("paper").ok(), Some(Preset::Paper));
         assert!(Preset::parse("fast").is_err());
+    }
+
+    /// Every preset's methods exist under configs/, FibecFed and the target's baseline
+    /// come first, and the merge keeps the preset's settings unless the method's file
+    /// overrides them.
+    #[test]
+    fn preset_configs_merge() -> Result<()> {
+        let root = workspace_root()?;
+        for preset in [Preset::Smoke, Preset::Default, Preset::Paper] {
+            assert_eq!(preset.methods()[..2], ["fibecfed", BASELINE]);
+            for method in preset.methods() {
+                let text = merged_config(&root, preset, method)?;
+                let table: toml::Table = toml::from_str(&text)?;
+                let clients = table["federation"]["clients"].as_integer();
+                if *method == "centralised" {
+                    assert_eq!(clients, Some(1), "{text}");
+                } else {
+                    let preset_table: toml::Table = toml::from_str(preset.settings())?;
+                    assert_eq!(clients, preset_table["federation"]["clients"].as_integer());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn merge_is_deep() -> Result<()> {
+        let mut base: toml::Table = toml::from_str("[a]\nx = 1\ny = 2\n[b]\nz = 3\n")?;
+        merge(&mut base, toml::from_str("[a]\ny = 5\n[c]\nw = 6\n")?);
+        let expected: toml::Table = toml::from_str("[a]\nx = 1\ny = 5\n[b]\nz = 3\n[c]\nw = 6\n")?;
+        assert_eq!(base, expected);
+        Ok(())
     }
 }

@@ -1,0 +1,434 @@
+//! The TOML file of `fibecfed run`: one engine, one config per method. FibecFed, every
+//! baseline and every ablation of FIBECFED.md §6 differ only in these values (see
+//! `configs/`). Unknown keys are errors that list the valid ones (serde's
+//! `deny_unknown_fields`); the pluggable parts (`[curriculum]` scorer, ordering and
+//! pacing, `[sharing.selector]`, `[aggregator]`) are looked up by `kind` in a
+//! [`crate::registry::Registry`], so a new component needs no edit here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The name metrics and plots use ("fibecfed", "fedavg-lora", ...).
+    pub method: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub partition: PartitionConfig,
+    #[serde(default)]
+    pub federation: Federation,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub curriculum: CurriculumSection,
+    #[serde(default)]
+    pub sharing: Sharing,
+    #[serde(default)]
+    pub sparse: Sparse,
+    /// `kind` names a registered aggregator; the other keys are its settings.
+    #[serde(default = "default_aggregator")]
+    pub aggregator: toml::Table,
+    #[serde(default)]
+    pub client: ClientSection,
+    #[serde(default)]
+    pub simulation: Simulation,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+fn default_aggregator() -> toml::Table {
+    kind_table("fedavg")
+}
+
+/// `{ kind = name }`.
+pub fn kind_table(name: &str) -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), toml::Value::String(name.into()));
+    t
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face BERT-family folder; `--model-dir` overrides it.
+    pub dir: Option<PathBuf>,
+    /// Inputs are truncated to this many tokens, [CLS] and [SEP] included.
+    pub max_len: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_len: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training TSV: the clients' data. `--train` overrides it.
+    pub train: Option<PathBuf>,
+    /// Test TSV (the dev split), partitioned into the clients' test sets. `--test`
+    /// overrides it.
+    pub test: Option<PathBuf>,
+    /// A seeded random subset of the training file (the smaller presets).
+    pub limit_train: Option<usize>,
+    pub limit_test: Option<usize>,
+}
+
+/// How the data is split among clients.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PartitionConfig {
+    /// Shuffled and cut into near-equal parts.
+    Iid {},
+    /// FedPepTAO's non-IID split: client sizes ~ Dir(size_concentration·1_K), class
+    /// priors ~ Dir(alpha·1_C); the test split is drawn with the same sizes and priors.
+    Dirichlet {
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        #[serde(default = "default_size_concentration")]
+        size_concentration: f64,
+    },
+    /// Sorted by label and cut into clients·shards_per_client shards; each client gets
+    /// `shards_per_client` of them (the "pathological" split of McMahan et al.).
+    Shards {
+        #[serde(default = "default_shards")]
+        shards_per_client: usize,
+    },
+}
+
+fn default_alpha() -> f64 {
+    1.0
+}
+fn default_size_concentration() -> f64 {
+    5.0
+}
+fn default_shards() -> usize {
+    2
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        Self::Dirichlet {
+            alpha: default_alpha(),
+            size_concentration: default_size_concentration(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Federation {
+    /// K.
+    pub clients: usize,
+    /// q: m = max(1, round(q·K)) clients per round.
+    pub fraction: f64,
+    /// T.
+    pub rounds: usize,
+    /// E.
+    pub local_epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Each selected client fails before uploading with this probability (simulated
+    /// failures); the round goes on without it.
+    pub dropout_probability: f64,
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Self {
+            clients: 10,
+            fraction: 0.2,
+            rounds: 15,
+            local_epochs: 1,
+            batch_size: 16,
+            lr: 5e-4,
+            weight_decay: 0.01,
+            dropout_probability: 0.0,
+        }
+    }
+}
+
+/// Which LoRA factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Factor {
+    A,
+    B,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+    /// Factors that never train (FFA-LoRA freezes A at its random init).
+    pub frozen: Vec<Factor>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec!["query".into(), "value".into()],
+            frozen: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CurriculumSection {
+    /// A registered difficulty scorer: `fisher` (trace of the sample's Fisher) or `loss`.
+    pub scorer: String,
+    /// A registered ordering: `easy_first`, `hard_first` or `random`.
+    pub ordering: String,
+    /// `kind` names a registered pacing (`linear`, `root`, `geometric`, `step`,
+    /// `constant`); constant pacing means no curriculum and no scoring pass for it.
+    pub pacing: toml::Table,
+    /// Re-score a client's data when it is selected and this many rounds have passed
+    /// since its last scoring; 0 = score once, before its first round.
+    pub rescore_every: usize,
+    /// Gradient at the true label (empirical Fisher) or a label drawn from the model.
+    pub sampled_labels: bool,
+}
+
+impl Default for CurriculumSection {
+    fn default() -> Self {
+        let mut pacing = kind_table("linear");
+        pacing.insert("c0".into(), toml::Value::Float(0.3));
+        pacing.insert("lambda".into(), toml::Value::Float(0.6));
+        Self {
+            scorer: "fisher".into(),
+            ordering: "easy_first".into(),
+            pacing,
+            rescore_every: 0,
+            sampled_labels: false,
+        }
+    }
+}
+
+/// Layer importance used by the selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceKind {
+    /// Σ of the layer's diagonal Fisher, normalised.
+    Fisher,
+    /// Output sensitivity to noise on the input embeddings.
+    Perturbation,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sharing {
+    /// `kind` names a registered layer selector: `consensus_top_k` (with `fraction`,
+    /// FibecFed's GAL), `random` (with `fraction`), `all`, `none` (local-only).
+    pub selector: toml::Table,
+    pub importance: ImportanceKind,
+    /// σ of the embedding noise for `importance = "perturbation"`.
+    pub perturbation_sigma: f32,
+    /// The LoRA factors of global layers that travel and are aggregated (FedSA-LoRA
+    /// shares only A); the rest stays on the client.
+    pub factors: Vec<Factor>,
+    /// Whether the classification head travels.
+    pub head: bool,
+}
+
+impl Default for Sharing {
+    fn default() -> Self {
+        let mut selector = kind_table("consensus_top_k");
+        selector.insert("fraction".into(), toml::Value::Float(0.5));
+        Self {
+            selector,
+            importance: ImportanceKind::Fisher,
+            perturbation_sigma: 0.01,
+            factors: vec![Factor::A, Factor::B],
+            head: true,
+        }
+    }
+}
+
+/// Sparse local update of the layers that stay on the client.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sparse {
+    /// ρ: fraction of units updated each round; 1 = dense.
+    pub rho: f64,
+    /// γ of the Fisher momentum.
+    pub gamma: f64,
+    pub granularity: fibecfed_fisher::Granularity,
+}
+
+impl Default for Sparse {
+    fn default() -> Self {
+        Self {
+            rho: 0.25,
+            gamma: 0.9,
+            granularity: fibecfed_fisher::Granularity::Neuron,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSection {
+    /// FedProx μ on the shared tensors; 0 = plain local training.
+    pub prox_mu: f32,
+}
+
+/// The deterministic cost model behind "simulated time": wall clocks differ from run to
+/// run, and metrics must not.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Simulation {
+    /// Seconds per padded token of a forward+backward pass (training or scoring).
+    /// Default: MiniLM r=8 on the 2-core reference machine (≈2,100 tokens/s).
+    pub seconds_per_token: f64,
+    pub upload_bytes_per_second: f64,
+    pub download_bytes_per_second: f64,
+}
+
+impl Default for Simulation {
+    fn default() -> Self {
+        Self {
+            seconds_per_token: 1.0 / 2100.0,
+            upload_bytes_per_second: 1.0e6,
+            download_bytes_per_second: 5.0e6,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and checks a config file; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Checks what needs no model or data; every message names the key.
+    pub fn validate(&self) -> Result<()> {
+        let f = &self.federation;
+        if self.method.trim().is_empty() {
+            bail!("method: must name the method");
+        }
+        if f.clients == 0 {
+            bail!("federation.clients: must be at least 1");
+        }
+        if !(f.fraction > 0.0 && f.fraction <= 1.0) {
+            bail!("federation.fraction: must be in (0, 1], got {}", f.fraction);
+        }
+        if f.rounds == 0 || f.local_epochs == 0 || f.batch_size == 0 {
+            bail!("federation.rounds, local_epochs and batch_size: must be at least 1");
+        }
+        if !(f.lr.is_finite() && f.lr > 0.0) {
+            bail!("federation.lr: must be a positive number, got {}", f.lr);
+        }
+        if !(f.weight_decay.is_finite() && f.weight_decay >= 0.0) {
+            bail!(
+                "federation.weight_decay: must be ≥ 0, got {}",
+                f.weight_decay
+            );
+        }
+        if !(0.0..1.0).contains(&f.dropout_probability) {
+            bail!(
+                "federation.dropout_probability: must be in [0, 1), got {}",
+                f.dropout_probability
+            );
+        }
+        if self.model.max_len < 3 {
+            bail!("model.max_len: must be at least 3 ([CLS], a token, [SEP])");
+        }
+        match self.partition {
+            PartitionConfig::Dirichlet {
+                alpha,
+                size_concentration,
+            } if !(alpha > 0.0
+                && alpha.is_finite()
+                && size_concentration > 0.0
+                && size_concentration.is_finite()) =>
+            {
+                bail!("partition: alpha and size_concentration must be positive and finite");
+            }
+            PartitionConfig::Shards {
+                shards_per_client: 0,
+            } => bail!("partition.shards_per_client: must be at least 1"),
+            _ => {}
+        }
+        let l = &self.lora;
+        if l.rank == 0 || !l.alpha.is_finite() || !(0.0..1.0).contains(&l.dropout) {
+            bail!("lora: rank must be ≥ 1, alpha finite, dropout in [0, 1)");
+        }
+        if l.targets.is_empty() {
+            bail!("lora.targets: name at least one module");
+        }
+        let s = &self.sparse;
+        if !(s.rho > 0.0 && s.rho <= 1.0) {
+            bail!("sparse.rho: must be in (0, 1], got {}", s.rho);
+        }
+        if !(0.0..=1.0).contains(&s.gamma) {
+            bail!("sparse.gamma: must be in [0, 1], got {}", s.gamma);
+        }
+        if !(self.client.prox_mu.is_finite() && self.client.prox_mu >= 0.0) {
+            bail!("client.prox_mu: must be ≥ 0, got {}", self.client.prox_mu);
+        }
+        if !(self.sharing.perturbation_sigma > 0.0 && self.sharing.perturbation_sigma.is_finite()) {
+            bail!("sharing.perturbation_sigma: must be positive");
+        }
+        let sim = &self.simulation;
+        if ![
+            sim.seconds_per_token,
+            sim.upload_bytes_per_second,
+            sim.download_bytes_per_second,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v > 0.0)
+        {
+            bail!("simulation: every rate must be a positive number");
+        }
+        Ok(())
+    }
+
+    /// m = max(1, round(q·K)).
+    pub fn clients_per_round(&self) -> usize {
+        let f = &self.federation;
+        ((f.fraction * f.clients as f64).round() as usize).clamp(1, f.clients)
+    }
+
+    /// The LoRA configuration of the adapters.
+    pub fn lora_config(&self) -> fibecfed_lora::LoraConfig {
+        let targets: Vec<&str> = self.lora.targets.iter().map(String::as_str).collect();
+        let mut lora = fibecfed_lora::LoraConfig::new(self.lora.rank, self.lora.alpha, &targets);
+        lora.dropout = self.lora.dropout;
+        lora
+    }
+}

@@ -1,0 +1,278 @@
+//! `fibecfed run`: a federated run from a TOML config into an output folder, with a
+//! checkpoint after every round and `--resume`.
+//!
+//! The folder holds `config.toml` (the config as run, paths resolved), `partition.json`
+//! (who holds what), `metrics.jsonl` (one [`RoundMetrics`] per round, rewritten
+//! atomically from the checkpoint's history, so it never holds a round the checkpoint
+//! lacks) and `checkpoint.safetensors`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::data::read_train_eval;
+use crate::engine::{ClientData, Engine, RoundMetrics, RunState};
+use crate::output::{check_writable_dir, write_atomic};
+use crate::partition::partition;
+use crate::registry::Registry;
+use crate::train::{Sample, limit_samples, load_model, tokenize};
+
+const CONFIG_FILE: &str = "config.toml";
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+/// Test hook: hang (to be killed) in this round after the clients trained.
+const HANG_ENV: &str = "FIBECFED_TEST_HANG_ROUND";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// The run's TOML config (see configs/ for FibecFed and every baseline).
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    pub config: Option<PathBuf>,
+    /// Output folder: config.toml, partition.json, metrics.jsonl, checkpoint.
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Overrides model.dir.
+    #[arg(long, conflicts_with = "resume")]
+    pub model_dir: Option<PathBuf>,
+    /// Overrides data.train.
+    #[arg(long, conflicts_with = "resume")]
+    pub train: Option<PathBuf>,
+    /// Overrides data.test.
+    #[arg(long, conflicts_with = "resume")]
+    pub test: Option<PathBuf>,
+    /// Overrides seed.
+    #[arg(long, conflicts_with = "resume")]
+    pub seed: Option<u64>,
+}
+
+/// Runs (or resumes) to the last round; returns the output folder.
+pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
+    let (out, config, text, resuming) = if let Some(dir) = &args.resume {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("--resume {}: cannot read {}", dir.display(), path.display())
+        })?;
+        let config =
+            RunConfig::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        if !dir.join(CHECKPOINT_FILE).exists() {
+            bail!(
+                "--resume {}: no {CHECKPOINT_FILE} there (the run never finished round 0)",
+                dir.display()
+            );
+        }
+        (dir.clone(), config, text, true)
+    } else {
+        let (Some(config_path), Some(out)) = (&args.config, &args.out) else {
+            bail!("give --config FILE and --out DIR, or --resume DIR");
+        };
+        let mut config = RunConfig::load(config_path)?;
+        if let Some(d) = &args.model_dir {
+            config.model.dir = Some(d.clone());
+        }
+        if let Some(p) = &args.train {
+            config.data.train = Some(p.clone());
+        }
+        if let Some(p) = &args.test {
+            config.data.test = Some(p.clone());
+        }
+        if let Some(s) = args.seed {
+            config.seed = s;
+        }
+        registry
+            .check(&config)
+            .with_context(|| format!("config {}", config_path.display()))?;
+        check_writable_dir(out)?;
+        if out.join(CHECKPOINT_FILE).exists() {
+            bail!(
+                "{} already holds a run; continue it with --resume {0} or choose another --out",
+                out.display()
+            );
+        }
+        let text = config.to_toml()?;
+        (out.clone(), config, text, false)
+    };
+    let model_dir = config
+        .model
+        .dir
+        .clone()
+        .context("model.dir is not set: put it in the config or pass --model-dir")?;
+    let train_file = config
+        .data
+        .train
+        .clone()
+        .context("data.train is not set: put it in the config or pass --train")?;
+    let test_file = config
+        .data
+        .test
+        .clone()
+        .context("data.test is not set: put it in the config or pass --test")?;
+    if config.data.limit_train == Some(0) || config.data.limit_test == Some(0) {
+        bail!("data.limit_train and data.limit_test must be at least 1");
+    }
+
+    let (train_set, test_set) = read_train_eval(&train_file, &test_file)?;
+    let classes = train_set.label_names.len();
+    let (model, tok) = load_model(&model_dir, config.model.max_len)?;
+    let train = limit_samples(
+        tokenize(&tok, &train_set, &train_file)?,
+        config.data.limit_train,
+        config.seed,
+    );
+    let test = limit_samples(
+        tokenize(&tok, &test_set, &test_file)?,
+        config.data.limit_test,
+        config.seed.wrapping_add(1),
+    );
+    let labels = |s: &[Sample]| s.iter().map(|x| x.label).collect::<Vec<_>>();
+    let parts = partition(
+        &config.partition,
+        &labels(&train),
+        &labels(&test),
+        classes,
+        config.federation.clients,
+        config.seed,
+    )?;
+    let pick = |all: &[Sample], ids: &[usize]| ids.iter().map(|&i| all[i].clone()).collect();
+    let data: Vec<ClientData> = parts
+        .train
+        .iter()
+        .zip(&parts.test)
+        .map(|(tr, te)| ClientData {
+            train: pick(&train, tr),
+            test: pick(&test, te),
+        })
+        .collect();
+    if !resuming {
+        write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
+        write_partition(&out, &data, &train_set.label_names)?;
+    }
+    eprintln!(
+        "{}: {} clients, {} training and {} test examples ({} labels), {} rounds of {} clients",
+        config.method,
+        config.federation.clients,
+        train.len(),
+        test.len(),
+        classes,
+        config.federation.rounds,
+        config.clients_per_round()
+    );
+
+    let mut engine = Engine::new(config, registry, &model, data, classes)?;
+    let mut state = if resuming {
+        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
+        let state = engine.restore(&contents, &text)?;
+        write_metrics(&out, &state.history)?;
+        eprintln!("resuming after round {}", state.round);
+        state
+    } else {
+        let state = engine.initialise()?;
+        save(&engine, &state, &out, &text)?;
+        state
+    };
+    let hang: Option<usize> = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok());
+    let rounds = engine.config.federation.rounds;
+    let bar = progress(rounds, state.round);
+    report(&bar, state.history.last());
+    while state.round < rounds {
+        let next = state.round + 1;
+        engine.round(&mut state, hang == Some(next))?;
+        save(&engine, &state, &out, &text)?;
+        bar.inc(1);
+        report(&bar, state.history.last());
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+fn save(engine: &Engine<'_>, state: &RunState, out: &Path, text: &str) -> Result<()> {
+    checkpoint::save(&out.join(CHECKPOINT_FILE), &engine.snapshot(state, text)?)?;
+    write_metrics(out, &state.history)
+}
+
+fn write_metrics(out: &Path, history: &[RoundMetrics]) -> Result<()> {
+    let mut text = String::new();
+    for m in history {
+        text += &serde_json::to_string(m)?;
+        text.push('\n');
+    }
+    write_atomic(&out.join(METRICS_FILE), text.as_bytes())
+}
+
+#[derive(Serialize)]
+struct ClientPart {
+    client: usize,
+    train: usize,
+    test: usize,
+    /// Training examples per label.
+    train_labels: Vec<usize>,
+}
+
+fn write_partition(out: &Path, data: &[ClientData], labels: &[String]) -> Result<()> {
+    let parts: Vec<ClientPart> = data
+        .iter()
+        .enumerate()
+        .map(|(client, d)| {
+            let mut hist = vec![0; labels.len()];
+            for s in &d.train {
+                hist[s.label] += 1;
+            }
+            ClientPart {
+                client,
+                train: d.train.len(),
+                test: d.test.len(),
+                train_labels: hist,
+            }
+        })
+        .collect();
+    let json = serde_json::json!({ "labels": labels, "clients": parts });
+    write_atomic(
+        &out.join("partition.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+}
+
+fn progress(rounds: usize, done: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(rounds as u64);
+    if let Ok(style) = ProgressStyle::with_template(
+        "round {pos}/{len} [{elapsed_precise}] {wide_bar} {msg} (eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_position(done as u64);
+    bar
+}
+
+/// One line per round: in the bar's message on a terminal, on stderr otherwise.
+fn report(bar: &ProgressBar, m: Option<&RoundMetrics>) {
+    let Some(m) = m else { return };
+    let line = format!(
+        "round {}: accuracy {:.4}, loss {:.4}, up {:.2} MB, simulated {:.0} s, wall {:.1} s{}",
+        m.round,
+        m.accuracy,
+        m.loss,
+        m.cum_bytes_up as f64 / 1e6,
+        m.cum_sim_seconds,
+        m.wall_seconds,
+        if m.dropped.is_empty() && m.diverged.is_empty() {
+            String::new()
+        } else {
+            format!(", dropped {:?}, diverged {:?}", m.dropped, m.diverged)
+        }
+    );
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.set_message(line);
+    }
+}

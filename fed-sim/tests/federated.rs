@@ -1,0 +1,338 @@
+//! `fibecfed run` end to end on the tiny BERT fixture: every config in `configs/` runs
+//! through the one engine, metrics do not depend on the thread count, a run killed with
+//! SIGKILL mid-round and resumed ends with the metrics of an uninterrupted run, and the
+//! faults of the issue (NaN losses, empty clients, simulated dropouts, bad configs,
+//! unwritable folders) are handled and reported.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::{fs, thread};
+
+use common::{assert_refused, fibecfed, s, tiny_model, tsv};
+use serde_json::Value;
+
+/// Settings that make a run take about a second on the tiny model.
+const TINY: &str = r"
+seed = 7
+[model]
+max_len = 32
+[lora]
+rank = 4
+[federation]
+clients = 4
+fraction = 0.5
+rounds = 3
+batch_size = 4
+lr = 1e-2
+";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    train: PathBuf,
+    test: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let model = tiny_model(&root);
+    let (train, test) = (root.join("train.tsv"), root.join("dev.tsv"));
+    tsv(&train, 48);
+    tsv(&test, 24);
+    Setup {
+        _dir: dir,
+        root,
+        model,
+        train,
+        test,
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// TINY, then the method's file, then `extra`, each merged over the previous.
+fn config_text(method_file: &Path, extra: &str) -> String {
+    let mut t: toml::Table = toml::from_str(TINY).unwrap();
+    merge(
+        &mut t,
+        toml::from_str(&fs::read_to_string(method_file).unwrap()).unwrap(),
+    );
+    merge(&mut t, toml::from_str(extra).unwrap());
+    toml::to_string(&t).unwrap()
+}
+
+fn configs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs")
+}
+
+fn command(su: &Setup, config: &str, out: &Path) -> Command {
+    let file = out.with_extension("toml");
+    fs::write(&file, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibecfed"));
+    cmd.args([
+        "run",
+        "--config",
+        s(&file),
+        "--out",
+        s(out),
+        "--model-dir",
+        s(&su.model),
+        "--train",
+        s(&su.train),
+        "--test",
+        s(&su.test),
+    ]);
+    cmd
+}
+
+fn run_ok(mut cmd: Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// metrics.jsonl with the measured wall time taken out (the one field that differs).
+fn metrics(out: &Path) -> Vec<Value> {
+    fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("wall_seconds");
+            v
+        })
+        .collect()
+}
+
+fn method_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in [configs_dir(), configs_dir().join("ablations")] {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn every_method_config_runs_on_the_one_engine() {
+    let su = setup();
+    let files = method_files();
+    assert!(files.len() >= 17, "{files:?}");
+    let mut by_method = std::collections::BTreeMap::new();
+    for file in &files {
+        let out = su.root.join(file.file_stem().unwrap());
+        run_ok(command(&su, &config_text(file, ""), &out));
+        let m = metrics(&out);
+        let name = m[0]["method"].as_str().unwrap().to_owned();
+        let rounds = if name == "centralised" { 10 } else { 3 };
+        assert_eq!(m.len(), rounds + 1, "{name}: {m:?}");
+        for (t, line) in m.iter().enumerate() {
+            assert_eq!(line["round"], t);
+            let acc = line["accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{name} round {t}: {line}");
+        }
+        by_method.insert(name, m);
+    }
+    let last = |m: &str, key: &str| by_method[m].last().unwrap()[key].as_u64().unwrap();
+    let gal = |m: &str| by_method[m][0]["gal"].as_array().unwrap().len();
+    // Two layers in the tiny model: g = 0.5 keeps one, FedAvg shares both, local-only none.
+    assert_eq!(gal("fibecfed"), 1);
+    assert_eq!(gal("fedavg-lora"), 2);
+    assert_eq!(gal("fibecfed-all-layers"), 2);
+    assert_eq!(gal("local-only"), 0);
+    assert_eq!(last("local-only", "cum_bytes_up"), 0);
+    assert!(last("fibecfed", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));
+    assert!(last("ffa-lora", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));
+    assert!(last("fedsa-lora", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));
+    // The curriculum starts FibecFed on ⌈0.3·n_k⌉ samples; FedAvg-LoRA uses them all.
+    let trained = |m: &str| by_method[m][1]["train_samples"].as_u64().unwrap();
+    assert!(trained("fibecfed") < trained("fibecfed-no-curriculum"));
+    // FedProx, FedAdam and FedYogi change the trajectory, not the traffic.
+    for m in ["fedprox-lora", "fedadam-lora", "fedyogi-lora"] {
+        assert_eq!(
+            last(m, "cum_bytes_up"),
+            last("fedavg-lora", "cum_bytes_up"),
+            "{m}"
+        );
+        assert_ne!(by_method[m].last(), by_method["fedavg-lora"].last(), "{m}");
+    }
+}
+
+#[test]
+fn metrics_do_not_depend_on_the_thread_count() {
+    let su = setup();
+    let cfg = config_text(
+        &configs_dir().join("fibecfed.toml"),
+        "[federation]\ndropout_probability = 0.3\n",
+    );
+    let mut results = Vec::new();
+    for threads in ["1", "2"] {
+        let out = su.root.join(format!("threads{threads}"));
+        let mut cmd = command(&su, &cfg, &out);
+        cmd.env("RAYON_NUM_THREADS", threads);
+        run_ok(cmd);
+        results.push(metrics(&out));
+    }
+    assert_eq!(results[0], results[1]);
+    let dropped: usize = results[0]
+        .iter()
+        .map(|l| l["dropped"].as_array().unwrap().len())
+        .sum();
+    assert!(
+        dropped > 0,
+        "no simulated dropout happened: {:?}",
+        results[0]
+    );
+}
+
+#[test]
+fn a_run_killed_mid_round_resumes_to_the_same_metrics() {
+    let su = setup();
+    let cfg = config_text(
+        &configs_dir().join("fibecfed.toml"),
+        "[federation]\nrounds = 4\n",
+    );
+    let whole = su.root.join("whole");
+    run_ok(command(&su, &cfg, &whole));
+
+    let killed = su.root.join("killed");
+    let mut cmd = command(&su, &cfg, &killed);
+    cmd.env("FIBECFED_TEST_HANG_ROUND", "3")
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            if line.unwrap().contains("test hook: round 3 trained") {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(reader.join().unwrap(), "the run never reached the hook");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // Rounds 0..=2 are checkpointed; round 3 was lost with the process.
+    assert_eq!(metrics(&killed).len(), 3);
+
+    let out = fibecfed(&["run", "--resume", s(&killed)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(metrics(&killed), metrics(&whole));
+
+    // A finished run resumes to nothing new; a new run into the folder is refused.
+    let out = fibecfed(&["run", "--resume", s(&killed)]);
+    assert!(out.status.success());
+    assert_eq!(metrics(&killed), metrics(&whole));
+    let again = command(&su, &cfg, &killed).output().unwrap();
+    assert_refused(&again, &["already holds a run", "--resume"]);
+}
+
+#[test]
+fn diverging_and_empty_clients_are_left_out_and_reported() {
+    let su = setup();
+    // An absurd learning rate overflows the weights after the first step.
+    let cfg = config_text(
+        &configs_dir().join("fedavg-lora.toml"),
+        "[federation]\nlr = 1e35\nlocal_epochs = 2\n",
+    );
+    let out = su.root.join("nan");
+    run_ok(command(&su, &cfg, &out));
+    let m = metrics(&out);
+    let diverged: usize = m
+        .iter()
+        .map(|l| l["diverged"].as_array().unwrap().len())
+        .sum();
+    assert!(diverged > 0, "{m:?}");
+    for l in &m {
+        assert!(l["accuracy"].as_f64().unwrap().is_finite(), "{l}");
+    }
+
+    // Twelve clients for 48 samples with very uneven sizes: some get nothing.
+    let cfg = config_text(
+        &configs_dir().join("fibecfed.toml"),
+        "[partition]\nkind = \"dirichlet\"\nsize_concentration = 0.05\n[federation]\nclients = 12\nfraction = 1.0\n",
+    );
+    let out = su.root.join("empty");
+    run_ok(command(&su, &cfg, &out));
+    let part: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("partition.json")).unwrap()).unwrap();
+    let sizes: Vec<u64> = part["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["train"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes.iter().sum::<u64>(), 48);
+    assert!(sizes.contains(&0), "{sizes:?}");
+    let m = metrics(&out);
+    assert!(!m[1]["empty"].as_array().unwrap().is_empty(), "{:?}", m[1]);
+}
+
+#[test]
+fn bad_configs_and_outputs_are_refused_before_training() {
+    let su = setup();
+    let fib = configs_dir().join("fibecfed.toml");
+    let out = su.root.join("bad");
+    let typo = command(&su, &config_text(&fib, "[federation]\nround = 3\n"), &out)
+        .output()
+        .unwrap();
+    assert_refused(&typo, &["unknown field `round`", "rounds", "local_epochs"]);
+    let kind = command(
+        &su,
+        &config_text(&fib, "[aggregator]\nkind = \"fedmagic\"\n"),
+        &out,
+    )
+    .output()
+    .unwrap();
+    assert_refused(&kind, &["fedmagic", "registered: fedadam, fedavg, fedyogi"]);
+    let setting = command(
+        &su,
+        &config_text(&fib, "[aggregator]\nkind = \"fedadam\"\neta = 1.0\n"),
+        &out,
+    )
+    .output()
+    .unwrap();
+    assert_refused(&setting, &["unknown field `eta`", "tau"]);
+    let range = command(&su, &config_text(&fib, "[sparse]\nrho = 0.0\n"), &out)
+        .output()
+        .unwrap();
+    assert_refused(&range, &["sparse.rho"]);
+    assert!(!out.join("metrics.jsonl").exists());
+
+    let file = su.root.join("a-file");
+    fs::write(&file, "x").unwrap();
+    let unwritable = command(&su, &config_text(&fib, ""), &file.join("out"))
+        .output()
+        .unwrap();
+    assert_refused(&unwritable, &["a-file"]);
+    let missing = fibecfed(&["run", "--resume", s(&su.root.join("nowhere"))]);
+    assert_refused(&missing, &["nowhere"]);
+}
