@@ -427,7 +427,12 @@ impl<'a> Engine<'a> {
             .copied()
             .filter(|k| !dropped.contains(k) && !empty.contains(k))
             .collect();
-        let down_bytes = message_bytes(&state.global)?;
+        // Nothing global (local-only): nothing is sent, not even an empty message.
+        let down_bytes = if state.global.is_empty() {
+            0
+        } else {
+            message_bytes(&state.global)?
+        };
         let this = &*self;
         let global = &state.global;
         let gal = &state.gal;

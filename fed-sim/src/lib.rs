@@ -1,10 +1,13 @@
 //! The federated-simulation glue and the `fibecfed` command-line tool.
 //!
-//! Owns: reading the nine TSV dataset layouts ([`data`]), centralised LoRA training
+//! Owns: reading the nine TSV dataset layouts ([`data`]), partitioning them among
+//! clients ([`partition`]), the federated rounds of every method ([`engine`], driven by a
+//! TOML [`config`] whose pluggable parts are looked up in a [`registry`]), per-round
+//! [`checkpoint`]s and the `fibecfed run` command ([`run`]), centralised LoRA training
 //! ([`train`]), the Fisher pass that scores a client's samples and layers ([`fisher`]),
-//! sentence embeddings ([`embed`]) and safe output files ([`output`]).
-//! Partitioners, clients, servers and rounds arrive with the federated issue and will
-//! live here too. The numerics live in `fibecfed-transformer` and `fibecfed-lora`.
+//! sentence embeddings ([`embed`]) and safe output files ([`output`]). The numerics live
+//! in `fibecfed-transformer`, `fibecfed-lora`, `fibecfed-fisher`, `fibecfed-curriculum`
+//! and `fibecfed-aggregation`.
 //!
 //! ```no_run
 //! use std::path::Path;

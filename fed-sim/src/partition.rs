@@ -85,12 +85,15 @@ pub fn partition(
 fn iid(n: usize, clients: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
     let mut ids: Vec<usize> = (0..n).collect();
     ids.shuffle(rng);
-    let shares = vec![1.0 / clients as f64; clients];
-    let sizes = apportion(&shares, n);
-    let mut out = Vec::with_capacity(clients);
-    let mut rest = ids.as_slice();
-    for s in sizes {
-        let (head, tail) = rest.split_at(s);
+    cut(&ids, &apportion(&vec![1.0; clients], n))
+}
+
+/// Consecutive pieces of `ids` of the given sizes (which sum to its length).
+fn cut(ids: &[usize], sizes: &[usize]) -> Vec<Vec<usize>> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut rest = ids;
+    for &s in sizes {
+        let (head, tail) = rest.split_at(s.min(rest.len()));
         out.push(head.to_vec());
         rest = tail;
     }
@@ -216,14 +219,7 @@ fn shards(
     ids.shuffle(rng);
     ids.sort_by_key(|&i| labels[i]);
     let count = clients * per_client;
-    let sizes = apportion(&vec![1.0; count], ids.len());
-    let mut pieces = Vec::with_capacity(count);
-    let mut rest = ids.as_slice();
-    for s in sizes {
-        let (head, tail) = rest.split_at(s);
-        pieces.push(head.to_vec());
-        rest = tail;
-    }
+    let mut pieces = cut(&ids, &apportion(&vec![1.0; count], ids.len()));
     pieces.shuffle(rng);
     pieces
         .chunks(per_client)

@@ -6,10 +6,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use common::{assert_refused, fibecfed, s, tiny_model, tsv};
+use common::{Setup, assert_refused, fibecfed, s, tiny_model, tsv};
 
 #[test]
 fn train_embed_and_adapter_round_trip_on_the_tiny_model() {
@@ -114,28 +114,8 @@ fn embed(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Vec<Vec<f
         .collect()
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    train: PathBuf,
-    eval: PathBuf,
-}
-
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let model = tiny_model(&root);
-    let (train, eval) = (root.join("train.tsv"), root.join("dev.tsv"));
-    tsv(&train, 16);
-    tsv(&eval, 8);
-    Setup {
-        _dir: dir,
-        root,
-        model,
-        train,
-        eval,
-    }
+    common::setup(16, 8)
 }
 
 fn train_with(su: &Setup, model: &Path, extra: &[&str]) -> Output {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::{fs, thread};
 
-use common::{assert_refused, fibecfed, s, tiny_model, tsv};
+use common::{Setup, assert_refused, fibecfed, s};
 use serde_json::Value;
 
 /// Settings that make a run take about a second on the tiny model.
@@ -30,28 +30,8 @@ batch_size = 4
 lr = 1e-2
 ";
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    train: PathBuf,
-    test: PathBuf,
-}
-
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let model = tiny_model(&root);
-    let (train, test) = (root.join("train.tsv"), root.join("dev.tsv"));
-    tsv(&train, 48);
-    tsv(&test, 24);
-    Setup {
-        _dir: dir,
-        root,
-        model,
-        train,
-        test,
-    }
+    common::setup(48, 24)
 }
 
 fn merge(base: &mut toml::Table, over: toml::Table) {
@@ -81,7 +61,11 @@ fn configs_dir() -> PathBuf {
 }
 
 fn command(su: &Setup, config: &str, out: &Path) -> Command {
-    let file = out.with_extension("toml");
+    // Beside the runs, not inside `out`'s parent (which a test may make unwritable).
+    let file = su.root.join(format!(
+        "{}.toml",
+        out.file_name().unwrap().to_string_lossy()
+    ));
     fs::write(&file, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fibecfed"));
     cmd.args([
@@ -95,7 +79,7 @@ fn command(su: &Setup, config: &str, out: &Path) -> Command {
         "--train",
         s(&su.train),
         "--test",
-        s(&su.test),
+        s(&su.eval),
     ]);
     cmd
 }
@@ -165,6 +149,7 @@ fn every_method_config_runs_on_the_one_engine() {
     assert_eq!(gal("fibecfed-all-layers"), 2);
     assert_eq!(gal("local-only"), 0);
     assert_eq!(last("local-only", "cum_bytes_up"), 0);
+    assert_eq!(last("local-only", "cum_bytes_down"), 0);
     assert!(last("fibecfed", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));
     assert!(last("ffa-lora", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));
     assert!(last("fedsa-lora", "cum_bytes_up") < last("fedavg-lora", "cum_bytes_up"));

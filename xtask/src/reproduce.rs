@@ -20,7 +20,8 @@ use crate::{assets, data};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preset {
-    /// MR, 10 clients, 15 rounds on a 1,000-example slice: FibecFed and four baselines.
+    /// MR, 10 clients, 12 rounds on a 600-example slice: FibecFed and three baselines,
+    /// sized to finish within 20 minutes on a 2-core CPU.
     #[default]
     Default,
     /// Proves the pipeline end to end in a few minutes (CI).
@@ -59,13 +60,7 @@ impl Preset {
     fn methods(self) -> &'static [&'static str] {
         match self {
             Self::Smoke => &["fibecfed", "fedavg-lora"],
-            Self::Default => &[
-                "fibecfed",
-                "fedavg-lora",
-                "fedprox-lora",
-                "ffa-lora",
-                "local-only",
-            ],
+            Self::Default => &["fibecfed", "fedavg-lora", "fedprox-lora", "local-only"],
             Self::Paper => &[
                 "fibecfed",
                 "fedavg-lora",
@@ -93,15 +88,18 @@ impl Preset {
     fn settings(self) -> &'static str {
         match self {
             Self::Smoke => {
-                "[data]\nlimit_train = 240\nlimit_test = 120\n\n\
-                 [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nlr = 1e-3\n"
+                "[model]\nmax_len = 48\n\n\
+                 [data]\nlimit_train = 240\nlimit_test = 120\n\n\
+                 [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nbatch_size = 8\nlr = 2e-3\n"
             }
             Self::Default => {
-                "[data]\nlimit_train = 1000\nlimit_test = 200\n\n\
-                 [federation]\nclients = 10\nfraction = 0.2\nrounds = 15\nlr = 1e-3\n"
+                "[model]\nmax_len = 48\n\n\
+                 [data]\nlimit_train = 600\nlimit_test = 160\n\n\
+                 [federation]\nclients = 10\nfraction = 0.2\nrounds = 12\nlocal_epochs = 2\n\
+                 batch_size = 8\nlr = 2e-3\n"
             }
             Self::Paper => {
-                "[federation]\nclients = 100\nfraction = 0.1\nrounds = 100\nbatch_size = 8\nlr = 1e-3\n"
+                "[federation]\nclients = 100\nfraction = 0.1\nrounds = 100\nbatch_size = 8\nlr = 2e-3\n"
             }
         }
     }

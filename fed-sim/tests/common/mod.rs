@@ -82,3 +82,28 @@ pub fn assert_refused(out: &Output, needles: &[&str]) {
         assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
     }
 }
+
+/// A temporary folder with the tiny model, `train.tsv` and `dev.tsv`.
+pub struct Setup {
+    pub _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub model: PathBuf,
+    pub train: PathBuf,
+    pub eval: PathBuf,
+}
+
+pub fn setup(n_train: usize, n_eval: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let model = tiny_model(&root);
+    let (train, eval) = (root.join("train.tsv"), root.join("dev.tsv"));
+    tsv(&train, n_train);
+    tsv(&eval, n_eval);
+    Setup {
+        _dir: dir,
+        root,
+        model,
+        train,
+        eval,
+    }
+}
