@@ -341,8 +341,11 @@ impl RunConfig {
         if self.method.trim().is_empty() {
             bail!("method: must name the method");
         }
-        if f.clients == 0 {
-            bail!("federation.clients: must be at least 1");
+        if f.clients == 0 || f.clients > 1_000_000 {
+            bail!(
+                "federation.clients: must be between 1 and 1,000,000, got {}",
+                f.clients
+            );
         }
         if !(f.fraction > 0.0 && f.fraction <= 1.0) {
             bail!("federation.fraction: must be in (0, 1], got {}", f.fraction);
@@ -379,9 +382,13 @@ impl RunConfig {
             {
                 bail!("partition: alpha and size_concentration must be positive and finite");
             }
-            PartitionConfig::Shards {
-                shards_per_client: 0,
-            } => bail!("partition.shards_per_client: must be at least 1"),
+            PartitionConfig::Shards { shards_per_client }
+                if shards_per_client == 0 || shards_per_client > 1_000_000 =>
+            {
+                bail!(
+                    "partition.shards_per_client: must be between 1 and 1,000,000, got {shards_per_client}"
+                )
+            }
             _ => {}
         }
         let l = &self.lora;

@@ -33,12 +33,13 @@ use crate::checkpoint::Contents;
 use crate::config::{Factor, ImportanceKind, RunConfig};
 use crate::fisher::{FisherHook, FisherOptions, cpu_backend, fisher_pass, perturbation_importance};
 use crate::registry::Registry;
-use crate::train::{Sample, batch_of, by_length, evaluate_counts, fresh_adapter};
+use crate::train::{EvalCounts, Sample, batch_of, by_length, evaluate_counts, fresh_adapter};
 
 /// Seeds of the independent random streams of a run.
 const ROUND_DOMAIN: u64 = 0x5E1E_C7ED_0000_0001;
 const CLIENT_DOMAIN: u64 = 0xC11E_4700_0000_0002;
 const ORDER_DOMAIN: u64 = 0x0D0E_4000_0000_0003;
+const SCORE_DOMAIN: u64 = 0x5C0E_0000_0000_0004;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,7 +50,11 @@ pub struct RoundMetrics {
     /// Personalised accuracy: every client's own model on its own test part, weighted
     /// by test size.
     pub accuracy: f64,
+    /// Mean test loss over the test samples whose logits are finite.
     pub loss: f64,
+    /// Test samples whose logits were not finite (a diverged personalised model):
+    /// counted as wrong, left out of `loss`.
+    pub eval_non_finite: usize,
     /// Mean training loss over the round's samples (none in round 0).
     pub train_loss: Option<f64>,
     /// Samples trained on this round (summed over clients and epochs).
@@ -141,7 +146,8 @@ struct Trained {
 
 enum Outcome {
     Trained(Box<Trained>),
-    Diverged(String),
+    /// Why, and the padded tokens it had processed until then (the round waited for it).
+    Diverged(String, u64),
 }
 
 impl<'a> Engine<'a> {
@@ -280,13 +286,14 @@ impl<'a> Engine<'a> {
         };
         let names = self.shared_names(&gal);
         let global = restrict(&self.template.to_named(), |n| names.iter().any(|m| m == n));
-        let (accuracy, loss) = self.evaluate_all(&clients, &global)?;
+        let (accuracy, loss, eval_non_finite) = self.evaluate_all(&clients, &global)?;
         let metrics = RoundMetrics {
             round: 0,
             method: self.config.method.clone(),
             seed: self.config.seed,
             accuracy,
             loss,
+            eval_non_finite,
             train_loss: None,
             train_samples: 0,
             tokens: tokens_total,
@@ -334,7 +341,7 @@ impl<'a> Engine<'a> {
             } else {
                 LabelMode::True
             },
-            seed: mix(self.config.seed, CLIENT_DOMAIN, round as u64, k as u64),
+            seed: mix(self.config.seed, SCORE_DOMAIN, round as u64, k as u64),
         };
         let report = fisher_pass(self.model, adapter, samples, options, cpu_backend())?;
         let mut tokens = padded_tokens(samples, options.batch_size);
@@ -343,7 +350,9 @@ impl<'a> Engine<'a> {
             let seed = mix(self.config.seed, ORDER_DOMAIN, round as u64, k as u64);
             state.order = Some(self.parts.ordering.order(&s, seed)?);
         }
-        if self.uses_sparse() {
+        // The momentum is seeded once; a later rescoring leaves it to the recurrence
+        // F_t = γ·F_{t−1} + (1−γ)·F̂_t that training keeps up.
+        if self.uses_sparse() && state.momentum.is_none() {
             state.momentum = Some(FisherMomentum::seeded(
                 self.config.sparse.gamma,
                 &report.diag,
@@ -370,14 +379,14 @@ impl<'a> Engine<'a> {
     }
 
     /// Personalised accuracy and loss over every client's test part.
-    fn evaluate_all(&self, clients: &[ClientState], global: &Tensors) -> Result<(f64, f64)> {
-        let per: Vec<Result<(usize, f64, usize)>> = clients
+    fn evaluate_all(&self, clients: &[ClientState], global: &Tensors) -> Result<(f64, f64, usize)> {
+        let per: Vec<Result<(EvalCounts, usize)>> = clients
             .par_iter()
             .enumerate()
             .map(|(k, c)| {
                 let test = &self.data[k].test;
                 if test.is_empty() {
-                    return Ok((0, 0.0, 0));
+                    return Ok((EvalCounts::default(), 0));
                 }
                 let mut params = c.params.clone();
                 overlay(&mut params, global)?;
@@ -385,21 +394,30 @@ impl<'a> Engine<'a> {
                     params: &params,
                     scale: self.lora.scale(),
                 };
-                let (correct, loss) = evaluate_counts(self.model, adapter, test, 64)?;
-                Ok((correct, loss, test.len()))
+                Ok((evaluate_counts(self.model, adapter, test, 64)?, test.len()))
             })
             .collect();
-        let (mut correct, mut loss, mut n) = (0usize, 0.0f64, 0usize);
+        let (mut total, mut n) = (EvalCounts::default(), 0usize);
         for (k, r) in per.into_iter().enumerate() {
-            let (c, l, m) = r.with_context(|| format!("evaluating client {k}"))?;
-            correct += c;
-            loss += l;
+            let (c, m) = r.with_context(|| format!("evaluating client {k}"))?;
+            total.correct += c.correct;
+            total.loss_sum += c.loss_sum;
+            total.non_finite += c.non_finite;
             n += m;
         }
         if n == 0 {
-            bail!("no client has test data: the test file is empty or --limit-test is 0");
+            bail!("no client has test data: the test file is empty or data.limit_test is 0");
         }
-        Ok((correct as f64 / n as f64, loss / n as f64))
+        if total.non_finite == n {
+            bail!(
+                "every client's model gives non-finite outputs on its test data: the run diverged (lower federation.lr)"
+            );
+        }
+        Ok((
+            total.correct as f64 / n as f64,
+            total.loss_sum / (n - total.non_finite) as f64,
+            total.non_finite,
+        ))
     }
 
     /// Runs round `state.round + 1`.
@@ -454,9 +472,14 @@ impl<'a> Engine<'a> {
         let mut sim = 0.0f64;
         for (&k, outcome) in active.iter().zip(outcomes) {
             match outcome.with_context(|| format!("round {t}, client {k}"))? {
-                Outcome::Diverged(why) => {
+                Outcome::Diverged(why, spent) => {
                     eprintln!("round {t}: client {k} left out of the aggregate: {why}");
                     diverged.push(k);
+                    tokens += spent;
+                    sim = sim.max(
+                        spent as f64 * sim_cfg.seconds_per_token
+                            + down_bytes as f64 / sim_cfg.download_bytes_per_second,
+                    );
                 }
                 Outcome::Trained(tr) => {
                     let mut time = tr.tokens as f64 * sim_cfg.seconds_per_token
@@ -488,7 +511,7 @@ impl<'a> Engine<'a> {
         }
         // Everyone selected downloads the global tensors, even those that fail later.
         let down = down_bytes * (selected.len() - empty.len()) as u64;
-        let (accuracy, loss) = self.evaluate_all(&state.clients, &state.global)?;
+        let (accuracy, loss, eval_non_finite) = self.evaluate_all(&state.clients, &state.global)?;
         let prev = state
             .history
             .last()
@@ -499,6 +522,7 @@ impl<'a> Engine<'a> {
             seed: self.config.seed,
             accuracy,
             loss,
+            eval_non_finite,
             train_loss: (samples > 0).then(|| loss_sum / samples as f64),
             train_samples: samples,
             tokens,
@@ -573,17 +597,21 @@ impl<'a> Engine<'a> {
                     rng: &mut rng,
                 });
                 let fwd = self.model.forward(&batch, adapter, dropout)?;
+                if fwd.logits.iter().any(|v| !v.is_finite()) {
+                    return Ok(Outcome::Diverged(
+                        format!("round {t}: the logits are not finite"),
+                        tokens,
+                    ));
+                }
                 // Summed loss: each sample's rows of δ are then its own gradient (what
                 // the Fisher hook needs); the step uses the mean, scaled below.
-                let (losses, dlogits) = match cross_entropy(&fwd.logits, &labels, Reduction::Sum) {
-                    Ok(v) => v,
-                    Err(e) => return Ok(Outcome::Diverged(format!("round {t}: {e}"))),
-                };
+                let (losses, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Sum)?;
                 let batch_loss: f64 = losses.iter().sum();
                 if !batch_loss.is_finite() {
-                    return Ok(Outcome::Diverged(format!(
-                        "round {t}: the training loss is {batch_loss}"
-                    )));
+                    return Ok(Outcome::Diverged(
+                        format!("round {t}: the training loss is {batch_loss}"),
+                        tokens,
+                    ));
                 }
                 let mut grads = if collect_fisher {
                     let mut hook = FisherHook {
@@ -631,9 +659,10 @@ impl<'a> Engine<'a> {
                     .iter()
                     .any(|s| s.iter().any(|v| !v.is_finite()))
                 {
-                    return Ok(Outcome::Diverged(format!(
-                        "round {t}: a gradient is not finite"
-                    )));
+                    return Ok(Outcome::Diverged(
+                        format!("round {t}: a gradient is not finite"),
+                        tokens,
+                    ));
                 }
                 state
                     .opt
@@ -642,9 +671,28 @@ impl<'a> Engine<'a> {
                 seen += chunk.len();
             }
         }
+        // The last step may have overflowed a weight, or the squares the momentum: such
+        // a client must not reach the aggregate.
+        if state
+            .params
+            .slices()
+            .iter()
+            .any(|s| s.iter().any(|v| !v.is_finite()))
+        {
+            return Ok(Outcome::Diverged(
+                format!("round {t}: a weight is not finite after training"),
+                tokens,
+            ));
+        }
         if let Some(momentum) = state.momentum.as_mut()
             && fresh.samples > 0
         {
+            if let Some(what) = fresh.first_non_finite() {
+                return Ok(Outcome::Diverged(
+                    format!("round {t}: the Fisher of {what} is not finite"),
+                    tokens,
+                ));
+            }
             momentum.update(&fresh)?;
         }
         let upload = (!shared.is_empty())
@@ -727,6 +775,7 @@ impl<'a> Engine<'a> {
         }
         let meta = Meta {
             config: config_text.to_owned(),
+            sizes: self.sizes(),
             round: state.round,
             gal: state.gal.clone(),
             clients: metas,
@@ -744,12 +793,38 @@ impl<'a> Engine<'a> {
                 "config.toml differs from the config the checkpoint was made with; restore it or start a new run"
             );
         }
+        if meta.sizes != self.sizes() {
+            bail!(
+                "the data differ from the checkpoint's: clients' (train, test) sizes were {:?}, now {:?}; restore the data files or start a new run",
+                meta.sizes,
+                self.sizes()
+            );
+        }
         if meta.clients.len() != self.data.len() {
             bail!(
-                "checkpoint has {} clients, the config {}",
+                "checkpoint: {} client states for {} clients",
                 meta.clients.len(),
                 self.data.len()
             );
+        }
+        for (k, cm) in meta.clients.iter().enumerate() {
+            if let Some(order) = &cm.order {
+                let n = self.data[k].train.len();
+                let mut seen = vec![false; n];
+                let permutation = order.len() == n
+                    && order.iter().all(|&i| match seen.get_mut(i) {
+                        Some(s) if !*s => {
+                            *s = true;
+                            true
+                        }
+                        _ => false,
+                    });
+                if !permutation {
+                    bail!(
+                        "checkpoint: client {k}'s curriculum order is not a permutation of its {n} samples"
+                    );
+                }
+            }
         }
         let prefixed = |prefix: &str| -> Tensors {
             c.f32
@@ -813,6 +888,13 @@ impl<'a> Engine<'a> {
     pub fn classes(&self) -> usize {
         self.classes
     }
+
+    fn sizes(&self) -> Vec<(usize, usize)> {
+        self.data
+            .iter()
+            .map(|d| (d.train.len(), d.test.len()))
+            .collect()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -826,6 +908,8 @@ struct ClientMeta {
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {
     config: String,
+    /// (train, test) sizes per client: a resume on other data is refused.
+    sizes: Vec<(usize, usize)>,
     round: usize,
     gal: Vec<usize>,
     clients: Vec<ClientMeta>,

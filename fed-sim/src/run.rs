@@ -62,6 +62,7 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         })?;
         let config =
             RunConfig::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        check_writable_dir(dir)?;
         if !dir.join(CHECKPOINT_FILE).exists() {
             bail!(
                 "--resume {}: no {CHECKPOINT_FILE} there (the run never finished round 0)",
@@ -85,6 +86,18 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         }
         if let Some(s) = args.seed {
             config.seed = s;
+        }
+        // Absolute, so that `--resume` works from any directory.
+        for p in [
+            &mut config.model.dir,
+            &mut config.data.train,
+            &mut config.data.test,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = std::path::absolute(&*p)
+                .with_context(|| format!("cannot resolve {}", p.display()))?;
         }
         registry
             .check(&config)

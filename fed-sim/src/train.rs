@@ -146,11 +146,29 @@ pub fn evaluate(
     if samples.is_empty() {
         bail!("the evaluation set is empty");
     }
-    let (correct, loss_sum) = evaluate_counts(model, adapter, samples, batch_size)?;
+    let c = evaluate_counts(model, adapter, samples, batch_size)?;
+    if c.non_finite > 0 {
+        bail!(
+            "the model's outputs are not finite for {} of {} evaluation samples (training diverged? try a lower --lr)",
+            c.non_finite,
+            samples.len()
+        );
+    }
     Ok((
-        correct as f64 / samples.len() as f64,
-        loss_sum / samples.len() as f64,
+        c.correct as f64 / samples.len() as f64,
+        c.loss_sum / samples.len() as f64,
     ))
+}
+
+/// What an evaluation pass counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalCounts {
+    pub correct: usize,
+    /// Σ loss over the samples whose logits are finite.
+    pub loss_sum: f64,
+    /// Samples whose logits are not finite (a diverged model): counted wrong, left out
+    /// of the loss.
+    pub non_finite: usize,
 }
 
 /// Correct predictions and the summed loss over `samples` (federated evaluation adds
@@ -160,15 +178,23 @@ pub fn evaluate_counts(
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     batch_size: usize,
-) -> Result<(usize, f64)> {
-    let (mut correct, mut loss_sum) = (0usize, 0.0f64);
+) -> Result<EvalCounts> {
+    let mut c = EvalCounts::default();
     for chunk in by_length(samples).chunks(batch_size.max(1)) {
-        let labels: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
         let batch = batch_of(model, samples, chunk)?;
         let logits = model.logits(&batch, adapter)?;
-        let (losses, _) = cross_entropy(&logits, &labels, Reduction::Sum)?;
-        loss_sum += losses.sum();
-        for (row, &y) in logits.rows().into_iter().zip(&labels) {
+        let finite: Vec<usize> = (0..chunk.len())
+            .filter(|&r| logits.row(r).iter().all(|v| v.is_finite()))
+            .collect();
+        c.non_finite += chunk.len() - finite.len();
+        if finite.is_empty() {
+            continue;
+        }
+        let rows = logits.select(ndarray::Axis(0), &finite);
+        let labels: Vec<usize> = finite.iter().map(|&r| samples[chunk[r]].label).collect();
+        let (losses, _) = cross_entropy(&rows, &labels, Reduction::Sum)?;
+        c.loss_sum += losses.sum();
+        for (row, &y) in rows.rows().into_iter().zip(&labels) {
             let pred = row
                 .iter()
                 .enumerate()
@@ -176,10 +202,10 @@ pub fn evaluate_counts(
                     if v > best.1 { (j, v) } else { best }
                 })
                 .0;
-            correct += usize::from(pred == y);
+            c.correct += usize::from(pred == y);
         }
     }
-    Ok((correct, loss_sum))
+    Ok(c)
 }
 
 /// Where `train` writes.

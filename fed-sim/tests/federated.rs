@@ -238,6 +238,11 @@ fn a_run_killed_mid_round_resumes_to_the_same_metrics() {
     assert_eq!(metrics(&killed), metrics(&whole));
     let again = command(&su, &cfg, &killed).output().unwrap();
     assert_refused(&again, &["already holds a run", "--resume"]);
+
+    // Other data under the same file names: the checkpoint's clients no longer fit.
+    common::tsv(&su.train, 40);
+    let changed = fibecfed(&["run", "--resume", s(&killed)]);
+    assert_refused(&changed, &["data differ from the checkpoint"]);
 }
 
 #[test]
@@ -259,6 +264,21 @@ fn diverging_and_empty_clients_are_left_out_and_reported() {
     for l in &m {
         assert!(l["accuracy"].as_f64().unwrap().is_finite(), "{l}");
     }
+
+    // One batch per client: the overflow shows only in the weights after the step, and
+    // such a client is left out too.
+    let cfg = config_text(
+        &configs_dir().join("fibecfed.toml"),
+        "[federation]\nlr = 1e38\nbatch_size = 64\n",
+    );
+    let out = su.root.join("nan-one-step");
+    let run = command(&su, &cfg, &out).output().unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let m = metrics(&out);
+    let diverged: usize = m.iter().map(|l| l["diverged"].as_array().unwrap().len()).sum();
+    assert!(diverged > 0, "{m:?}");
+    assert!(err.contains("not finite after training"), "{err}");
 
     // Twelve clients for 48 samples with very uneven sizes: some get nothing.
     let cfg = config_text(
@@ -320,4 +340,32 @@ fn bad_configs_and_outputs_are_refused_before_training() {
     assert_refused(&unwritable, &["a-file"]);
     let missing = fibecfed(&["run", "--resume", s(&su.root.join("nowhere"))]);
     assert_refused(&missing, &["nowhere"]);
+}
+
+#[test]
+fn rescoring_runs_a_fisher_pass_before_each_round() {
+    let su = setup();
+    let fib = configs_dir().join("fibecfed.toml");
+    let base = su.root.join("base");
+    run_ok(command(
+        &su,
+        &config_text(&fib, "[federation]\nfraction = 1.0\n"),
+        &base,
+    ));
+    let rescored = su.root.join("rescored");
+    run_ok(command(
+        &su,
+        &config_text(
+            &fib,
+            "[federation]\nfraction = 1.0\n[curriculum]\nrescore_every = 1\nsampled_labels = true\n",
+        ),
+        &rescored,
+    ));
+    let (b, r) = (metrics(&base), metrics(&rescored));
+    // Every client trains every round; with rescoring each also runs a Fisher pass over
+    // all its data first, so a round costs more tokens than training alone.
+    for t in 1..b.len() {
+        let tokens = |m: &[Value]| m[t]["tokens"].as_u64().unwrap();
+        assert!(tokens(&r) > tokens(&b), "round {t}: {} vs {}", r[t], b[t]);
+    }
 }

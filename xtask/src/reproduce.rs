@@ -20,7 +20,7 @@ use crate::{assets, data};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preset {
-    /// MR, 10 clients, 12 rounds on a 600-example slice: FibecFed and three baselines,
+    /// MR, 10 clients, 12 rounds on a 600-example slice: FibecFed and five baselines,
     /// sized to finish within 20 minutes on a 2-core CPU.
     #[default]
     Default,
@@ -60,7 +60,14 @@ impl Preset {
     fn methods(self) -> &'static [&'static str] {
         match self {
             Self::Smoke => &["fibecfed", "fedavg-lora"],
-            Self::Default => &["fibecfed", "fedavg-lora", "fedprox-lora", "local-only"],
+            Self::Default => &[
+                "fibecfed",
+                "fedavg-lora",
+                "fedprox-lora",
+                "fedadam-lora",
+                "ffa-lora",
+                "local-only",
+            ],
             Self::Paper => &[
                 "fibecfed",
                 "fedavg-lora",
