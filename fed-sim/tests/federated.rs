@@ -276,7 +276,10 @@ fn diverging_and_empty_clients_are_left_out_and_reported() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{err}");
     let m = metrics(&out);
-    let diverged: usize = m.iter().map(|l| l["diverged"].as_array().unwrap().len()).sum();
+    let diverged: usize = m
+        .iter()
+        .map(|l| l["diverged"].as_array().unwrap().len())
+        .sum();
     assert!(diverged > 0, "{m:?}");
     assert!(err.contains("not finite after training"), "{err}");
 

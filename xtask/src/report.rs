@@ -149,6 +149,9 @@ pub struct Row {
     pub method: String,
     pub seeds: usize,
     pub final_accuracy: Stat,
+    /// Per run, the mean accuracy over the second half of its rounds (round > T/2):
+    /// less at the mercy of which clients the last round happened to sample.
+    pub late_accuracy: Stat,
     /// `None` unless every seed reached the target: a mean over the lucky
     /// seeds alone would flatter the method.
     pub rounds_to_target: Option<Stat>,
@@ -216,6 +219,7 @@ pub fn summarise(runs: &[Run], baseline: &str, target_fraction: f64) -> Result<T
                 method: method.to_owned(),
                 seeds: mine.len(),
                 final_accuracy: stat(&|r| last(r).accuracy),
+                late_accuracy: stat(&late_mean),
                 rounds_to_target: hit_stat(|p| p.round as f64),
                 sim_seconds_to_target: hit_stat(|p| p.cum_sim_seconds),
                 mb_up: stat(&|r| last(r).cum_bytes_up as f64 / 1e6),
@@ -231,6 +235,18 @@ pub fn summarise(runs: &[Run], baseline: &str, target_fraction: f64) -> Result<T
         target,
         rows,
     })
+}
+
+/// Mean accuracy over the points with round > (last round) / 2.
+fn late_mean(run: &Run) -> f64 {
+    let half = last(run).round / 2;
+    let late: Vec<f64> = run
+        .points
+        .iter()
+        .filter(|p| p.round > half || p.round == last(run).round)
+        .map(|p| p.accuracy)
+        .collect();
+    late.iter().sum::<f64>() / late.len() as f64
 }
 
 /// "mean ± std" with `decimals`, the "± std" left out for a single seed
@@ -259,8 +275,8 @@ pub fn markdown(table: &Table) -> String {
         table.baseline,
         table.target * 100.0
     );
-    out.push_str("| method | seeds | final accuracy | rounds to target | simulated s to target | MB up | MB total | wall s |\n");
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| method | seeds | final accuracy | mean accuracy, last half of rounds | rounds to target | simulated s to target | MB up | MB total | wall s |\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for row in &table.rows {
         let n = row.seeds;
         let to_target = |stat: Option<Stat>, decimals| {
@@ -271,9 +287,10 @@ pub fn markdown(table: &Table) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {n} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {n} | {} | {} | {} | {} | {} | {} | {} |",
             row.method.replace('|', "\\|"),
             pm(row.final_accuracy, n, 100.0, 2, "%"),
+            pm(row.late_accuracy, n, 100.0, 2, "%"),
             to_target(row.rounds_to_target, 1),
             to_target(row.sim_seconds_to_target, 1),
             pm(row.mb_up, n, 1.0, 2, ""),
@@ -289,7 +306,7 @@ pub fn markdown(table: &Table) -> String {
 pub fn csv(table: &Table) -> String {
     let mut out = String::from(
         "method,seeds,reached,final_accuracy_mean,final_accuracy_std,\
-         rounds_to_target_mean,rounds_to_target_std,sim_seconds_to_target_mean,\
+         late_accuracy_mean,late_accuracy_std,rounds_to_target_mean,rounds_to_target_std,sim_seconds_to_target_mean,\
          sim_seconds_to_target_std,mb_up_mean,mb_up_std,mb_total_mean,mb_total_std,\
          wall_seconds_mean,wall_seconds_std\n",
     );
@@ -303,10 +320,11 @@ pub fn csv(table: &Table) -> String {
         };
         let _ = writeln!(
             out,
-            "{method},{},{},{},{},{},{},{},{}",
+            "{method},{},{},{},{},{},{},{},{},{}",
             row.seeds,
             row.reached,
             both(row.final_accuracy),
+            both(row.late_accuracy),
             maybe(row.rounds_to_target),
             maybe(row.sim_seconds_to_target),
             both(row.mb_up),
@@ -641,6 +659,27 @@ mod tests {
         );
     }
 
+    /// The last half of rounds 0..=4 is rounds 3 and 4; of 0..=1, round 1.
+    #[test]
+    fn late_accuracy_averages_the_second_half_of_the_rounds() {
+        let five = run(
+            "m",
+            1,
+            &[
+                (0.5, 0.0, 0, 0, 0.0),
+                (0.6, 0.0, 0, 0, 0.0),
+                (0.7, 0.0, 0, 0, 0.0),
+                (0.8, 0.0, 0, 0, 0.0),
+                (1.0, 0.0, 0, 0, 0.0),
+            ],
+        );
+        assert!((late_mean(&five) - 0.9).abs() < 1e-12);
+        let two = run("m", 1, &[(0.5, 0.0, 0, 0, 0.0), (0.75, 0.0, 0, 0, 0.0)]);
+        assert!((late_mean(&two) - 0.75).abs() < 1e-12);
+        let one = run("m", 1, &[(0.5, 0.0, 0, 0, 0.0)]);
+        assert!((late_mean(&one) - 0.5).abs() < 1e-12);
+    }
+
     #[test]
     fn markdown_and_csv_hold_the_expected_cells() {
         let table = summarise(&runs(), "fedavg-lora", 0.9).unwrap();
@@ -649,17 +688,17 @@ mod tests {
             md.starts_with("target: 90% of fedavg-lora's final accuracy = 76.50%\n"),
             "{md}"
         );
-        assert!(md.contains("| fibecfed | 2 | 74.50% ± 6.36% | not reached (1/2) | not reached (1/2) | 0.20 ± 0.00 | 0.40 ± 0.00 | 2.5 ± 0.0 |"), "{md}");
+        assert!(md.contains("| fibecfed | 2 | 74.50% ± 6.36% | 74.50% ± 6.36% | not reached (1/2) | not reached (1/2) | 0.20 ± 0.00 | 0.40 ± 0.00 | 2.5 ± 0.0 |"), "{md}");
         assert!(
             md.contains(
-                "| fedavg-lora | 2 | 85.00% ± 7.07% | 1.5 ± 0.7 | 3.0 ± 0.0 | 3.00 ± 1.41 |"
+                "| fedavg-lora | 2 | 85.00% ± 7.07% | 85.00% ± 7.07% | 1.5 ± 0.7 | 3.0 ± 0.0 | 3.00 ± 1.41 |"
             ),
             "{md}"
         );
         let single = summarise(&runs()[1..2], "fedavg-lora", 0.95).unwrap();
         assert!(
             markdown(&single)
-                .contains("| fedavg-lora | 1 | 80.00% | 2.0 | 3.0 | 2.00 | 3.00 | 2.5 |")
+                .contains("| fedavg-lora | 1 | 80.00% | 80.00% | 2.0 | 3.0 | 2.00 | 3.00 | 2.5 |")
         );
 
         let text = csv(&table);
@@ -667,9 +706,9 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(lines.iter().all(|l| l.len() == lines[0].len()));
         assert_eq!(lines[1][..3], ["fibecfed", "2", "1"]);
-        assert_eq!(lines[1][5..9], ["", "", "", ""]);
+        assert_eq!(lines[1][7..11], ["", "", "", ""]);
         assert_eq!(
-            lines[2][5..9],
+            lines[2][7..11],
             ["1.5", &0.5f64.sqrt().to_string(), "3", "0"]
         );
 

@@ -335,6 +335,13 @@ fn acceptance(table: &report::Table) -> String {
             "does NOT hold"
         }
     );
+    let _ = writeln!(
+        out,
+        "- for context, mean accuracy over the last half of the rounds (less dependent on \
+         which clients the last round sampled): {:.2}% against {:.2}%",
+        100.0 * fib.late_accuracy.mean,
+        100.0 * base.late_accuracy.mean
+    );
     out
 }
 
