@@ -6,7 +6,7 @@
 //!   f64 in ascending client order, so the result does not depend on arrival order;
 //! - the [`Aggregator`] trait with [`FedAvg`], [`FedAdam`] and [`FedYogi`] (Reddi et al.
 //!   2021, settings in [`ServerOptConfig`]), whose state can be saved and restored
-//!   bit-exactly; [`aggregator`] builds one from its config name;
+//!   bit-exactly (configs name them through `fibecfed-sim`'s registry);
 //! - [`FedProx`], the client-side proximal term;
 //! - [`message_bytes`] and [`payload_bytes`]: what one upload costs on the wire.
 //!
@@ -124,22 +124,6 @@ impl Aggregator for FedAvg {
                 "fedavg keeps no state, but `{name}` was given"
             ))),
         }
-    }
-}
-
-/// The aggregator a config names: "fedavg", "fedadam" or "fedyogi" (`server` is used
-/// by the adaptive two only).
-pub fn aggregator(
-    name: &str,
-    server: ServerOptConfig,
-) -> Result<Box<dyn Aggregator>, AggregationError> {
-    match name {
-        "fedavg" => Ok(Box::new(FedAvg)),
-        "fedadam" => Ok(Box::new(FedAdam::new(server)?)),
-        "fedyogi" => Ok(Box::new(FedYogi::new(server)?)),
-        other => Err(AggregationError::Config(format!(
-            "aggregator `{other}` is unknown; expected fedavg, fedadam or fedyogi"
-        ))),
     }
 }
 

@@ -6,7 +6,7 @@
 
 use fibecfed_aggregation::{
     AggregationError, Aggregator, FedAdam, FedAvg, FedYogi, ServerOptConfig, Tensors, Update,
-    aggregator, restrict, weighted_mean, weights,
+    restrict, weighted_mean, weights,
 };
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
@@ -164,15 +164,11 @@ fn restrict_keeps_the_chosen_names() {
 }
 
 #[test]
-fn aggregator_names_round_trip() {
-    for name in ["fedavg", "fedadam", "fedyogi"] {
-        assert_eq!(
-            aggregator(name, ServerOptConfig::default()).unwrap().name(),
-            name
-        );
-    }
-    let err = aggregator("fedsgd", ServerOptConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("fedsgd"), "{err}");
+fn aggregator_names_and_stateless_fedavg() {
+    let config = ServerOptConfig::default();
+    assert_eq!(FedAvg.name(), "fedavg");
+    assert_eq!(FedAdam::new(config).unwrap().name(), "fedadam");
+    assert_eq!(FedYogi::new(config).unwrap().name(), "fedyogi");
     assert!(FedAvg.state().is_empty());
     assert!(FedAvg.load_state(&Tensors::new()).is_ok());
     assert!(matches!(

@@ -17,7 +17,7 @@ use fibecfed_aggregation::{Aggregator, FedProx, Tensors, Update, message_bytes, 
 use fibecfed_curriculum::{Ordering, Pacing, sample_count};
 use fibecfed_fisher::{
     DiagFisher, DifficultyScorer, FisherMomentum, HeadDiag, ImportanceReport, LabelMode,
-    LayerSelector, SiteDiag, SiteMask, scores, site_mask,
+    LayerSelector, SampleStats, SiteDiag, SiteMask, scores, site_mask,
 };
 use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, SiteId};
@@ -129,7 +129,6 @@ pub struct Engine<'a> {
     pub config: RunConfig,
     model: &'a BertModel<f32>,
     data: Vec<ClientData>,
-    classes: usize,
     lora: LoraConfig,
     parts: Components,
     template: LoraParams<f32>,
@@ -182,7 +181,6 @@ impl<'a> Engine<'a> {
             config,
             model,
             data,
-            classes,
             lora,
             parts,
             template,
@@ -344,7 +342,8 @@ impl<'a> Engine<'a> {
             seed: mix(self.config.seed, SCORE_DOMAIN, round as u64, k as u64),
         };
         let report = fisher_pass(self.model, adapter, samples, options, cpu_backend())?;
-        let mut tokens = padded_tokens(samples, options.batch_size);
+        let pass_tokens = padded_tokens(samples, options.batch_size);
+        let mut tokens = pass_tokens;
         if self.uses_curriculum() {
             let s = scores(self.parts.scorer.as_ref(), &report.samples)?;
             let seed = mix(self.config.seed, ORDER_DOMAIN, round as u64, k as u64);
@@ -364,7 +363,7 @@ impl<'a> Engine<'a> {
             (true, ImportanceKind::Fisher) => Some(report.layer_importance),
             (true, ImportanceKind::Perturbation) => {
                 // Two forward passes, a third of a forward+backward each.
-                tokens += 2 * padded_tokens(samples, options.batch_size) / 3;
+                tokens += 2 * pass_tokens / 3;
                 Some(perturbation_importance(
                     self.model,
                     adapter,
@@ -466,6 +465,11 @@ impl<'a> Engine<'a> {
             }
         }
         let sim_cfg = self.config.simulation;
+        // A client's simulated time before its upload: download, then its compute.
+        let work_time = |tokens: u64| {
+            tokens as f64 * sim_cfg.seconds_per_token
+                + down_bytes as f64 / sim_cfg.download_bytes_per_second
+        };
         let mut updates = Vec::new();
         let mut diverged = Vec::new();
         let (mut loss_sum, mut samples, mut tokens, mut up) = (0.0f64, 0usize, 0u64, 0u64);
@@ -476,14 +480,10 @@ impl<'a> Engine<'a> {
                     eprintln!("round {t}: client {k} left out of the aggregate: {why}");
                     diverged.push(k);
                     tokens += spent;
-                    sim = sim.max(
-                        spent as f64 * sim_cfg.seconds_per_token
-                            + down_bytes as f64 / sim_cfg.download_bytes_per_second,
-                    );
+                    sim = sim.max(work_time(spent));
                 }
                 Outcome::Trained(tr) => {
-                    let mut time = tr.tokens as f64 * sim_cfg.seconds_per_token
-                        + down_bytes as f64 / sim_cfg.download_bytes_per_second;
+                    let mut time = work_time(tr.tokens);
                     if let Some(tensors) = tr.upload {
                         let bytes = message_bytes(&tensors)?;
                         up += bytes;
@@ -576,7 +576,6 @@ impl<'a> Engine<'a> {
         let names = tensor_names(&state.params);
         let shared = self.shared_names(gal);
         let collect_fisher = state.momentum.is_some();
-        let skip: Vec<usize> = gal.to_vec();
         let mut fresh: DiagFisher<SiteId> = DiagFisher::new();
         let mut rng =
             ChaCha8Rng::seed_from_u64(mix(self.config.seed, CLIENT_DOMAIN, t as u64, k as u64));
@@ -616,9 +615,9 @@ impl<'a> Engine<'a> {
                 let mut grads = if collect_fisher {
                     let mut hook = FisherHook {
                         backend: cpu_backend(),
-                        stats: vec![blank_stats(self.layers()); chunk.len()],
+                        stats: vec![SampleStats::zeros(self.layers()); chunk.len()],
                         diag: &mut fresh,
-                        skip_layers: &skip,
+                        skip_layers: gal,
                         error: None,
                     };
                     let g = self
@@ -884,11 +883,6 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// The number of label classes.
-    pub fn classes(&self) -> usize {
-        self.classes
-    }
-
     fn sizes(&self) -> Vec<(usize, usize)> {
         self.data
             .iter()
@@ -1019,15 +1013,6 @@ fn diag_from_named(
     }
     d.samples = 1;
     Ok(d)
-}
-
-fn blank_stats(layers: usize) -> fibecfed_fisher::SampleStats {
-    fibecfed_fisher::SampleStats {
-        loss: 0.0,
-        fisher: 0.0,
-        per_layer: vec![0.0; layers],
-        head: 0.0,
-    }
 }
 
 /// Padded tokens of a pass over `samples` in length-sorted batches.

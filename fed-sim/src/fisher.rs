@@ -154,12 +154,7 @@ pub fn fisher_pass(
         );
     }
     let n_layers = model.config.num_hidden_layers;
-    let blank = SampleStats {
-        loss: 0.0,
-        fisher: 0.0,
-        per_layer: vec![0.0; n_layers],
-        head: 0.0,
-    };
+    let blank = SampleStats::zeros(n_layers);
     let mut out = vec![blank.clone(); samples.len()];
     let mut diag = DiagFisher::new();
     // Its own stream, so that it never repeats the draws of an adapter initialised

@@ -240,3 +240,24 @@ impl Registry {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::kind_table;
+
+    #[test]
+    fn aggregators_are_built_by_the_name_a_config_gives() -> Result<()> {
+        let registry = Registry::builtin();
+        for name in ["fedavg", "fedadam", "fedyogi"] {
+            assert_eq!(registry.aggregator(&kind_table(name))?.name(), name);
+        }
+        let err = registry
+            .aggregator(&kind_table("fedsgd"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("fedsgd") && err.contains("fedavg"), "{err}");
+        Ok(())
+    }
+}

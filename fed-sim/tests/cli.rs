@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use common::{Setup, assert_refused, fibecfed, s, tiny_model, tsv};
+use common::{Setup, assert_refused, assert_success, fibecfed, s, tiny_model, tsv};
 
 #[test]
 fn train_embed_and_adapter_round_trip_on_the_tiny_model() {
@@ -45,11 +45,7 @@ fn train_embed_and_adapter_round_trip_on_the_tiny_model() {
         "--max-len",
         "32",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let m: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&metrics).unwrap()).unwrap();
     let epochs = m["epochs"].as_array().unwrap();
@@ -94,11 +90,7 @@ fn embed(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Vec<Vec<f
     ];
     args.extend_from_slice(extra);
     let out = fibecfed(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     fs::read_to_string(output)
         .unwrap()
         .lines()
@@ -390,11 +382,7 @@ fn fisher_scores_every_sample_and_layer() {
             "query,value,dense",
         ],
     );
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     let lines = jsonl(&out);
     assert_eq!(lines.len(), 16, "one line per sample");
     for (i, l) in lines.iter().enumerate() {
@@ -435,11 +423,7 @@ fn fisher_scores_every_sample_and_layer() {
                 s(&l),
             ],
         );
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        assert_success(&run);
         (
             fs::read_to_string(&p).unwrap(),
             fs::read_to_string(&l).unwrap(),
@@ -478,11 +462,7 @@ fn fisher_refuses_bad_adapters_data_and_labels() {
     // A label the adapter's 2-class head cannot produce.
     let adapter = su.root.join("adapter");
     let trained = train_with(&su, &su.model, &["--save-adapter", s(&adapter)]);
-    assert!(
-        trained.status.success(),
-        "{}",
-        String::from_utf8_lossy(&trained.stderr)
-    );
+    assert_success(&trained);
     let three = su.root.join("three.tsv");
     fs::write(
         &three,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::{fs, thread};
 
-use common::{Setup, assert_refused, fibecfed, s};
+use common::{Setup, assert_refused, assert_success, fibecfed, s};
 use serde_json::Value;
 
 /// Settings that make a run take about a second on the tiny model.
@@ -86,11 +86,7 @@ fn command(su: &Setup, config: &str, out: &Path) -> Command {
 
 fn run_ok(mut cmd: Command) -> Output {
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     out
 }
 
@@ -225,16 +221,12 @@ fn a_run_killed_mid_round_resumes_to_the_same_metrics() {
     assert_eq!(metrics(&killed).len(), 3);
 
     let out = fibecfed(&["run", "--resume", s(&killed)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(metrics(&killed), metrics(&whole));
 
     // A finished run resumes to nothing new; a new run into the folder is refused.
     let out = fibecfed(&["run", "--resume", s(&killed)]);
-    assert!(out.status.success());
+    assert_success(&out);
     assert_eq!(metrics(&killed), metrics(&whole));
     let again = command(&su, &cfg, &killed).output().unwrap();
     assert_refused(&again, &["already holds a run", "--resume"]);

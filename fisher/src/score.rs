@@ -21,6 +21,18 @@ pub struct SampleStats {
     pub head: f64,
 }
 
+impl SampleStats {
+    /// All sums zero, for `layers` layers: what a pass starts each sample from.
+    pub fn zeros(layers: usize) -> Self {
+        Self {
+            loss: 0.0,
+            fisher: 0.0,
+            per_layer: vec![0.0; layers],
+            head: 0.0,
+        }
+    }
+}
+
 /// Turns a sample's statistics into a difficulty (larger = harder).
 pub trait DifficultyScorer: std::fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;

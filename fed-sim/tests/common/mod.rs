@@ -69,6 +69,15 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Exit code 0; otherwise the failure shows the binary's stderr.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Exit code 2, a message containing every needle, and no panic.
 pub fn assert_refused(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
