@@ -10,8 +10,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use fibecfed_fisher::{
-    CpuBackend, DiagFisher, FisherBackend, LabelMode, PerturbationImportance, Products,
-    SampleStats, SiteRows, head_fisher, normalise, sample_labels,
+    CpuBackend, CudaBackend, DiagFisher, FisherBackend, GpuMode, LabelMode, PerturbationImportance,
+    Products, SampleStats, SiteRows, head_fisher, normalise, sample_labels,
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
 use fibecfed_transformer::{Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy};
@@ -345,4 +345,62 @@ pub fn difficulty_jsonl(report: &FisherReport) -> Result<String> {
 /// The default backend: the CPU code of `fibecfed-fisher`.
 pub fn cpu_backend() -> &'static dyn FisherBackend<f32> {
     &CpuBackend
+}
+
+/// Where the Fisher pass computes per-sample gradient squares (`fibecfed fisher --device`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU with a notice saying why.
+    #[default]
+    Auto,
+    /// The CPU code.
+    Cpu,
+    /// The GPU (fp32 kernels); an error when none is usable.
+    Cuda,
+}
+
+/// The backend picked for a [`Device`] and the one line that says which, and why.
+pub struct ChosenBackend {
+    pub backend: Box<dyn FisherBackend<f32>>,
+    pub notice: String,
+}
+
+impl std::fmt::Debug for ChosenBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChosenBackend")
+            .field("notice", &self.notice)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Picks the backend. The GPU path needs the CUDA driver, NVRTC and a device; `auto`
+/// falls back to the CPU when any is missing (the notice names which), `cuda` fails.
+/// The GPU kernels are deterministic, so repeated runs on one machine agree bitwise
+/// whichever backend `auto` lands on.
+pub fn choose_backend(device: Device) -> Result<ChosenBackend> {
+    let cpu = |notice: String| ChosenBackend {
+        backend: Box::new(CpuBackend),
+        notice,
+    };
+    let gpu = |backend: CudaBackend| ChosenBackend {
+        notice: format!(
+            "Fisher squares on the GPU: {} (CUDA, {})",
+            backend.device_name(),
+            backend.mode().name()
+        ),
+        backend: Box::new(backend),
+    };
+    Ok(match device {
+        Device::Cpu => cpu("Fisher squares on the CPU (--device cpu)".into()),
+        Device::Auto => match CudaBackend::new(GpuMode::Fp32) {
+            Ok(backend) => gpu(backend),
+            Err(why) => cpu(format!(
+                "Fisher squares on the CPU: no usable CUDA GPU ({why})"
+            )),
+        },
+        Device::Cuda => match CudaBackend::new(GpuMode::Fp32) {
+            Ok(backend) => gpu(backend),
+            Err(why) => bail!("--device cuda: no usable CUDA GPU: {why}"),
+        },
+    })
 }

@@ -12,7 +12,7 @@ use fibecfed_sim::data::read_train_eval;
 use fibecfed_sim::data::read_tsv;
 use fibecfed_sim::embed::embed_file;
 use fibecfed_sim::fisher::{
-    FisherOptions, cpu_backend, difficulty_jsonl, fisher_pass, load_or_init_adapter,
+    Device, FisherOptions, choose_backend, difficulty_jsonl, fisher_pass, load_or_init_adapter,
     perturbation_importance,
 };
 use fibecfed_sim::output::{check_writable_file, write_atomic};
@@ -145,6 +145,10 @@ struct FisherArgs {
     /// Target modules of the fresh adapter (without --adapter).
     #[arg(long, value_delimiter = ',', default_value = "query,value")]
     targets: Vec<String>,
+    /// Where per-sample gradient squares are computed: auto (the GPU when one is usable,
+    /// else the CPU with a notice saying why), cpu, or cuda (an error without a usable GPU).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 fn run_fisher(args: &FisherArgs) -> Result<()> {
@@ -163,6 +167,9 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
             anyhow::bail!("--sigma must be a positive number, got {}", args.sigma);
         }
     }
+    // Before any file is read: `--device cuda` on a machine without a GPU fails at once.
+    let chosen = choose_backend(args.device)?;
+    eprintln!("{}", chosen.notice);
     let data = read_tsv(&args.data)?;
     if data.num_labels() < 2 {
         anyhow::bail!(
@@ -207,7 +214,7 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
         seed: args.seed,
     };
     let start = Instant::now();
-    let report = fisher_pass(&model, adapter, &samples, options, cpu_backend())
+    let report = fisher_pass(&model, adapter, &samples, options, &*chosen.backend)
         .with_context(|| format!("{}", args.data.display()))?;
     let seconds = start.elapsed().as_secs_f64();
     let importance = match (&args.layer_importance, args.importance) {

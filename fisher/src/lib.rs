@@ -26,6 +26,10 @@
 //!   the server's [`LayerSelector`] ([`ConsensusTopK`], [`RandomLayers`], [`AllLayers`]);
 //! - sparse update masks ([`site_mask`], [`Granularity`]) keeping the top ⌈ρ·n⌉ units.
 //!
+//! Site squares run on the CPU ([`CpuBackend`]) or, through the fused CUDA kernels of
+//! `fibecfed-kernels`, on a GPU ([`CudaBackend`]); both implement [`FisherBackend`] with
+//! the same checks and output layout.
+//!
 //! What it does not do: run a model. The simulator (`fibecfed-sim`) feeds the
 //! transformer's backward hook into [`FisherBackend::site`] and [`head_fisher`].
 //!
@@ -47,13 +51,18 @@
 extern crate blas_src;
 
 mod blas;
+mod cuda;
 mod diag;
 mod importance;
 mod mask;
 mod score;
 mod squares;
 
+pub use cuda::CudaBackend;
 pub use diag::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
+/// The GPU side's error and precision, re-exported so that callers of [`CudaBackend`]
+/// need no direct dependency on `fibecfed-kernels`.
+pub use fibecfed_kernels::{KernelError, Mode as GpuMode};
 pub use importance::{
     AllLayers, ConsensusTopK, ImportanceReport, LayerSelector, PerturbationImportance,
     RandomLayers, ceil_fraction, consensus, gal_count, normalise, top_k,
@@ -76,4 +85,7 @@ pub enum FisherError {
     Config(String),
     #[error("not finite: {0}")]
     NonFinite(String),
+    /// The GPU backend failed after its inputs passed the shape checks.
+    #[error("GPU: {0}")]
+    Device(String),
 }

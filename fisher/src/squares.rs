@@ -86,7 +86,8 @@ pub struct SiteSquares<F> {
 }
 
 impl<F: Scalar> SiteRows<'_, F> {
-    fn check(&self) -> Result<(), FisherError> {
+    /// Shapes against each other; every backend runs it first, so they refuse alike.
+    pub(crate) fn check(&self) -> Result<(), FisherError> {
         let n = self
             .batch
             .checked_mul(self.seq_len)
@@ -422,8 +423,10 @@ pub struct HeadSquares<F> {
     pub diag_bias: Array1<F>,
 }
 
-/// Where per-sample gradient squares are computed: this crate's CPU code; a CUDA
-/// backend (`fibecfed-kernels`, the kernels issue) is meant to implement it too.
+/// Where per-sample gradient squares are computed: [`CpuBackend`] (this crate's CPU
+/// code, any float type) or [`crate::CudaBackend`] (f32 on a GPU through the fused
+/// kernels of `fibecfed-kernels`). Every backend returns the same layout: `sq_a`, `sq_b`
+/// per sample, `diag_a` r × d_in, `diag_b` d_out × r.
 pub trait FisherBackend<F> {
     fn site(&self, rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError>;
 }

@@ -14,6 +14,7 @@
 mod assets;
 mod common;
 mod data;
+mod gpu_bench;
 mod report;
 mod reproduce;
 
@@ -44,6 +45,9 @@ Commands:
       (with --print-path, that line is all of stdout).
   data [--data-dir DIR]
       Resolves the dataset root; prints it on the last stdout line.
+  gpu-bench
+      Builds the release GPU benchmark and packages it with the PyTorch side into
+      gpu-bench/ (git-ignored); prints the one command to run on a GPU machine.
   help
       This text.
 
@@ -107,6 +111,11 @@ fn try_main() -> Result<ExitCode> {
             };
             args.finish(&command)?;
             data::run(&options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "gpu-bench" => {
+            args.finish(&command)?;
+            gpu_bench::run()?;
             Ok(ExitCode::SUCCESS)
         }
         "test" => {
