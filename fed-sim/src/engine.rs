@@ -208,8 +208,9 @@ impl<'a> Engine<'a> {
         self.config.sparse.rho < 1.0
     }
 
-    /// Names of the tensors that travel, given the global layers.
-    fn shared_names(&self, gal: &[usize]) -> Vec<String> {
+    /// Names of the tensors that travel, given the global layers (sorted, the order of
+    /// [`Tensors`]).
+    pub fn shared_names(&self, gal: &[usize]) -> Vec<String> {
         let mut names = Vec::new();
         for site in self.template.sites.keys() {
             if gal.contains(&site.layer) {
@@ -544,6 +545,128 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// The global layers when they can be chosen without the clients' reports (a
+    /// selector such as `fixed`, `random`, `all` or `none`): what a participant that
+    /// runs on its own (a Flower client) computes identically to every other one.
+    pub fn standalone_gal(&self) -> Result<Vec<usize>> {
+        if self.parts.selector.needs_reports() {
+            bail!(
+                "sharing.selector needs every client's layer importance at the server, which a stock Flower server does not gather; fix the global layers with selector = {{ kind = \"fixed\", layers = [...] }} (for example the top layers of `fibecfed fisher --layer-importance` on a sample of the data)"
+            );
+        }
+        self.parts
+            .selector
+            .select(&[], self.layers())
+            .context("sharing.selector")
+    }
+
+    /// The initial global tensors for the global layers `gal`: the seeded initial
+    /// adapter, identical on every participant with the same config.
+    pub fn initial_global(&self, gal: &[usize]) -> Tensors {
+        let names = self.shared_names(gal);
+        restrict(&self.template.to_named(), |n| names.iter().any(|m| m == n))
+    }
+
+    /// Client k's state before its first round: the initial adapter and, where the
+    /// config uses them, its curriculum order and Fisher momentum from one scoring
+    /// pass. Returns the padded tokens the pass cost.
+    pub fn start_client(&self, k: usize) -> Result<(ClientState, u64)> {
+        let data = self
+            .data
+            .get(k)
+            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?;
+        let mut state = ClientState {
+            params: self.template.clone(),
+            opt: AdamW::new(self.adam(), &self.template),
+            momentum: None,
+            order: None,
+            last_scored: None,
+        };
+        if data.train.is_empty() || !(self.uses_curriculum() || self.uses_sparse()) {
+            return Ok((state, 0));
+        }
+        let (_, tokens) = self
+            .score(k, &mut state, 0, false)
+            .with_context(|| format!("client {k}: scoring pass"))?;
+        Ok((state, tokens))
+    }
+
+    /// Client k's work in round t (1-based) on its own: download `global`, train, and
+    /// the upload (the tensors of the global layers). A diverged client gives an
+    /// error naming why; its state is left as it was.
+    pub fn run_client(
+        &self,
+        k: usize,
+        t: usize,
+        state: &mut ClientState,
+        global: &Tensors,
+        gal: &[usize],
+    ) -> Result<ClientRound> {
+        if k >= self.data.len() || t == 0 {
+            bail!("client {k}, round {t}: no such client or round (rounds count from 1)");
+        }
+        if self.data[k].train.is_empty() {
+            bail!("client {k} has no training data");
+        }
+        match self.train_client(k, t, state.clone(), global, gal)? {
+            Outcome::Diverged(why, _) => bail!("client {k} diverged: {why}"),
+            Outcome::Trained(tr) => {
+                *state = tr.state;
+                Ok(ClientRound {
+                    upload: tr.upload.unwrap_or_default(),
+                    train_loss: tr.loss_sum / tr.samples.max(1) as f64,
+                    samples: tr.samples,
+                    tokens: tr.tokens,
+                })
+            }
+        }
+    }
+
+    /// Client k's personalised model (its state with `global` laid over) on its test
+    /// part: accuracy, mean loss over finite outputs, and the test size.
+    pub fn evaluate_client(
+        &self,
+        k: usize,
+        state: &ClientState,
+        global: &Tensors,
+    ) -> Result<(EvalCounts, usize)> {
+        let test = &self
+            .data
+            .get(k)
+            .ok_or_else(|| anyhow!("client {k} does not exist"))?
+            .test;
+        if test.is_empty() {
+            return Ok((EvalCounts::default(), 0));
+        }
+        let mut params = state.params.clone();
+        overlay(&mut params, global)?;
+        let adapter = Adapter {
+            params: &params,
+            scale: self.lora.scale(),
+        };
+        Ok((evaluate_counts(self.model, adapter, test, 64)?, test.len()))
+    }
+
+    /// Training and test examples of client k.
+    pub fn client_sizes(&self, k: usize) -> Option<(usize, usize)> {
+        self.data.get(k).map(|d| (d.train.len(), d.test.len()))
+    }
+
+    /// One client's state as checkpoint contents (names prefixed `client{k}/`).
+    pub fn client_snapshot(&self, k: usize, client: &ClientState) -> Result<Contents> {
+        let mut c = Contents::default();
+        let meta = client_contents(k, client, &mut c);
+        c.state = serde_json::to_string(&meta)?;
+        Ok(c)
+    }
+
+    /// The inverse of [`Self::client_snapshot`], checked against client k's data.
+    pub fn client_restore(&self, k: usize, c: &Contents) -> Result<ClientState> {
+        let cm: ClientMeta = serde_json::from_str(&c.state).context("client state")?;
+        self.check_order(k, &cm)?;
+        self.client_from(k, &cm, c)
+    }
+
     /// Client k's local work in round t: download, (re)score if due, train on its
     /// curriculum subset with the sparse mask, upload.
     fn train_client(
@@ -752,26 +875,12 @@ impl<'a> Engine<'a> {
         for (name, a) in self.parts.aggregator.state() {
             c.f32.insert(format!("aggregator/{name}"), a);
         }
-        let mut metas = Vec::new();
-        for (k, client) in state.clients.iter().enumerate() {
-            let (m, v, steps) = client.opt.state();
-            for (prefix, p) in [("params", &client.params), ("m", m), ("v", v)] {
-                for (name, a) in p.to_named() {
-                    c.f32.insert(format!("client{k}/{prefix}/{name}"), a);
-                }
-            }
-            if let Some(mom) = &client.momentum {
-                for (name, a) in diag_named(mom.current()) {
-                    c.f64.insert(format!("client{k}/fisher/{name}"), a);
-                }
-            }
-            metas.push(ClientMeta {
-                adam_steps: steps,
-                order: client.order.clone(),
-                last_scored: client.last_scored,
-                momentum: client.momentum.is_some(),
-            });
-        }
+        let metas = state
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(k, client)| client_contents(k, client, &mut c))
+            .collect();
         let meta = Meta {
             config: config_text.to_owned(),
             sizes: self.sizes(),
@@ -807,23 +916,7 @@ impl<'a> Engine<'a> {
             );
         }
         for (k, cm) in meta.clients.iter().enumerate() {
-            if let Some(order) = &cm.order {
-                let n = self.data[k].train.len();
-                let mut seen = vec![false; n];
-                let permutation = order.len() == n
-                    && order.iter().all(|&i| match seen.get_mut(i) {
-                        Some(s) if !*s => {
-                            *s = true;
-                            true
-                        }
-                        _ => false,
-                    });
-                if !permutation {
-                    bail!(
-                        "checkpoint: client {k}'s curriculum order is not a permutation of its {n} samples"
-                    );
-                }
-            }
+            self.check_order(k, cm)?;
         }
         let prefixed = |prefix: &str| -> Tensors {
             c.f32
@@ -836,44 +929,12 @@ impl<'a> Engine<'a> {
             .aggregator
             .load_state(&prefixed("aggregator/"))
             .context("checkpoint: aggregator state")?;
-        let mut clients = Vec::with_capacity(meta.clients.len());
-        for (k, cm) in meta.clients.iter().enumerate() {
-            let load = |what: &str| -> Result<LoraParams<f32>> {
-                let mut p = self.template.clone();
-                let t = prefixed(&format!("client{k}/{what}/"));
-                if t.len() != p.to_named().len() {
-                    bail!(
-                        "checkpoint: client {k} {what}: {} tensors, expected {}",
-                        t.len(),
-                        p.to_named().len()
-                    );
-                }
-                overlay(&mut p, &t)?;
-                Ok(p)
-            };
-            let params = load("params")?;
-            let opt = AdamW::from_state(self.adam(), load("m")?, load("v")?, cm.adam_steps)?;
-            let momentum = if cm.momentum {
-                let prefix = format!("client{k}/fisher/");
-                let named: BTreeMap<String, ArrayD<f64>> = c
-                    .f64
-                    .iter()
-                    .filter_map(|(n, a)| n.strip_prefix(&prefix).map(|s| (s.to_owned(), a.clone())))
-                    .collect();
-                let diag = diag_from_named(&self.template, &named)
-                    .with_context(|| format!("checkpoint: client {k} Fisher momentum"))?;
-                Some(FisherMomentum::seeded(self.config.sparse.gamma, &diag)?)
-            } else {
-                None
-            };
-            clients.push(ClientState {
-                params,
-                opt,
-                momentum,
-                order: cm.order.clone(),
-                last_scored: cm.last_scored,
-            });
-        }
+        let clients = meta
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(k, cm)| self.client_from(k, cm, c))
+            .collect::<Result<Vec<_>>>()?;
         Ok(RunState {
             round: meta.round,
             gal: meta.gal,
@@ -883,12 +944,112 @@ impl<'a> Engine<'a> {
         })
     }
 
+    /// A checkpoint's curriculum order must be a permutation of client k's samples.
+    fn check_order(&self, k: usize, cm: &ClientMeta) -> Result<()> {
+        if let Some(order) = &cm.order {
+            let n = self.data.get(k).map_or(0, |d| d.train.len());
+            let mut seen = vec![false; n];
+            let permutation = order.len() == n
+                && order.iter().all(|&i| match seen.get_mut(i) {
+                    Some(s) if !*s => {
+                        *s = true;
+                        true
+                    }
+                    _ => false,
+                });
+            if !permutation {
+                bail!(
+                    "checkpoint: client {k}'s curriculum order is not a permutation of its {n} samples"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Client k's state from the `client{k}/` tensors of a checkpoint.
+    fn client_from(&self, k: usize, cm: &ClientMeta, c: &Contents) -> Result<ClientState> {
+        let prefixed = |prefix: &str| -> Tensors {
+            c.f32
+                .iter()
+                .filter_map(|(n, a)| n.strip_prefix(prefix).map(|s| (s.to_owned(), a.clone())))
+                .collect()
+        };
+        let load = |what: &str| -> Result<LoraParams<f32>> {
+            let mut p = self.template.clone();
+            let t = prefixed(&format!("client{k}/{what}/"));
+            if t.len() != p.to_named().len() {
+                bail!(
+                    "checkpoint: client {k} {what}: {} tensors, expected {}",
+                    t.len(),
+                    p.to_named().len()
+                );
+            }
+            overlay(&mut p, &t)?;
+            Ok(p)
+        };
+        let params = load("params")?;
+        let opt = AdamW::from_state(self.adam(), load("m")?, load("v")?, cm.adam_steps)?;
+        let momentum = if cm.momentum {
+            let prefix = format!("client{k}/fisher/");
+            let named: BTreeMap<String, ArrayD<f64>> = c
+                .f64
+                .iter()
+                .filter_map(|(n, a)| n.strip_prefix(&prefix).map(|s| (s.to_owned(), a.clone())))
+                .collect();
+            let diag = diag_from_named(&self.template, &named)
+                .with_context(|| format!("checkpoint: client {k} Fisher momentum"))?;
+            Some(FisherMomentum::seeded(self.config.sparse.gamma, &diag)?)
+        } else {
+            None
+        };
+        Ok(ClientState {
+            params,
+            opt,
+            momentum,
+            order: cm.order.clone(),
+            last_scored: cm.last_scored,
+        })
+    }
+
     fn sizes(&self) -> Vec<(usize, usize)> {
         self.data
             .iter()
             .map(|d| (d.train.len(), d.test.len()))
             .collect()
     }
+}
+
+/// Writes client k's tensors into `c` under `client{k}/`; returns its metadata.
+fn client_contents(k: usize, client: &ClientState, c: &mut Contents) -> ClientMeta {
+    let (m, v, steps) = client.opt.state();
+    for (prefix, p) in [("params", &client.params), ("m", m), ("v", v)] {
+        for (name, a) in p.to_named() {
+            c.f32.insert(format!("client{k}/{prefix}/{name}"), a);
+        }
+    }
+    if let Some(mom) = &client.momentum {
+        for (name, a) in diag_named(mom.current()) {
+            c.f64.insert(format!("client{k}/fisher/{name}"), a);
+        }
+    }
+    ClientMeta {
+        adam_steps: steps,
+        order: client.order.clone(),
+        last_scored: client.last_scored,
+        momentum: client.momentum.is_some(),
+    }
+}
+
+/// What one client's round produced ([`Engine::run_client`]).
+#[derive(Debug, Clone)]
+pub struct ClientRound {
+    /// The tensors of the global layers, by PEFT name (empty when nothing is shared).
+    pub upload: Tensors,
+    /// Mean training loss over the samples seen.
+    pub train_loss: f64,
+    /// Samples trained on (over all local epochs).
+    pub samples: usize,
+    pub tokens: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

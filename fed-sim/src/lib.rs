@@ -5,7 +5,8 @@
 //! TOML [`config`] whose pluggable parts are looked up in a [`registry`]), per-round
 //! [`checkpoint`]s and the `fibecfed run` command ([`run`]), centralised LoRA training
 //! ([`train`]), the Fisher pass that scores a client's samples and layers ([`fisher`]),
-//! sentence embeddings ([`embed`]) and safe output files ([`output`]). The numerics live
+//! sentence embeddings ([`embed`]), safe output files ([`output`]) and the Flower
+//! participant of `fibecfed client` ([`participant`]). The numerics live
 //! in `fibecfed-transformer`, `fibecfed-lora`, `fibecfed-fisher`, `fibecfed-curriculum`
 //! and `fibecfed-aggregation`.
 //!
@@ -23,6 +24,7 @@ pub mod embed;
 pub mod engine;
 pub mod fisher;
 pub mod output;
+pub mod participant;
 pub mod partition;
 pub mod registry;
 pub mod run;

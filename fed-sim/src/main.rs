@@ -16,6 +16,7 @@ use fibecfed_sim::fisher::{
     perturbation_importance,
 };
 use fibecfed_sim::output::{check_writable_file, write_atomic};
+use fibecfed_sim::participant::{ClientArgs, client_command};
 use fibecfed_sim::registry::Registry;
 use fibecfed_sim::run::{RunArgs, run_command};
 use fibecfed_sim::train::{
@@ -84,6 +85,9 @@ enum Command {
     /// Per-sample difficulty (trace of the empirical Fisher of sample i alone over every
     /// LoRA and head parameter) and per-layer importance of an adapter on a dataset.
     Fisher(FisherArgs),
+    /// One FibecFed participant in a Flower federation: joins a stock `flwr` server over
+    /// gRPC and trains its part of the data when the server asks.
+    Client(ClientArgs),
 }
 
 /// Which label the per-sample gradients are taken at.
@@ -270,6 +274,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fisher(args) => run_fisher(&args),
+        Command::Client(args) => client_command(&args, &Registry::builtin()),
         Command::Run(args) => {
             let out = run_command(&args, &Registry::builtin())?;
             eprintln!("metrics in {}", out.join("metrics.jsonl").display());

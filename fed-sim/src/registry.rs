@@ -78,6 +78,37 @@ impl LayerSelector for NoLayers {
     }
 }
 
+/// The global layers named in the config: what participants that never meet at a
+/// server-side selection (separate Flower clients) agree on.
+#[derive(Debug, Clone, Default)]
+pub struct FixedLayers {
+    pub layers: Vec<usize>,
+}
+
+impl LayerSelector for FixedLayers {
+    fn select(&self, _: &[ImportanceReport], layers: usize) -> Result<Vec<usize>, FisherError> {
+        if let Some(bad) = self.layers.iter().find(|&&l| l >= layers) {
+            return Err(FisherError::Config(format!(
+                "layer {bad} does not exist (the model has layers 0..{layers})"
+            )));
+        }
+        let mut out = self.layers.clone();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn needs_reports(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayersSection {
+    layers: Vec<usize>,
+}
+
 /// Settings of the selectors that keep a fraction g of the layers.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,6 +199,13 @@ impl Registry {
             }),
         );
         r.selectors.insert(
+            "fixed".into(),
+            Box::new(|t, _| {
+                let s: LayersSection = parse(t, "sharing.selector")?;
+                Ok(Box::new(FixedLayers { layers: s.layers }))
+            }),
+        );
+        r.selectors.insert(
             "all".into(),
             Box::new(|t, _| {
                 parse::<KindOnly>(t, "sharing.selector")?;
@@ -245,6 +283,21 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::config::kind_table;
+
+    #[test]
+    fn fixed_layers_are_sorted_checked_and_need_no_reports() -> Result<()> {
+        let registry = Registry::builtin();
+        let mut t = kind_table("fixed");
+        t.insert("layers".into(), toml::Value::try_from(vec![5, 1, 5])?);
+        let s = registry.selector(&t, 0)?;
+        assert!(!s.needs_reports());
+        assert_eq!(s.select(&[], 6)?, [1, 5]);
+        let err = s.select(&[], 4).unwrap_err().to_string();
+        assert!(err.contains("layer 5 does not exist"), "{err}");
+        let err = registry.selector(&kind_table("fixed"), 0).unwrap_err();
+        assert!(err.to_string().contains("layers"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn aggregators_are_built_by_the_name_a_config_gives() -> Result<()> {

@@ -21,6 +21,7 @@ use crate::output::{check_writable_dir, write_atomic};
 use crate::partition::partition;
 use crate::registry::Registry;
 use crate::train::{Sample, limit_samples, load_model, tokenize};
+use fibecfed_transformer::BertModel;
 
 const CONFIG_FILE: &str = "config.toml";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -112,6 +113,71 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         let text = config.to_toml()?;
         (out.clone(), config, text, false)
     };
+    let Prepared {
+        model,
+        data,
+        label_names,
+        train_examples,
+        test_examples,
+    } = prepare(&config)?;
+    let classes = label_names.len();
+    if !resuming {
+        write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
+        write_partition(&out, &data, &label_names)?;
+    }
+    eprintln!(
+        "{}: {} clients, {} training and {} test examples ({} labels), {} rounds of {} clients",
+        config.method,
+        config.federation.clients,
+        train_examples,
+        test_examples,
+        classes,
+        config.federation.rounds,
+        config.clients_per_round()
+    );
+
+    let mut engine = Engine::new(config, registry, &model, data, classes)?;
+    let mut state = if resuming {
+        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
+        let state = engine.restore(&contents, &text)?;
+        write_metrics(&out, &state.history)?;
+        eprintln!("resuming after round {}", state.round);
+        state
+    } else {
+        let state = engine.initialise()?;
+        save(&engine, &state, &out, &text)?;
+        state
+    };
+    let hang: Option<usize> = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok());
+    let rounds = engine.config.federation.rounds;
+    let bar = progress(rounds, state.round);
+    report(&bar, state.history.last());
+    while state.round < rounds {
+        let next = state.round + 1;
+        engine.round(&mut state, hang == Some(next))?;
+        save(&engine, &state, &out, &text)?;
+        bar.inc(1);
+        report(&bar, state.history.last());
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// A config's model and its clients' data.
+#[derive(Debug)]
+pub struct Prepared {
+    pub model: BertModel<f32>,
+    /// One part per client, as `partition` cut it.
+    pub data: Vec<ClientData>,
+    pub label_names: Vec<String>,
+    pub train_examples: usize,
+    pub test_examples: usize,
+}
+
+/// Loads the model and the data a config names, and cuts the data into the clients'
+/// parts. Deterministic in the config: every participant of a multi-process federation
+/// that reads the same files with the same config gets the same parts.
+pub fn prepare(config: &RunConfig) -> Result<Prepared> {
     let model_dir = config
         .model
         .dir
@@ -130,7 +196,6 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
     if config.data.limit_train == Some(0) || config.data.limit_test == Some(0) {
         bail!("data.limit_train and data.limit_test must be at least 1");
     }
-
     let (train_set, test_set) = read_train_eval(&train_file, &test_file)?;
     let classes = train_set.label_names.len();
     let (model, tok) = load_model(&model_dir, config.model.max_len)?;
@@ -163,46 +228,13 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
             test: pick(&test, te),
         })
         .collect();
-    if !resuming {
-        write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
-        write_partition(&out, &data, &train_set.label_names)?;
-    }
-    eprintln!(
-        "{}: {} clients, {} training and {} test examples ({} labels), {} rounds of {} clients",
-        config.method,
-        config.federation.clients,
-        train.len(),
-        test.len(),
-        classes,
-        config.federation.rounds,
-        config.clients_per_round()
-    );
-
-    let mut engine = Engine::new(config, registry, &model, data, classes)?;
-    let mut state = if resuming {
-        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
-        let state = engine.restore(&contents, &text)?;
-        write_metrics(&out, &state.history)?;
-        eprintln!("resuming after round {}", state.round);
-        state
-    } else {
-        let state = engine.initialise()?;
-        save(&engine, &state, &out, &text)?;
-        state
-    };
-    let hang: Option<usize> = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok());
-    let rounds = engine.config.federation.rounds;
-    let bar = progress(rounds, state.round);
-    report(&bar, state.history.last());
-    while state.round < rounds {
-        let next = state.round + 1;
-        engine.round(&mut state, hang == Some(next))?;
-        save(&engine, &state, &out, &text)?;
-        bar.inc(1);
-        report(&bar, state.history.last());
-    }
-    bar.finish_and_clear();
-    Ok(out)
+    Ok(Prepared {
+        model,
+        data,
+        label_names: train_set.label_names,
+        train_examples: train.len(),
+        test_examples: test.len(),
+    })
 }
 
 fn save(engine: &Engine<'_>, state: &RunState, out: &Path, text: &str) -> Result<()> {

@@ -14,6 +14,7 @@
 mod assets;
 mod common;
 mod data;
+mod flower;
 mod gpu_bench;
 mod report;
 mod reproduce;
@@ -48,6 +49,14 @@ Commands:
   gpu-bench
       Builds the release GPU benchmark and packages it with the PyTorch side into
       gpu-bench/ (git-ignored); prints the one command to run on a GPU machine.
+  flower-e2e [CARGO_TEST_ARGS...]
+      Makes a venv with flwr 1.42.0 (once, in the cache), checks that
+      flower/proto/transport.proto is flwr's wire contract, then runs the
+      end-to-end test: a stock Flower server with FedAvg and three
+      `fibecfed client` processes, one killed mid-round and restarted.
+  codegen [--check]
+      Regenerates flower/src/generated/ from flower/proto/ (needs protoc:
+      Debian `protobuf-compiler`); --check fails if the committed code is stale.
   help
       This text.
 
@@ -117,6 +126,12 @@ fn try_main() -> Result<ExitCode> {
             args.finish(&command)?;
             gpu_bench::run()?;
             Ok(ExitCode::SUCCESS)
+        }
+        "flower-e2e" => flower::e2e(&args.rest),
+        "codegen" => {
+            let check = args.flag("--check");
+            args.finish(&command)?;
+            flower::codegen(check)
         }
         "test" => {
             // Everything after `test` is cargo test's, `--help` included.

@@ -1,0 +1,448 @@
+//! `fibecfed client`: one FibecFed participant in a Flower federation (over
+//! `fibecfed-flower`), running the same client code as the simulation's engine:
+//! curriculum, sparse Fisher-momentum updates in its own layers, upload of the global
+//! layers' tensors only.
+//!
+//! The global layers are agreed without the server: a stock Flower server runs FedAvg
+//! on whatever tensors arrive and never sends metrics back, so the server-side
+//! consensus of FibecFed's layer selection cannot happen there. The config fixes them
+//! instead (`selector = { kind = "fixed", layers = [...] }`, or any selector that needs
+//! no reports, such as a seeded `random`), and every participant derives the same list.
+//!
+//! Each client derives its data part from the config exactly as `fibecfed run` does
+//! (same files, same seed, same partition), so K processes with `--client-id 0..K`
+//! hold disjoint parts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use fibecfed_aggregation::Tensors;
+use fibecfed_flower::{Config, EvaluateOutput, FitOutput, NpyArray, Options, Value};
+use ndarray::ArrayD;
+
+use crate::checkpoint::{self, Contents};
+use crate::config::RunConfig;
+use crate::engine::{ClientState, Engine};
+use crate::output::{check_writable_dir, write_atomic};
+use crate::registry::Registry;
+use crate::run::{Prepared, prepare};
+
+const STATE_FILE: &str = "client-state.safetensors";
+/// Test hook: sleep this many milliseconds at the start of every fit, so that a test
+/// can kill the process while it trains.
+const FIT_DELAY_ENV: &str = "FIBECFED_TEST_FIT_DELAY_MS";
+
+/// The flags of `fibecfed client`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The Flower server, HOST:PORT (a stock `flwr` server's fleet address).
+    #[arg(long)]
+    pub server: String,
+    /// The federation's TOML config (the same file on every client).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Which of the config's `federation.clients` parts of the data this process holds.
+    #[arg(long)]
+    pub client_id: usize,
+    /// Keep this client's state (adapter, optimiser, Fisher momentum, curriculum) here
+    /// after every fit, and continue from it after a restart.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Write every upload here as it was sent (fit-NNN/tensor-III.npy + fit.json): an
+    /// audit of what left the machine.
+    #[arg(long)]
+    pub record_dir: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate: connect with TLS.
+    #[arg(long)]
+    pub root_certificates: Option<PathBuf>,
+    /// Name to verify in the server's certificate (default: the host of --server).
+    #[arg(long, requires = "root_certificates")]
+    pub tls_domain: Option<String>,
+    /// Connection attempts before giving up (exponential backoff from 0.5 s to 30 s).
+    #[arg(long, default_value_t = 8)]
+    pub connect_attempts: u32,
+    /// Largest gRPC message in MiB, both ways; must match the server's
+    /// `grpc_max_message_length`.
+    #[arg(long, default_value_t = 512)]
+    pub max_message_mib: usize,
+    /// Overrides model.dir.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Overrides data.train.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// Overrides data.test.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+}
+
+/// Runs the participant until the server dismisses it.
+pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
+    let mut config = RunConfig::load(&args.config)?;
+    if let Some(d) = &args.model_dir {
+        config.model.dir = Some(d.clone());
+    }
+    if let Some(p) = &args.train {
+        config.data.train = Some(p.clone());
+    }
+    if let Some(p) = &args.test {
+        config.data.test = Some(p.clone());
+    }
+    registry
+        .check(&config)
+        .with_context(|| format!("config {}", args.config.display()))?;
+    if args.client_id >= config.federation.clients {
+        bail!(
+            "--client-id {} is out of range: the config has federation.clients = {} (ids 0..{})",
+            args.client_id,
+            config.federation.clients,
+            config.federation.clients
+        );
+    }
+    for dir in [&args.state_dir, &args.record_dir].into_iter().flatten() {
+        check_writable_dir(dir)?;
+    }
+    let root_certificates = args
+        .root_certificates
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    let mut options = Options::new(args.server.clone());
+    options.root_certificates = root_certificates;
+    options.tls_domain.clone_from(&args.tls_domain);
+    options.attempts = args.connect_attempts.max(1);
+    options.max_message_bytes = args
+        .max_message_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            anyhow!(
+                "--max-message-mib must be between 1 and {}",
+                usize::MAX >> 20
+            )
+        })?;
+
+    let text = config.to_toml()?;
+    let Prepared {
+        model,
+        data,
+        label_names,
+        ..
+    } = prepare(&config)?;
+    // The participant lives as long as the process; the engine borrows the model.
+    let model = Box::leak(Box::new(model));
+    let engine = Engine::new(config, registry, model, data, label_names.len())?;
+    let participant = Participant::new(engine, args, text)?;
+    let summary = fibecfed_flower::run(participant, &options)?;
+    eprintln!(
+        "client {}: the server ended the federation ({} instructions over {} connections)",
+        args.client_id, summary.answered, summary.sessions
+    );
+    Ok(())
+}
+
+/// One FibecFed client behind the Flower protocol.
+struct Participant {
+    engine: Engine<'static>,
+    k: usize,
+    gal: Vec<usize>,
+    /// The shared tensors' names, in the order they travel.
+    names: Vec<String>,
+    state: ClientState,
+    /// Fits done (this client's round counter when the server sends none).
+    fits: usize,
+    config_text: String,
+    state_dir: Option<PathBuf>,
+    record_dir: Option<PathBuf>,
+}
+
+impl Participant {
+    fn new(engine: Engine<'static>, args: &ClientArgs, config_text: String) -> Result<Self> {
+        let k = args.client_id;
+        let gal = engine.standalone_gal()?;
+        let names = engine.shared_names(&gal);
+        if names.is_empty() {
+            bail!("the config shares no tensor (local-only): there is nothing to federate");
+        }
+        let restored = match &args.state_dir {
+            Some(dir) if dir.join(STATE_FILE).exists() => {
+                Some(restore(&engine, k, &dir.join(STATE_FILE), &config_text)?)
+            }
+            _ => None,
+        };
+        let (state, fits) = if let Some((state, fits)) = restored {
+            eprintln!("client {k}: continuing from its saved state after {fits} fits");
+            (state, fits)
+        } else {
+            let (state, tokens) = engine.start_client(k)?;
+            eprintln!("client {k}: ready (scoring pass: {tokens} padded tokens)");
+            (state, 0)
+        };
+        let (train, test) = engine.client_sizes(k).unwrap_or_default();
+        eprintln!(
+            "client {k}: {train} training and {test} test examples; global layers {gal:?} ({} tensors)",
+            names.len()
+        );
+        Ok(Self {
+            engine,
+            k,
+            gal,
+            names,
+            state,
+            fits,
+            config_text,
+            state_dir: args.state_dir.clone(),
+            record_dir: args.record_dir.clone(),
+        })
+    }
+
+    /// The server's tensors as named global tensors, after checking that they are the
+    /// ones this model shares.
+    fn global_of(&self, parameters: Vec<NpyArray>) -> Result<Tensors, String> {
+        if parameters.len() != self.names.len() {
+            return Err(format!(
+                "the server sent {} tensors; this client shares {} ({} global layers {:?}): configs differ between server and clients?",
+                parameters.len(),
+                self.names.len(),
+                self.gal.len(),
+                self.gal
+            ));
+        }
+        let own = self.state.params.to_named();
+        let mut out = Tensors::new();
+        for (name, p) in self.names.iter().zip(parameters) {
+            let expected = own
+                .get(name)
+                .map(|a| a.shape().to_vec())
+                .ok_or_else(|| format!("{name} is not part of the adapter"))?;
+            if p.shape != expected {
+                return Err(format!(
+                    "tensor {name}: the server sent shape {:?}, the model has {expected:?}",
+                    p.shape
+                ));
+            }
+            if let Some(bad) = p.data.iter().find(|v| !v.is_finite()) {
+                return Err(format!(
+                    "tensor {name}: the server sent a non-finite value {bad}"
+                ));
+            }
+            let a = ArrayD::from_shape_vec(p.shape, p.data).map_err(|e| format!("{name}: {e}"))?;
+            out.insert(name.clone(), a);
+        }
+        Ok(out)
+    }
+
+    fn to_npy(&self, tensors: &Tensors) -> Result<Vec<NpyArray>, String> {
+        self.names
+            .iter()
+            .map(|name| {
+                let a = tensors
+                    .get(name)
+                    .ok_or_else(|| format!("{name} missing from the upload"))?;
+                NpyArray::new(a.shape().to_vec(), a.iter().copied().collect())
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    fn fit_inner(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput> {
+        let global = self.global_of(parameters).map_err(|e| anyhow!(e))?;
+        // The server's round number drives the pacing and seeds; without it, our own
+        // count of fits.
+        let round = match config.get("server_round").and_then(Value::as_u64) {
+            Some(r) if r > 0 => r as usize,
+            _ => self.fits + 1,
+        };
+        eprintln!("client {}: round {round}: fit started", self.k);
+        if let Some(ms) = std::env::var(FIT_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        let mut state = self.state.clone();
+        let result = self
+            .engine
+            .run_client(self.k, round, &mut state, &global, &self.gal)?;
+        let parameters = self.to_npy(&result.upload).map_err(|e| anyhow!(e))?;
+        let (train, _) = self.engine.client_sizes(self.k).unwrap_or_default();
+        let out = FitOutput {
+            parameters,
+            num_examples: train as u64,
+            metrics: [
+                ("client_id".to_owned(), Value::U64(self.k as u64)),
+                ("train_loss".to_owned(), Value::Double(result.train_loss)),
+                (
+                    "train_samples".to_owned(),
+                    Value::U64(result.samples as u64),
+                ),
+                ("tokens".to_owned(), Value::U64(result.tokens)),
+            ]
+            .into(),
+        };
+        if let Some(dir) = &self.record_dir {
+            record(dir, self.fits + 1, round, &self.names, &out)?;
+        }
+        self.state = state;
+        self.fits += 1;
+        if let Some(dir) = &self.state_dir {
+            self.save(&dir.join(STATE_FILE))?;
+        }
+        eprintln!(
+            "client {}: round {round} trained on {} samples, loss {:.4}; uploading {} tensors",
+            self.k,
+            result.samples,
+            result.train_loss,
+            out.parameters.len()
+        );
+        Ok(out)
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut c = self.engine.client_snapshot(self.k, &self.state)?;
+        let inner: serde_json::Value = serde_json::from_str(&c.state)?;
+        c.state = serde_json::json!({
+            "config": self.config_text,
+            "client": self.k,
+            "fits": self.fits,
+            "client_state": inner,
+        })
+        .to_string();
+        checkpoint::save(path, &c)
+    }
+}
+
+/// A saved participant: its state and fit count, refused when the config or client
+/// id differs.
+fn restore(
+    engine: &Engine<'_>,
+    k: usize,
+    path: &Path,
+    config_text: &str,
+) -> Result<(ClientState, usize)> {
+    let mut c: Contents = checkpoint::load(path)?;
+    let wrapper: serde_json::Value =
+        serde_json::from_str(&c.state).with_context(|| format!("{}", path.display()))?;
+    let field = |name: &str| {
+        wrapper
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: no {name:?} in the saved state", path.display()))
+    };
+    if field("config")?.as_str() != Some(config_text) {
+        bail!(
+            "{} was saved with another config; move it away or use the config it was made with",
+            path.display()
+        );
+    }
+    if field("client")?.as_u64() != Some(k as u64) {
+        bail!(
+            "{} belongs to client {}, not --client-id {k}",
+            path.display(),
+            field("client")?
+        );
+    }
+    let fits = field("fits")?
+        .as_u64()
+        .ok_or_else(|| anyhow!("{}: bad fit count", path.display()))? as usize;
+    c.state = field("client_state")?.to_string();
+    let state = engine
+        .client_restore(k, &c)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok((state, fits))
+}
+
+/// Writes what a fit sent: `fit-NNN/tensor-III.npy` and `fit-NNN/fit.json`.
+fn record(dir: &Path, fit: usize, round: usize, names: &[String], out: &FitOutput) -> Result<()> {
+    let sub = dir.join(format!("fit-{fit:03}"));
+    std::fs::create_dir_all(&sub).with_context(|| format!("cannot create {}", sub.display()))?;
+    for (i, t) in out.parameters.iter().enumerate() {
+        write_atomic(&sub.join(format!("tensor-{i:03}.npy")), &t.to_bytes())?;
+    }
+    let meta = serde_json::json!({
+        "fit": fit,
+        "round": round,
+        "num_examples": out.num_examples,
+        "names": names,
+    });
+    // Last, so a reader that sees fit.json sees every tensor.
+    write_atomic(
+        &sub.join("fit.json"),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )
+}
+
+impl fibecfed_flower::Client for Participant {
+    fn get_properties(&mut self, _: &Config) -> Result<Config, String> {
+        let (train, test) = self.engine.client_sizes(self.k).unwrap_or_default();
+        Ok([
+            ("client_id".to_owned(), Value::U64(self.k as u64)),
+            ("train_examples".to_owned(), Value::U64(train as u64)),
+            ("test_examples".to_owned(), Value::U64(test as u64)),
+            (
+                "global_layers".to_owned(),
+                Value::String(
+                    self.gal
+                        .iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+            ),
+            ("tensors".to_owned(), Value::U64(self.names.len() as u64)),
+        ]
+        .into())
+    }
+
+    fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, String> {
+        // Before any round this is the seeded initial adapter, the same on every
+        // client; the server asks one client for its starting point.
+        let global = if self.fits == 0 {
+            self.engine.initial_global(&self.gal)
+        } else {
+            self.state.params.to_named()
+        };
+        self.to_npy(&global)
+    }
+
+    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String> {
+        self.fit_inner(parameters, config)
+            .map_err(|e| format!("client {}: {e:#}", self.k))
+    }
+
+    fn evaluate(
+        &mut self,
+        parameters: Vec<NpyArray>,
+        _: &Config,
+    ) -> Result<EvaluateOutput, String> {
+        let global = self.global_of(parameters)?;
+        let (counts, n) = self
+            .engine
+            .evaluate_client(self.k, &self.state, &global)
+            .map_err(|e| format!("client {}: {e:#}", self.k))?;
+        if n == 0 {
+            return Err(format!("client {} has no test data", self.k));
+        }
+        let finite = n - counts.non_finite;
+        let loss = if finite == 0 {
+            f64::INFINITY
+        } else {
+            counts.loss_sum / finite as f64
+        };
+        Ok(EvaluateOutput {
+            loss: loss as f32,
+            num_examples: n as u64,
+            metrics: [
+                (
+                    "accuracy".to_owned(),
+                    Value::Double(counts.correct as f64 / n as f64),
+                ),
+                (
+                    "non_finite".to_owned(),
+                    Value::U64(counts.non_finite as u64),
+                ),
+            ]
+            .into(),
+        })
+    }
+}

@@ -1,0 +1,535 @@
+//! The client side of Flower's streaming transport: connect (with retries), answer
+//! each server instruction through a [`Client`], leave or come back when the server
+//! says so.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::npy::{NpyArray, NpyError};
+use crate::proto::client_message::{
+    self, DisconnectRes, EvaluateRes, FitRes, GetParametersRes, GetPropertiesRes,
+};
+use crate::proto::flower_service_client::FlowerServiceClient;
+use crate::proto::server_message::Msg;
+use crate::proto::{ClientMessage, Code, Parameters, Reason, Scalar, ServerMessage, Status};
+
+/// The `tensor_type` of numpy byte tensors, which flwr's stock strategies read.
+pub const NUMPY_TENSOR_TYPE: &str = "numpy.ndarray";
+
+/// flwr's default gRPC message limit (`GRPC_MAX_MESSAGE_LENGTH`, 512 MiB): adapters of
+/// large models fit, and the server must be started with the same value.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 536_870_912;
+
+/// A value of a config or metrics map.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Double(f64),
+    U64(u64),
+    I64(i64),
+    Bool(bool),
+    String(String),
+    Bytes(Vec<u8>),
+}
+
+/// A config (server → client) or metrics/properties (client → server) map.
+pub type Config = BTreeMap<String, Value>;
+
+impl Value {
+    /// A non-negative integer value, whichever integer type (or a whole double)
+    /// carried it: Python ints arrive as sint64.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) => u64::try_from(v).ok(),
+            Value::Double(v) if v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53) => Some(v as u64),
+            _ => None,
+        }
+    }
+}
+
+/// What a fit returns to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitOutput {
+    pub parameters: Vec<NpyArray>,
+    /// n_k: the weight of this update in the server's FedAvg.
+    pub num_examples: u64,
+    pub metrics: Config,
+}
+
+/// What an evaluation returns to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluateOutput {
+    pub loss: f32,
+    pub num_examples: u64,
+    pub metrics: Config,
+}
+
+/// A participant's answers to the server's four kinds of work. An `Err(message)` is
+/// sent back to the server as that instruction's failure status (the round goes on
+/// without this client); the client stays connected.
+pub trait Client: Send + 'static {
+    fn get_properties(&mut self, config: &Config) -> Result<Config, String>;
+    fn get_parameters(&mut self, config: &Config) -> Result<Vec<NpyArray>, String>;
+    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String>;
+    fn evaluate(
+        &mut self,
+        parameters: Vec<NpyArray>,
+        config: &Config,
+    ) -> Result<EvaluateOutput, String>;
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `HOST:PORT`.
+    pub server: String,
+    /// PEM root certificate(s) of the server's CA: TLS when given, plain text otherwise.
+    pub root_certificates: Option<Vec<u8>>,
+    /// The TLS name to verify (defaults to the host of `server`).
+    pub tls_domain: Option<String>,
+    pub max_message_bytes: usize,
+    /// Connection attempts before giving up (at least 1).
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled after each failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Options {
+    pub fn new(server: impl Into<String>) -> Self {
+        Self {
+            server: server.into(),
+            root_certificates: None,
+            tls_domain: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            attempts: 8,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum FlowerError {
+    #[error("bad server address {0:?}: expected HOST:PORT")]
+    Address(String),
+    #[error("TLS setup for {server}: {why}")]
+    Tls { server: String, why: String },
+    #[error(
+        "cannot reach the Flower server at {server} after {attempts} attempts over {seconds:.1} s: {last}"
+    )]
+    Unreachable {
+        server: String,
+        attempts: u32,
+        seconds: f64,
+        last: String,
+    },
+    #[error(
+        "the Flower server at {server} ended {attempts} streams in a row before sending an instruction: {last}"
+    )]
+    Refused {
+        server: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("async runtime: {0}")]
+    Runtime(String),
+}
+
+/// How the conversation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Instructions answered, over all connections.
+    pub answered: u64,
+    /// Connections made (1 + reconnections).
+    pub sessions: u64,
+}
+
+/// Runs `client` against the server until the server dismisses it: a blocking call that
+/// owns a small tokio runtime. Training runs on a blocking thread, so the connection
+/// keeps being served while a fit takes minutes.
+pub fn run<C: Client>(client: C, options: &Options) -> Result<Summary, FlowerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| FlowerError::Runtime(e.to_string()))?;
+    runtime.block_on(run_async(client, options))
+}
+
+/// [`run`] inside an existing runtime.
+pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summary, FlowerError> {
+    let endpoint = endpoint(options)?;
+    let client = Arc::new(Mutex::new(client));
+    let mut summary = Summary {
+        answered: 0,
+        sessions: 0,
+    };
+    // Streams that broke before the server sent anything, in a row: a server that
+    // accepts connections but refuses us (plain text against TLS, a proxy) must not
+    // make us reconnect in a tight loop forever.
+    let mut barren = 0u32;
+    let mut wait = options.initial_backoff;
+    loop {
+        let channel = connect(&endpoint, options).await?;
+        summary.sessions += 1;
+        let (end, answered) = session(channel, &client, options).await;
+        summary.answered += answered;
+        match end {
+            End::Leave => return Ok(summary),
+            End::Reconnect(seconds) => {
+                log(&format!("server asked to reconnect in {seconds} s"));
+                tokio::time::sleep(Duration::from_secs(seconds)).await;
+            }
+            End::Lost(why) if answered == 0 => {
+                barren += 1;
+                if barren >= options.attempts.max(1) {
+                    let hint = if options.root_certificates.is_none() {
+                        " (a server started with certificates needs --root-certificates)"
+                    } else {
+                        ""
+                    };
+                    return Err(FlowerError::Refused {
+                        server: options.server.clone(),
+                        attempts: barren,
+                        last: format!("{why}{hint}"),
+                    });
+                }
+                log(&format!(
+                    "stream ended before any instruction ({why}); retrying in {:.1} s",
+                    wait.as_secs_f64()
+                ));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(options.max_backoff);
+            }
+            // A stream lost mid-federation (server restarted, network cut) is retried
+            // like a first connection; `connect` gives up if the server stays away.
+            End::Lost(why) => {
+                barren = 0;
+                wait = options.initial_backoff;
+                log(&format!("connection lost ({why}); reconnecting"));
+            }
+        }
+    }
+}
+
+fn log(message: &str) {
+    eprintln!("flower: {message}");
+}
+
+fn endpoint(options: &Options) -> Result<Endpoint, FlowerError> {
+    let bad = || FlowerError::Address(options.server.clone());
+    let (host, port) = options.server.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    let scheme = if options.root_certificates.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", options.server))
+        .map_err(|_| bad())?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    if let Some(pem) = &options.root_certificates {
+        let domain = options
+            .tls_domain
+            .clone()
+            .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pem))
+            .domain_name(domain);
+        endpoint = endpoint.tls_config(tls).map_err(|e| FlowerError::Tls {
+            server: options.server.clone(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(endpoint)
+}
+
+/// Connects with exponential backoff.
+async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, FlowerError> {
+    let start = Instant::now();
+    let attempts = options.attempts.max(1);
+    let mut wait = options.initial_backoff;
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => {
+                last = error_chain(&e);
+                if attempt < attempts {
+                    log(&format!(
+                        "attempt {attempt}/{attempts} to reach {} failed ({last}); retrying in {:.1} s",
+                        options.server,
+                        wait.as_secs_f64()
+                    ));
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(options.max_backoff);
+                }
+            }
+        }
+    }
+    Err(FlowerError::Unreachable {
+        server: options.server.clone(),
+        attempts,
+        seconds: start.elapsed().as_secs_f64(),
+        last,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+enum End {
+    Leave,
+    Reconnect(u64),
+    Lost(String),
+}
+
+/// One `Join` stream: answer instructions until the server dismisses us or the stream
+/// breaks. Returns how it ended and how many instructions were answered.
+async fn session<C: Client>(
+    channel: Channel,
+    client: &Arc<Mutex<C>>,
+    options: &Options,
+) -> (End, u64) {
+    let mut grpc = FlowerServiceClient::new(channel)
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes);
+    let (tx, rx) = mpsc::channel::<ClientMessage>(1);
+    let mut inbound = match grpc.join(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (End::Lost(status_text(&status)), 0),
+    };
+    let mut answered = 0;
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return (End::Lost("the server closed the stream".into()), answered),
+            Err(status) => return (End::Lost(status_text(&status)), answered),
+        };
+        let (reply, end) = answer(client, message).await;
+        if tx.send(reply).await.is_err() {
+            return (End::Lost("the request stream closed".into()), answered);
+        }
+        answered += 1;
+        if let Some(end) = end {
+            // Half-close our side, then let the server finish the stream so the
+            // DisconnectRes is delivered before the connection goes.
+            drop(tx);
+            let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            return (end, answered);
+        }
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// The reply to one server message, and whether the session ends after it.
+async fn answer<C: Client>(
+    client: &Arc<Mutex<C>>,
+    message: ServerMessage,
+) -> (ClientMessage, Option<End>) {
+    let Some(msg) = message.msg else {
+        // An instruction this protocol version does not know (a newer server, or a
+        // field we never declared). The server waits for one reply per instruction;
+        // an empty ClientMessage is the neutral answer the protocol allows.
+        log("unknown server message (no instruction this client knows); answered empty");
+        return (ClientMessage { msg: None }, None);
+    };
+    if let Msg::ReconnectIns(r) = msg {
+        let (reason, end) = if r.seconds > 0 {
+            (Reason::Reconnect, End::Reconnect(r.seconds.unsigned_abs()))
+        } else {
+            (Reason::Ack, End::Leave)
+        };
+        let reply = client_message::Msg::DisconnectRes(DisconnectRes {
+            reason: reason as i32,
+        });
+        return (ClientMessage { msg: Some(reply) }, Some(end));
+    }
+    let client = Arc::clone(client);
+    // Training and evaluation are long and CPU-bound: off the async threads.
+    let handled = tokio::task::spawn_blocking(move || {
+        let mut c = match client.lock() {
+            Ok(guard) => guard,
+            // A handler that panicked left the client in an unknown state; its data
+            // is still ours to use (no invariant spans the lock).
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        dispatch(&mut *c, msg)
+    })
+    .await;
+    let reply = handled.unwrap_or_else(|e| {
+        log(&format!("the handler failed: {e}"));
+        client_message::Msg::FitRes(FitRes {
+            status: Some(failure(
+                Code::FitNotImplemented,
+                format!("client crashed: {e}"),
+            )),
+            ..FitRes::default()
+        })
+    });
+    (ClientMessage { msg: Some(reply) }, None)
+}
+
+fn ok() -> Status {
+    Status {
+        code: Code::Ok as i32,
+        message: "Success".into(),
+    }
+}
+
+fn failure(code: Code, message: String) -> Status {
+    log(&format!("answering {code:?}: {message}"));
+    Status {
+        code: code as i32,
+        message,
+    }
+}
+
+/// Calls the client for one instruction. flwr's server maps every status code it does
+/// not know to OK, so a failure is reported with the instruction's NOT_IMPLEMENTED
+/// code (the only non-OK codes the protocol has) and the reason as the message.
+fn dispatch<C: Client>(client: &mut C, msg: Msg) -> client_message::Msg {
+    use client_message::Msg as Out;
+    match msg {
+        Msg::GetPropertiesIns(ins) => match client.get_properties(&from_proto(ins.config)) {
+            Ok(p) => Out::GetPropertiesRes(GetPropertiesRes {
+                status: Some(ok()),
+                properties: to_proto(p),
+            }),
+            Err(e) => Out::GetPropertiesRes(GetPropertiesRes {
+                status: Some(failure(Code::GetPropertiesNotImplemented, e)),
+                properties: BTreeMap::new(),
+            }),
+        },
+        Msg::GetParametersIns(ins) => match client.get_parameters(&from_proto(ins.config)) {
+            Ok(p) => Out::GetParametersRes(GetParametersRes {
+                status: Some(ok()),
+                parameters: Some(encode(&p)),
+            }),
+            Err(e) => Out::GetParametersRes(GetParametersRes {
+                status: Some(failure(Code::GetParametersNotImplemented, e)),
+                parameters: Some(encode(&[])),
+            }),
+        },
+        Msg::FitIns(ins) => {
+            let result =
+                decode(ins.parameters).and_then(|p| client.fit(p, &from_proto(ins.config)));
+            match result {
+                Ok(out) => Out::FitRes(FitRes {
+                    status: Some(ok()),
+                    parameters: Some(encode(&out.parameters)),
+                    num_examples: out.num_examples as i64,
+                    metrics: to_proto(out.metrics),
+                }),
+                Err(e) => Out::FitRes(FitRes {
+                    status: Some(failure(Code::FitNotImplemented, e)),
+                    parameters: Some(encode(&[])),
+                    num_examples: 0,
+                    metrics: BTreeMap::new(),
+                }),
+            }
+        }
+        Msg::EvaluateIns(ins) => {
+            let result =
+                decode(ins.parameters).and_then(|p| client.evaluate(p, &from_proto(ins.config)));
+            match result {
+                Ok(out) => Out::EvaluateRes(EvaluateRes {
+                    status: Some(ok()),
+                    loss: out.loss,
+                    num_examples: out.num_examples as i64,
+                    metrics: to_proto(out.metrics),
+                }),
+                Err(e) => Out::EvaluateRes(EvaluateRes {
+                    status: Some(failure(Code::EvaluateNotImplemented, e)),
+                    ..EvaluateRes::default()
+                }),
+            }
+        }
+        // Handled by the caller before any dispatch.
+        Msg::ReconnectIns(_) => Out::DisconnectRes(DisconnectRes {
+            reason: Reason::Ack as i32,
+        }),
+    }
+}
+
+fn encode(tensors: &[NpyArray]) -> Parameters {
+    Parameters {
+        tensors: tensors.iter().map(NpyArray::to_bytes).collect(),
+        tensor_type: NUMPY_TENSOR_TYPE.into(),
+    }
+}
+
+/// The server's tensors, or why they cannot be read.
+fn decode(parameters: Option<Parameters>) -> Result<Vec<NpyArray>, String> {
+    let Some(p) = parameters else {
+        return Ok(Vec::new());
+    };
+    if !p.tensors.is_empty() && p.tensor_type != NUMPY_TENSOR_TYPE {
+        return Err(format!(
+            "tensor_type {:?} is not supported (expected {NUMPY_TENSOR_TYPE:?})",
+            p.tensor_type
+        ));
+    }
+    p.tensors
+        .iter()
+        .enumerate()
+        .map(|(i, b)| NpyArray::from_bytes(b).map_err(|e: NpyError| format!("tensor {i}: {e}")))
+        .collect()
+}
+
+fn from_proto(map: BTreeMap<String, Scalar>) -> Config {
+    use crate::proto::scalar::Scalar as S;
+    map.into_iter()
+        .filter_map(|(k, v)| {
+            let value = match v.scalar? {
+                S::Double(x) => Value::Double(x),
+                S::Uint64(x) => Value::U64(x),
+                S::Sint64(x) => Value::I64(x),
+                S::Bool(x) => Value::Bool(x),
+                S::String(x) => Value::String(x),
+                S::Bytes(x) => Value::Bytes(x),
+            };
+            Some((k, value))
+        })
+        .collect()
+}
+
+fn to_proto(config: Config) -> BTreeMap<String, Scalar> {
+    use crate::proto::scalar::Scalar as S;
+    config
+        .into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::Double(x) => S::Double(x),
+                Value::U64(x) => S::Uint64(x),
+                Value::I64(x) => S::Sint64(x),
+                Value::Bool(x) => S::Bool(x),
+                Value::String(x) => S::String(x),
+                Value::Bytes(x) => S::Bytes(x),
+            };
+            (k, Scalar { scalar: Some(s) })
+        })
+        .collect()
+}
