@@ -325,6 +325,25 @@ impl RunConfig {
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
+    /// Command-line overrides of the model folder and data files (`--model-dir`,
+    /// `--train`, `--test`).
+    pub fn override_paths(
+        &mut self,
+        model_dir: Option<&Path>,
+        train: Option<&Path>,
+        test: Option<&Path>,
+    ) {
+        for (slot, value) in [
+            (&mut self.model.dir, model_dir),
+            (&mut self.data.train, train),
+            (&mut self.data.test, test),
+        ] {
+            if let Some(v) = value {
+                *slot = Some(v.to_path_buf());
+            }
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let config: Self = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         config.validate()?;

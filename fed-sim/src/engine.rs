@@ -383,19 +383,7 @@ impl<'a> Engine<'a> {
         let per: Vec<Result<(EvalCounts, usize)>> = clients
             .par_iter()
             .enumerate()
-            .map(|(k, c)| {
-                let test = &self.data[k].test;
-                if test.is_empty() {
-                    return Ok((EvalCounts::default(), 0));
-                }
-                let mut params = c.params.clone();
-                overlay(&mut params, global)?;
-                let adapter = Adapter {
-                    params: &params,
-                    scale: self.lora.scale(),
-                };
-                Ok((evaluate_counts(self.model, adapter, test, 64)?, test.len()))
-            })
+            .map(|(k, c)| self.evaluate_client(k, c, global))
             .collect();
         let (mut total, mut n) = (EvalCounts::default(), 0usize);
         for (k, r) in per.into_iter().enumerate() {
@@ -682,7 +670,10 @@ impl<'a> Engine<'a> {
         overlay(&mut state.params, global)?;
         let mut tokens = 0u64;
         let every = self.config.curriculum.rescore_every;
-        let due = every > 0 && state.last_scored.is_some_and(|s| t - s >= every);
+        let due = every > 0
+            && state
+                .last_scored
+                .is_some_and(|s| t.saturating_sub(s) >= every);
         if due {
             tokens += self.score(k, &mut state, t, false)?.1;
         }

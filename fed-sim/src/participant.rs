@@ -80,15 +80,11 @@ pub struct ClientArgs {
 /// Runs the participant until the server dismisses it.
 pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
     let mut config = RunConfig::load(&args.config)?;
-    if let Some(d) = &args.model_dir {
-        config.model.dir = Some(d.clone());
-    }
-    if let Some(p) = &args.train {
-        config.data.train = Some(p.clone());
-    }
-    if let Some(p) = &args.test {
-        config.data.test = Some(p.clone());
-    }
+    config.override_paths(
+        args.model_dir.as_deref(),
+        args.train.as_deref(),
+        args.test.as_deref(),
+    );
     registry
         .check(&config)
         .with_context(|| format!("config {}", args.config.display()))?;

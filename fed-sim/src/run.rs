@@ -76,15 +76,11 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
             bail!("give --config FILE and --out DIR, or --resume DIR");
         };
         let mut config = RunConfig::load(config_path)?;
-        if let Some(d) = &args.model_dir {
-            config.model.dir = Some(d.clone());
-        }
-        if let Some(p) = &args.train {
-            config.data.train = Some(p.clone());
-        }
-        if let Some(p) = &args.test {
-            config.data.test = Some(p.clone());
-        }
+        config.override_paths(
+            args.model_dir.as_deref(),
+            args.train.as_deref(),
+            args.test.as_deref(),
+        );
         if let Some(s) = args.seed {
             config.seed = s;
         }

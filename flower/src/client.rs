@@ -368,6 +368,9 @@ async fn answer<C: Client>(
         return (ClientMessage { msg: Some(reply) }, Some(end));
     }
     let client = Arc::clone(client);
+    // Kept for the reply if the handler dies: the server waits for an answer of the kind
+    // it asked for.
+    let kind = Kind::of(&msg);
     // Training and evaluation are long and CPU-bound: off the async threads.
     let handled = tokio::task::spawn_blocking(move || {
         let mut c = match client.lock() {
@@ -379,17 +382,54 @@ async fn answer<C: Client>(
         dispatch(&mut *c, msg)
     })
     .await;
-    let reply = handled.unwrap_or_else(|e| {
-        log(&format!("the handler failed: {e}"));
-        client_message::Msg::FitRes(FitRes {
-            status: Some(failure(
-                Code::FitNotImplemented,
-                format!("client crashed: {e}"),
-            )),
-            ..FitRes::default()
-        })
-    });
+    let reply = handled
+        .unwrap_or_else(|e| crash_reply(kind, &format!("the client's handler crashed: {e}")));
     (ClientMessage { msg: Some(reply) }, None)
+}
+
+/// The instruction a reply answers.
+#[derive(Clone, Copy)]
+enum Kind {
+    Properties,
+    Parameters,
+    Fit,
+    Evaluate,
+}
+
+impl Kind {
+    fn of(msg: &Msg) -> Self {
+        match msg {
+            Msg::GetPropertiesIns(_) => Kind::Properties,
+            // Reconnects never reach a handler; the arm only makes the match total.
+            Msg::GetParametersIns(_) | Msg::ReconnectIns(_) => Kind::Parameters,
+            Msg::FitIns(_) => Kind::Fit,
+            Msg::EvaluateIns(_) => Kind::Evaluate,
+        }
+    }
+}
+
+/// A failure answer of the right kind when the handler itself died.
+fn crash_reply(kind: Kind, why: &str) -> client_message::Msg {
+    use client_message::Msg as Out;
+    let why = why.to_owned();
+    match kind {
+        Kind::Properties => Out::GetPropertiesRes(GetPropertiesRes {
+            status: Some(failure(Code::GetPropertiesNotImplemented, why)),
+            properties: BTreeMap::new(),
+        }),
+        Kind::Parameters => Out::GetParametersRes(GetParametersRes {
+            status: Some(failure(Code::GetParametersNotImplemented, why)),
+            parameters: Some(encode(&[])),
+        }),
+        Kind::Fit => Out::FitRes(FitRes {
+            status: Some(failure(Code::FitNotImplemented, why)),
+            ..FitRes::default()
+        }),
+        Kind::Evaluate => Out::EvaluateRes(EvaluateRes {
+            status: Some(failure(Code::EvaluateNotImplemented, why)),
+            ..EvaluateRes::default()
+        }),
+    }
 }
 
 fn ok() -> Status {

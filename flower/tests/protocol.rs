@@ -220,6 +220,54 @@ fn failures_become_statuses_and_unknown_instructions_get_an_empty_answer() {
     assert_eq!(f.status.as_ref().unwrap().code, Code::Ok as i32);
 }
 
+/// Panics in every evaluation: a bug in the client's own code.
+struct Buggy;
+
+impl Client for Buggy {
+    fn get_properties(&mut self, c: &Config) -> Result<Config, String> {
+        AddOne.get_properties(c)
+    }
+    fn get_parameters(&mut self, c: &Config) -> Result<Vec<NpyArray>, String> {
+        AddOne.get_parameters(c)
+    }
+    fn fit(&mut self, p: Vec<NpyArray>, c: &Config) -> Result<FitOutput, String> {
+        AddOne.fit(p, c)
+    }
+    fn evaluate(&mut self, _: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, String> {
+        panic!("bug in evaluate")
+    }
+}
+
+#[test]
+fn a_crashing_handler_is_answered_with_a_failure_of_the_right_kind() {
+    let server = ScriptedServer::start(vec![vec![
+        msg(Msg::EvaluateIns(EvaluateIns {
+            parameters: params(vec![tensor([0.0; 4])]),
+            config: BTreeMap::new(),
+        })),
+        msg(Msg::FitIns(FitIns {
+            parameters: params(vec![tensor([0.0; 4])]),
+            config: BTreeMap::new(),
+        })),
+        leave(),
+    ]])
+    .unwrap();
+    let summary = fibecfed_flower::run(Buggy, &options(&server)).unwrap();
+    assert_eq!(summary.answered, 3);
+    let t = server.finish();
+    let Some(Reply::EvaluateRes(e)) = &t[0][0].msg else {
+        panic!("{:?}", t[0][0])
+    };
+    let st = e.status.as_ref().unwrap();
+    assert_eq!(st.code, Code::EvaluateNotImplemented as i32);
+    assert!(st.message.contains("crashed"), "{}", st.message);
+    // The client survives its own bug and keeps working.
+    let Some(Reply::FitRes(f)) = &t[0][1].msg else {
+        panic!("{:?}", t[0][1])
+    };
+    assert_eq!(f.status.as_ref().unwrap().code, Code::Ok as i32);
+}
+
 #[test]
 fn a_reconnect_request_is_honoured() {
     let server = ScriptedServer::start(vec![
