@@ -280,11 +280,13 @@ impl Participant {
         if let Some(dir) = &self.record_dir {
             record(dir, self.fits + 1, round, &self.names, &out)?;
         }
+        // Saved before it becomes the client's state: a failed save fails the fit and
+        // leaves memory and disk at the same (previous) fit.
+        if let Some(dir) = &self.state_dir {
+            self.save(&dir.join(STATE_FILE), &state, self.fits + 1)?;
+        }
         self.state = state;
         self.fits += 1;
-        if let Some(dir) = &self.state_dir {
-            self.save(&dir.join(STATE_FILE))?;
-        }
         eprintln!(
             "client {}: round {round} trained on {} samples, loss {:.4}; uploading {} tensors",
             self.k,
@@ -295,13 +297,13 @@ impl Participant {
         Ok(out)
     }
 
-    fn save(&self, path: &Path) -> Result<()> {
-        let mut c = self.engine.client_snapshot(self.k, &self.state)?;
+    fn save(&self, path: &Path, state: &ClientState, fits: usize) -> Result<()> {
+        let mut c = self.engine.client_snapshot(self.k, state)?;
         let inner: serde_json::Value = serde_json::from_str(&c.state)?;
         c.state = serde_json::json!({
             "config": self.config_text,
             "client": self.k,
-            "fits": self.fits,
+            "fits": fits,
             "client_state": inner,
         })
         .to_string();

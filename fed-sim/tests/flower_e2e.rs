@@ -145,7 +145,10 @@ fn npy(path: &Path) -> NpyArray {
 fn sent(root: &Path, k: usize, round: usize) -> Option<(u64, Vec<NpyArray>)> {
     let dir = root.join(format!("sent{k}"));
     for e in fs::read_dir(&dir).ok()?.flatten() {
-        let meta: Value = serde_json::from_str(&read(&e.path().join("fit.json"))).ok()?;
+        // A fit without fit.json was cut short (the killed client's): nothing was sent.
+        let Ok(meta) = serde_json::from_str::<Value>(&read(&e.path().join("fit.json"))) else {
+            continue;
+        };
         if meta["round"].as_u64() == Some(round as u64) {
             let names = meta["names"].as_array().unwrap().len();
             let tensors = (0..names)
@@ -238,6 +241,12 @@ fn three_rust_clients_federate_under_a_stock_flower_server() {
         restarted.contains("continuing from its saved state after 1 fits"),
         "{restarted}"
     );
+    // Its fit count went on from the saved state: fit 1 was round 1, fit 2 round 3.
+    let fit_round = |fit: usize| {
+        let path = root.join(format!("sent{VICTIM}/fit-{fit:03}/fit.json"));
+        serde_json::from_str::<Value>(&read(&path)).unwrap()["round"].as_u64()
+    };
+    assert_eq!((fit_round(1), fit_round(2)), (Some(1), Some(3)));
 
     let mut previous: Option<Vec<NpyArray>> = None;
     for round in 1..=ROUNDS {

@@ -179,7 +179,11 @@ pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summar
     loop {
         let channel = connect(&endpoint, options).await?;
         summary.sessions += 1;
-        let (end, answered) = session(channel, &client, options).await;
+        let Session {
+            end,
+            received,
+            answered,
+        } = session(channel, &client, options).await;
         summary.answered += answered;
         match end {
             End::Leave => return Ok(summary),
@@ -187,7 +191,7 @@ pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summar
                 log(&format!("server asked to reconnect in {seconds} s"));
                 tokio::time::sleep(Duration::from_secs(seconds)).await;
             }
-            End::Lost(why) if answered == 0 => {
+            End::Lost(why) if received == 0 => {
                 barren += 1;
                 if barren >= options.attempts.max(1) {
                     let hint = if options.root_certificates.is_none() {
@@ -308,36 +312,70 @@ async fn session<C: Client>(
     channel: Channel,
     client: &Arc<Mutex<C>>,
     options: &Options,
-) -> (End, u64) {
+) -> Session {
     let mut grpc = FlowerServiceClient::new(channel)
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes);
     let (tx, rx) = mpsc::channel::<ClientMessage>(1);
+    let mut out = Session {
+        end: End::Leave,
+        received: 0,
+        answered: 0,
+    };
     let mut inbound = match grpc.join(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return (End::Lost(status_text(&status)), 0),
+        Err(status) => {
+            out.end = End::Lost(status_text(&status));
+            return out;
+        }
     };
-    let mut answered = 0;
     loop {
         let message = match inbound.message().await {
             Ok(Some(m)) => m,
-            Ok(None) => return (End::Lost("the server closed the stream".into()), answered),
-            Err(status) => return (End::Lost(status_text(&status)), answered),
+            Ok(None) => {
+                out.end = End::Lost("the server closed the stream".into());
+                return out;
+            }
+            Err(status) => {
+                out.end = End::Lost(status_text(&status));
+                return out;
+            }
         };
+        out.received += 1;
         let (reply, end) = answer(client, message).await;
         if tx.send(reply).await.is_err() {
-            return (End::Lost("the request stream closed".into()), answered);
+            // The server gave up on this stream while we worked (flwr aborts it when
+            // a round_timeout passes): say why it did, and that the answer is lost.
+            let why = match inbound.message().await {
+                Err(status) => status_text(&status),
+                Ok(_) => "the request stream closed".into(),
+            };
+            out.end = End::Lost(format!(
+                "{why}; the answer to the last instruction was lost"
+            ));
+            return out;
         }
-        answered += 1;
+        out.answered += 1;
         if let Some(end) = end {
-            // Half-close our side, then let the server finish the stream so the
-            // DisconnectRes is delivered before the connection goes.
+            // flwr's servicer keeps the stream open after a DisconnectRes until the
+            // call is cancelled: give the reply a moment to leave, then hang up
+            // (dropping the stream cancels the call) rather than wait for the server.
             drop(tx);
             let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
-            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-            return (end, answered);
+            let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+            out.end = end;
+            return out;
         }
     }
+}
+
+/// How one stream went.
+struct Session {
+    end: End,
+    /// Instructions the server sent.
+    received: u64,
+    /// Instructions answered.
+    answered: u64,
 }
 
 fn status_text(status: &tonic::Status) -> String {
@@ -357,13 +395,15 @@ async fn answer<C: Client>(
         return (ClientMessage { msg: None }, None);
     };
     if let Msg::ReconnectIns(r) = msg {
-        let (reason, end) = if r.seconds > 0 {
-            (Reason::Reconnect, End::Reconnect(r.seconds.unsigned_abs()))
+        let end = if r.seconds > 0 {
+            End::Reconnect(r.seconds.unsigned_abs())
         } else {
-            (Reason::Ack, End::Leave)
+            End::Leave
         };
+        // flwr's own client answers every ReconnectIns with RECONNECT (its proto3
+        // `seconds` is never unset); its server reads ACK as UNKNOWN.
         let reply = client_message::Msg::DisconnectRes(DisconnectRes {
-            reason: reason as i32,
+            reason: Reason::Reconnect as i32,
         });
         return (ClientMessage { msg: Some(reply) }, Some(end));
     }
@@ -476,6 +516,15 @@ fn dispatch<C: Client>(client: &mut C, msg: Msg) -> client_message::Msg {
         Msg::FitIns(ins) => {
             let result =
                 decode(ins.parameters).and_then(|p| client.fit(p, &from_proto(ins.config)));
+            // flwr's FedAvg divides by the sum of num_examples: a zero weight from
+            // every client would crash the server's round.
+            let result = result.and_then(|out| {
+                if out.num_examples == 0 {
+                    Err("the fit reports 0 examples; FedAvg cannot weight it".to_owned())
+                } else {
+                    Ok(out)
+                }
+            });
             match result {
                 Ok(out) => Out::FitRes(FitRes {
                     status: Some(ok()),
@@ -509,7 +558,7 @@ fn dispatch<C: Client>(client: &mut C, msg: Msg) -> client_message::Msg {
         }
         // Handled by the caller before any dispatch.
         Msg::ReconnectIns(_) => Out::DisconnectRes(DisconnectRes {
-            reason: Reason::Ack as i32,
+            reason: Reason::Reconnect as i32,
         }),
     }
 }

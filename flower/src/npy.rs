@@ -4,7 +4,7 @@
 //! Written: format 1.0, little-endian float32 (`'<f4'`), C order, header padded to a
 //! multiple of 64 bytes as numpy does. Read: format 1.0, 2.0 and 3.0 headers, `'<f4'`
 //! and `'<f8'` (a server may aggregate in float64; values are rounded to f32, the
-//! precision the model trains in), C order. Anything else is an [`NpyError`] naming
+//! precision the model trains in), C or Fortran order (returned in C order). Anything else is an [`NpyError`] naming
 //! what was found.
 
 use thiserror::Error;
@@ -24,8 +24,6 @@ pub enum NpyError {
     Format(String),
     #[error(".npy dtype {0:?} is not supported (expected '<f4' or '<f8')")]
     Dtype(String),
-    #[error(".npy tensor in Fortran order is not supported (expected C order)")]
-    FortranOrder,
     #[error(".npy shape {shape:?} needs {expected} bytes of data, found {found}")]
     Size {
         shape: Vec<usize>,
@@ -113,15 +111,15 @@ impl NpyArray {
             "<f8" => 8,
             other => return Err(NpyError::Dtype(other.to_owned())),
         };
-        match dict_value(header, "fortran_order")? {
-            "False" => {}
-            "True" => return Err(NpyError::FortranOrder),
+        let fortran = match dict_value(header, "fortran_order")? {
+            "False" => false,
+            "True" => true,
             other => {
                 return Err(NpyError::Format(format!(
                     "fortran_order is {other:?}, expected True or False"
                 )));
             }
-        }
+        };
         let shape = parse_shape(dict_value(header, "shape")?)?;
         let count = shape
             .iter()
@@ -136,7 +134,7 @@ impl NpyArray {
                 found: body.len(),
             });
         }
-        let data = if width == 4 {
+        let data: Vec<f32> = if width == 4 {
             body.chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect()
@@ -149,8 +147,38 @@ impl NpyArray {
                 })
                 .collect()
         };
+        let data = if fortran && shape.len() > 1 {
+            to_c_order(&shape, &data)
+        } else {
+            data
+        };
         Ok(Self { shape, data })
     }
+}
+
+/// Column-major values of `shape` in row-major order. numpy writes an array that is
+/// Fortran- but not C-contiguous (a transpose, say) column-major.
+fn to_c_order(shape: &[usize], data: &[f32]) -> Vec<f32> {
+    // Column-major strides: the first axis moves fastest.
+    let mut strides = vec![1usize; shape.len()];
+    for k in 1..shape.len() {
+        strides[k] = strides[k - 1] * shape[k - 1];
+    }
+    let mut index = vec![0usize; shape.len()];
+    let mut out = Vec::with_capacity(data.len());
+    for _ in 0..data.len() {
+        let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        out.push(data[offset]);
+        // Next row-major index: the last axis moves fastest.
+        for k in (0..shape.len()).rev() {
+            index[k] += 1;
+            if index[k] < shape[k] {
+                break;
+            }
+            index[k] = 0;
+        }
+    }
+    out
 }
 
 /// The text of `key`'s value in numpy's header dict (a Python literal).
@@ -258,10 +286,9 @@ mod tests {
             NpyArray::from_bytes(&npy(&header(">f4", "False"), &body)),
             Err(NpyError::Dtype(">f4".into()))
         );
-        assert_eq!(
-            NpyArray::from_bytes(&npy(&header("<f8", "True"), &body)),
-            Err(NpyError::FortranOrder)
-        );
+        // One axis: column- and row-major are the same bytes.
+        let a = NpyArray::from_bytes(&npy(&header("<f8", "True"), &body)).unwrap();
+        assert_eq!(a.data, [1.5, -2.25]);
         assert!(matches!(
             NpyArray::from_bytes(&npy(&header("<f8", "False"), &body[..13])),
             Err(NpyError::Size {
@@ -274,6 +301,31 @@ mod tests {
             NpyArray::from_bytes(&npy("{'descr': '<f4'}", &[])),
             Err(NpyError::Format(_))
         ));
+    }
+
+    #[test]
+    fn reads_fortran_order() {
+        // np.save(f, np.arange(6, dtype='f4').reshape(2, 3).T): shape (3, 2), written
+        // column-major, i.e. the bytes of 0..6 in order.
+        let body: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let h = "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 2), }\n";
+        let a = NpyArray::from_bytes(&npy(h, &body)).unwrap();
+        // The transpose of [[0, 1, 2], [3, 4, 5]], row-major.
+        assert_eq!(a.shape, [3, 2]);
+        assert_eq!(a.data, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        // Three axes: element (i, j, k) sits at i + 2j + 6k column-major.
+        let body: Vec<u8> = (0..24).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let h = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3, 4), }\n";
+        let a = NpyArray::from_bytes(&npy(h, &body)).unwrap();
+        let mut expect = Vec::new();
+        for i in 0..2 {
+            for j in 0..3 {
+                for k in 0..4 {
+                    expect.push((i + 2 * j + 6 * k) as f32);
+                }
+            }
+        }
+        assert_eq!(a.data, expect);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::flower_service_server::{FlowerService, FlowerServiceServer};
+use crate::proto::server_message::Msg;
 use crate::proto::{ClientMessage, ServerMessage};
 
 /// Messages to send on each connection, in order of connection; each message waits for
@@ -58,6 +59,9 @@ impl FlowerService for Service {
             t.len() - 1
         };
         let transcript = Arc::clone(&self.transcript);
+        let dismisses = messages
+            .last()
+            .is_some_and(|m| matches!(m.msg, Some(Msg::ReconnectIns(_))));
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
             for m in messages {
@@ -73,7 +77,17 @@ impl FlowerService for Service {
                     _ => return,
                 }
             }
-            // Script done: close our side, as flwr does after a ReconnectIns.
+            // Script done. Like flwr's servicer after a ReconnectIns, keep the stream
+            // open until the client hangs up (or a minute passes); other scripts end
+            // the stream, as a server that drops a client does.
+            if !dismisses {
+                return;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+            drop(tx);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -154,7 +154,7 @@ fn answers_every_instruction_and_leaves_when_dismissed() {
     let Reply::DisconnectRes(d) = &replies[4] else {
         panic!("{:?}", replies[4])
     };
-    assert_eq!(d.reason, Reason::Ack as i32);
+    assert_eq!(d.reason, Reason::Reconnect as i32);
 }
 
 #[test]
@@ -280,7 +280,13 @@ fn a_reconnect_request_is_honoured() {
     .unwrap();
     let start = Instant::now();
     let summary = fibecfed_flower::run(AddOne, &options(&server)).unwrap();
-    assert!(start.elapsed() >= Duration::from_secs(1));
+    // The 1 s asked for, and no waiting on the server (which, like flwr's, keeps the
+    // dismissed stream open) beyond the short flush.
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_millis(2500),
+        "{elapsed:?}"
+    );
     assert_eq!((summary.answered, summary.sessions), (3, 2));
     let t = server.finish();
     let Some(Reply::DisconnectRes(d)) = &t[0][0].msg else {
