@@ -33,6 +33,9 @@ pub struct ScriptedServer {
 struct Service {
     script: Arc<Mutex<VecDeque<Vec<ServerMessage>>>>,
     transcript: Arc<Mutex<Transcript>>,
+    /// Sessions that do not end in a ReconnectIns are aborted right after their last
+    /// message, without waiting for its answer (flwr's round_timeout).
+    abort: bool,
 }
 
 #[tonic::async_trait]
@@ -62,10 +65,20 @@ impl FlowerService for Service {
         let dismisses = messages
             .last()
             .is_some_and(|m| matches!(m.msg, Some(Msg::ReconnectIns(_))));
+        let abort = self.abort && !dismisses;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
-            for m in messages {
+            let count = messages.len();
+            for (i, m) in messages.into_iter().enumerate() {
                 if tx.send(Ok(m)).await.is_err() {
+                    return;
+                }
+                if abort && i + 1 == count {
+                    let _ = tx
+                        .send(Err(Status::deadline_exceeded(
+                            "Timeout of 1.0sec was exceeded.",
+                        )))
+                        .await;
                     return;
                 }
                 match inbound.message().await {
@@ -99,8 +112,23 @@ impl ScriptedServer {
         Self::start_with(script, None)
     }
 
+    /// Like [`Self::start`], but every session that does not end in a ReconnectIns is
+    /// aborted with DEADLINE_EXCEEDED right after its last message, as flwr aborts a
+    /// client's stream when its round_timeout passes.
+    pub fn start_aborting(script: Script) -> std::io::Result<Self> {
+        Self::serve(script, None, true)
+    }
+
     /// Starts serving `script`; with `tls = Some((certificate PEM, key PEM))`, over TLS.
     pub fn start_with(script: Script, tls: Option<(Vec<u8>, Vec<u8>)>) -> std::io::Result<Self> {
+        Self::serve(script, tls, false)
+    }
+
+    fn serve(
+        script: Script,
+        tls: Option<(Vec<u8>, Vec<u8>)>,
+        abort: bool,
+    ) -> std::io::Result<Self> {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -108,6 +136,7 @@ impl ScriptedServer {
         let service = Service {
             script: Arc::new(Mutex::new(script.into())),
             transcript: Arc::clone(&transcript),
+            abort,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()

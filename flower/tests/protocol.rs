@@ -353,6 +353,25 @@ fn a_server_that_ends_every_stream_is_given_up_on() {
 }
 
 #[test]
+fn streams_aborted_mid_instruction_are_reconnected_not_given_up_on() {
+    // Three rounds whose stream the server aborts while the client answers (flwr's
+    // round_timeout), more than `attempts`: each received an instruction, so none
+    // counts as a refusal; the fourth session dismisses the client.
+    let fit = || {
+        msg(Msg::FitIns(FitIns {
+            parameters: params(vec![tensor([0.0; 4])]),
+            config: BTreeMap::new(),
+        }))
+    };
+    let server =
+        ScriptedServer::start_aborting(vec![vec![fit()], vec![fit()], vec![fit()], vec![leave()]])
+            .unwrap();
+    let summary = fibecfed_flower::run(AddOne, &options(&server)).unwrap();
+    assert_eq!(summary.sessions, 4);
+    assert_eq!(server.finish().len(), 4);
+}
+
+#[test]
 fn an_unreachable_server_is_reported_after_the_retries() {
     // A port nothing listens on: bind, note it, release it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
