@@ -208,8 +208,8 @@ impl<'a> Engine<'a> {
         self.config.sparse.rho < 1.0
     }
 
-    /// Names of the tensors that travel, given the global layers (sorted, the order of
-    /// [`Tensors`]).
+    /// Names of the tensors that travel, given the global layers, in site order (the
+    /// order a Flower client sends them in).
     pub fn shared_names(&self, gal: &[usize]) -> Vec<String> {
         let mut names = Vec::new();
         for site in self.template.sites.keys() {
@@ -230,23 +230,11 @@ impl<'a> Engine<'a> {
     pub fn initialise(&mut self) -> Result<RunState> {
         let clock = Instant::now();
         let needs_reports = self.parts.selector.needs_reports();
-        let needs_pass = self.uses_curriculum() || self.uses_sparse() || needs_reports;
-        let base = ClientState {
-            params: self.template.clone(),
-            opt: AdamW::new(self.adam(), &self.template),
-            momentum: None,
-            order: None,
-            last_scored: None,
-        };
         let results: Vec<Result<(ClientState, Option<ImportanceReport>, u64)>> =
             (0..self.data.len())
                 .into_par_iter()
                 .map(|k| {
-                    let mut state = base.clone();
-                    if !needs_pass || self.data[k].train.is_empty() {
-                        return Ok((state, None, 0));
-                    }
-                    let (importance, tokens) = self.score(k, &mut state, 0, needs_reports)?;
+                    let (state, importance, tokens) = self.first_state(k, needs_reports)?;
                     let report = importance.map(|importance| ImportanceReport {
                         samples: self.data[k].train.len(),
                         importance,
@@ -283,8 +271,7 @@ impl<'a> Engine<'a> {
         } else {
             0
         };
-        let names = self.shared_names(&gal);
-        let global = restrict(&self.template.to_named(), |n| names.iter().any(|m| m == n));
+        let global = self.initial_global(&gal);
         let (accuracy, loss, eval_non_finite) = self.evaluate_all(&clients, &global)?;
         let metrics = RoundMetrics {
             round: 0,
@@ -559,10 +546,23 @@ impl<'a> Engine<'a> {
     /// config uses them, its curriculum order and Fisher momentum from one scoring
     /// pass. Returns the padded tokens the pass cost.
     pub fn start_client(&self, k: usize) -> Result<(ClientState, u64)> {
-        let data = self
-            .data
-            .get(k)
-            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?;
+        if k >= self.data.len() {
+            bail!("client {k} does not exist ({} clients)", self.data.len());
+        }
+        let (state, _, tokens) = self
+            .first_state(k, false)
+            .with_context(|| format!("client {k}: scoring pass"))?;
+        Ok((state, tokens))
+    }
+
+    /// Client k's round-0 state: the initial adapter, fresh optimiser, and the scoring
+    /// pass when the config uses its results (with the layer importance when
+    /// `importance`); also the importance and the pass's padded tokens.
+    fn first_state(
+        &self,
+        k: usize,
+        importance: bool,
+    ) -> Result<(ClientState, Option<Vec<f64>>, u64)> {
         let mut state = ClientState {
             params: self.template.clone(),
             opt: AdamW::new(self.adam(), &self.template),
@@ -570,13 +570,12 @@ impl<'a> Engine<'a> {
             order: None,
             last_scored: None,
         };
-        if data.train.is_empty() || !(self.uses_curriculum() || self.uses_sparse()) {
-            return Ok((state, 0));
+        let needs_pass = self.uses_curriculum() || self.uses_sparse() || importance;
+        if !needs_pass || self.data[k].train.is_empty() {
+            return Ok((state, None, 0));
         }
-        let (_, tokens) = self
-            .score(k, &mut state, 0, false)
-            .with_context(|| format!("client {k}: scoring pass"))?;
-        Ok((state, tokens))
+        let (report, tokens) = self.score(k, &mut state, 0, importance)?;
+        Ok((state, report, tokens))
     }
 
     /// Client k's work in round t (1-based) on its own: download `global`, train, and

@@ -392,14 +392,11 @@ pub fn choose_backend(device: Device) -> Result<ChosenBackend> {
     };
     Ok(match device {
         Device::Cpu => cpu("Fisher squares on the CPU (--device cpu)".into()),
-        Device::Auto => match CudaBackend::new(GpuMode::Fp32) {
+        Device::Auto | Device::Cuda => match CudaBackend::new(GpuMode::Fp32) {
             Ok(backend) => gpu(backend),
-            Err(why) => cpu(format!(
+            Err(why) if device == Device::Auto => cpu(format!(
                 "Fisher squares on the CPU: no usable CUDA GPU ({why})"
             )),
-        },
-        Device::Cuda => match CudaBackend::new(GpuMode::Fp32) {
-            Ok(backend) => gpu(backend),
             Err(why) => bail!("--device cuda: no usable CUDA GPU: {why}"),
         },
     })

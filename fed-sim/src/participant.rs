@@ -145,6 +145,9 @@ struct Participant {
     gal: Vec<usize>,
     /// The shared tensors' names, in the order they travel.
     names: Vec<String>,
+    /// The seeded initial global tensors: the server's starting point, and the shapes
+    /// every tensor it sends must have.
+    initial: Tensors,
     state: ClientState,
     /// Fits done (this client's round counter when the server sends none).
     fits: usize,
@@ -180,10 +183,12 @@ impl Participant {
             "client {k}: {train} training and {test} test examples; global layers {gal:?} ({} tensors)",
             names.len()
         );
+        let initial = engine.initial_global(&gal);
         Ok(Self {
             engine,
             k,
             gal,
+            initial,
             names,
             state,
             fits,
@@ -205,10 +210,10 @@ impl Participant {
                 self.gal
             ));
         }
-        let own = self.state.params.to_named();
         let mut out = Tensors::new();
         for (name, p) in self.names.iter().zip(parameters) {
-            let expected = own
+            let expected = self
+                .initial
                 .get(name)
                 .map(|a| a.shape().to_vec())
                 .ok_or_else(|| format!("{name} is not part of the adapter"))?;
@@ -395,12 +400,11 @@ impl fibecfed_flower::Client for Participant {
     fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, String> {
         // Before any round this is the seeded initial adapter, the same on every
         // client; the server asks one client for its starting point.
-        let global = if self.fits == 0 {
-            self.engine.initial_global(&self.gal)
+        if self.fits == 0 {
+            self.to_npy(&self.initial)
         } else {
-            self.state.params.to_named()
-        };
-        self.to_npy(&global)
+            self.to_npy(&self.state.params.to_named())
+        }
     }
 
     fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String> {

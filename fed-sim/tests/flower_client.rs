@@ -21,30 +21,9 @@ use fibecfed_flower::proto::{Code, Parameters, ServerMessage, scalar};
 use fibecfed_flower::testing::ScriptedServer;
 use fibecfed_flower::{NUMPY_TENSOR_TYPE, NpyArray};
 
+/// Two clients, two rounds, the default learning rate.
 fn config(su: &Setup, selector: &str) -> String {
-    format!(
-        r#"
-method = "fibecfed"
-seed = 5
-[model]
-dir = "{}"
-max_len = 32
-[data]
-train = "{}"
-test = "{}"
-[lora]
-rank = 4
-[federation]
-clients = 2
-rounds = 2
-batch_size = 4
-[sharing]
-selector = {selector}
-"#,
-        s(&su.model),
-        s(&su.train),
-        s(&su.eval)
-    )
+    common::federation_toml(su, 2, 2, 5e-4, selector, "")
 }
 
 fn client(su: &Setup, selector: &str, server: &str, extra: &[&str]) -> Output {

@@ -29,35 +29,20 @@ const CLIENTS: usize = 3;
 const VICTIM: usize = 2;
 
 fn config(su: &common::Setup) -> String {
-    format!(
+    common::federation_toml(
+        su,
+        CLIENTS,
+        ROUNDS,
+        1e-2,
+        r#"{ kind = "fixed", layers = [1] }"#,
         r#"
-method = "fibecfed"
-seed = 5
-[model]
-dir = "{}"
-max_len = 32
-[data]
-train = "{}"
-test = "{}"
-[lora]
-rank = 4
-[federation]
-clients = {CLIENTS}
-rounds = {ROUNDS}
-batch_size = 4
-lr = 1e-2
 [curriculum]
 scorer = "fisher"
 ordering = "easy_first"
-pacing = {{ kind = "linear", c0 = 0.3, lambda = 0.6 }}
-[sharing]
-selector = {{ kind = "fixed", layers = [1] }}
+pacing = { kind = "linear", c0 = 0.3, lambda = 0.6 }
 [sparse]
 rho = 0.25
 "#,
-        s(&su.model),
-        s(&su.train),
-        s(&su.eval)
     )
 }
 

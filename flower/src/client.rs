@@ -175,7 +175,7 @@ pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summar
     // accepts connections but refuses us (plain text against TLS, a proxy) must not
     // make us reconnect in a tight loop forever.
     let mut barren = 0u32;
-    let mut wait = options.initial_backoff;
+    let mut backoff = Backoff::new(options);
     loop {
         let channel = connect(&endpoint, options).await?;
         summary.sessions += 1;
@@ -205,18 +205,18 @@ pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summar
                         last: format!("{why}{hint}"),
                     });
                 }
+                let wait = backoff.next();
                 log(&format!(
                     "stream ended before any instruction ({why}); retrying in {:.1} s",
                     wait.as_secs_f64()
                 ));
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(options.max_backoff);
             }
             // A stream lost mid-federation (server restarted, network cut) is retried
             // like a first connection; `connect` gives up if the server stays away.
             End::Lost(why) => {
                 barren = 0;
-                wait = options.initial_backoff;
+                backoff = Backoff::new(options);
                 log(&format!("connection lost ({why}); reconnecting"));
             }
         }
@@ -262,7 +262,7 @@ fn endpoint(options: &Options) -> Result<Endpoint, FlowerError> {
 async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, FlowerError> {
     let start = Instant::now();
     let attempts = options.attempts.max(1);
-    let mut wait = options.initial_backoff;
+    let mut backoff = Backoff::new(options);
     let mut last = String::new();
     for attempt in 1..=attempts {
         match endpoint.connect().await {
@@ -270,13 +270,13 @@ async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, Flow
             Err(e) => {
                 last = error_chain(&e);
                 if attempt < attempts {
+                    let wait = backoff.next();
                     log(&format!(
                         "attempt {attempt}/{attempts} to reach {} failed ({last}); retrying in {:.1} s",
                         options.server,
                         wait.as_secs_f64()
                     ));
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(options.max_backoff);
                 }
             }
         }
@@ -287,6 +287,27 @@ async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, Flow
         seconds: start.elapsed().as_secs_f64(),
         last,
     })
+}
+
+/// Waits between tries: `initial_backoff`, doubled after each, at most `max_backoff`.
+struct Backoff {
+    wait: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(options: &Options) -> Self {
+        Self {
+            wait: options.initial_backoff,
+            max: options.max_backoff,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = self.wait;
+        self.wait = (wait * 2).min(self.max);
+        wait
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -423,7 +444,7 @@ async fn answer<C: Client>(
     })
     .await;
     let reply = handled
-        .unwrap_or_else(|e| crash_reply(kind, &format!("the client's handler crashed: {e}")));
+        .unwrap_or_else(|e| failure_reply(kind, format!("the client's handler crashed: {e}")));
     (ClientMessage { msg: Some(reply) }, None)
 }
 
@@ -448,10 +469,11 @@ impl Kind {
     }
 }
 
-/// A failure answer of the right kind when the handler itself died.
-fn crash_reply(kind: Kind, why: &str) -> client_message::Msg {
+/// A failure answer to an instruction of `kind`. flwr's server maps every status code
+/// it does not know to OK, so a failure carries the instruction's NOT_IMPLEMENTED code
+/// (the only non-OK codes the protocol has) and the reason as the message.
+fn failure_reply(kind: Kind, why: String) -> client_message::Msg {
     use client_message::Msg as Out;
-    let why = why.to_owned();
     match kind {
         Kind::Properties => Out::GetPropertiesRes(GetPropertiesRes {
             status: Some(failure(Code::GetPropertiesNotImplemented, why)),
@@ -463,6 +485,7 @@ fn crash_reply(kind: Kind, why: &str) -> client_message::Msg {
         }),
         Kind::Fit => Out::FitRes(FitRes {
             status: Some(failure(Code::FitNotImplemented, why)),
+            parameters: Some(encode(&[])),
             ..FitRes::default()
         }),
         Kind::Evaluate => Out::EvaluateRes(EvaluateRes {
@@ -487,80 +510,52 @@ fn failure(code: Code, message: String) -> Status {
     }
 }
 
-/// Calls the client for one instruction. flwr's server maps every status code it does
-/// not know to OK, so a failure is reported with the instruction's NOT_IMPLEMENTED
-/// code (the only non-OK codes the protocol has) and the reason as the message.
+/// Calls the client for one instruction; a refusal becomes [`failure_reply`].
 fn dispatch<C: Client>(client: &mut C, msg: Msg) -> client_message::Msg {
+    let kind = Kind::of(&msg);
+    call(client, msg).unwrap_or_else(|why| failure_reply(kind, why))
+}
+
+/// The client's successful answer, or why it refused.
+fn call<C: Client>(client: &mut C, msg: Msg) -> Result<client_message::Msg, String> {
     use client_message::Msg as Out;
-    match msg {
-        Msg::GetPropertiesIns(ins) => match client.get_properties(&from_proto(ins.config)) {
-            Ok(p) => Out::GetPropertiesRes(GetPropertiesRes {
-                status: Some(ok()),
-                properties: to_proto(p),
-            }),
-            Err(e) => Out::GetPropertiesRes(GetPropertiesRes {
-                status: Some(failure(Code::GetPropertiesNotImplemented, e)),
-                properties: BTreeMap::new(),
-            }),
-        },
-        Msg::GetParametersIns(ins) => match client.get_parameters(&from_proto(ins.config)) {
-            Ok(p) => Out::GetParametersRes(GetParametersRes {
-                status: Some(ok()),
-                parameters: Some(encode(&p)),
-            }),
-            Err(e) => Out::GetParametersRes(GetParametersRes {
-                status: Some(failure(Code::GetParametersNotImplemented, e)),
-                parameters: Some(encode(&[])),
-            }),
-        },
+    Ok(match msg {
+        Msg::GetPropertiesIns(ins) => Out::GetPropertiesRes(GetPropertiesRes {
+            status: Some(ok()),
+            properties: to_proto(client.get_properties(&from_proto(ins.config))?),
+        }),
+        Msg::GetParametersIns(ins) => Out::GetParametersRes(GetParametersRes {
+            status: Some(ok()),
+            parameters: Some(encode(&client.get_parameters(&from_proto(ins.config))?)),
+        }),
         Msg::FitIns(ins) => {
-            let result =
-                decode(ins.parameters).and_then(|p| client.fit(p, &from_proto(ins.config)));
+            let out = client.fit(decode(ins.parameters)?, &from_proto(ins.config))?;
             // flwr's FedAvg divides by the sum of num_examples: a zero weight from
             // every client would crash the server's round.
-            let result = result.and_then(|out| {
-                if out.num_examples == 0 {
-                    Err("the fit reports 0 examples; FedAvg cannot weight it".to_owned())
-                } else {
-                    Ok(out)
-                }
-            });
-            match result {
-                Ok(out) => Out::FitRes(FitRes {
-                    status: Some(ok()),
-                    parameters: Some(encode(&out.parameters)),
-                    num_examples: out.num_examples as i64,
-                    metrics: to_proto(out.metrics),
-                }),
-                Err(e) => Out::FitRes(FitRes {
-                    status: Some(failure(Code::FitNotImplemented, e)),
-                    parameters: Some(encode(&[])),
-                    num_examples: 0,
-                    metrics: BTreeMap::new(),
-                }),
+            if out.num_examples == 0 {
+                return Err("the fit reports 0 examples; FedAvg cannot weight it".to_owned());
             }
+            Out::FitRes(FitRes {
+                status: Some(ok()),
+                parameters: Some(encode(&out.parameters)),
+                num_examples: out.num_examples as i64,
+                metrics: to_proto(out.metrics),
+            })
         }
         Msg::EvaluateIns(ins) => {
-            let result =
-                decode(ins.parameters).and_then(|p| client.evaluate(p, &from_proto(ins.config)));
-            match result {
-                Ok(out) => Out::EvaluateRes(EvaluateRes {
-                    status: Some(ok()),
-                    loss: out.loss,
-                    num_examples: out.num_examples as i64,
-                    metrics: to_proto(out.metrics),
-                }),
-                Err(e) => Out::EvaluateRes(EvaluateRes {
-                    status: Some(failure(Code::EvaluateNotImplemented, e)),
-                    ..EvaluateRes::default()
-                }),
-            }
+            let out = client.evaluate(decode(ins.parameters)?, &from_proto(ins.config))?;
+            Out::EvaluateRes(EvaluateRes {
+                status: Some(ok()),
+                loss: out.loss,
+                num_examples: out.num_examples as i64,
+                metrics: to_proto(out.metrics),
+            })
         }
         // Handled by the caller before any dispatch.
         Msg::ReconnectIns(_) => Out::DisconnectRes(DisconnectRes {
             reason: Reason::Reconnect as i32,
         }),
-    }
+    })
 }
 
 fn encode(tensors: &[NpyArray]) -> Parameters {

@@ -119,20 +119,27 @@ fn check_dense(gpu: &GpuFisher, data: &DenseData, mode: Mode, seed: u64) {
     assert!(runs[0] == runs[1], "two runs differ: a race ({what})");
 }
 
-fn lora_against_reference(test: &str, mode: Mode) {
-    let Some(gpu) = gpu_for_test(test) else {
-        return;
-    };
+/// The GPU and a fresh seed (printed) when the card can run `mode`; otherwise prints
+/// why the test is skipped.
+fn gpu_in_mode(test: &str, mode: Mode) -> Option<(&'static GpuFisher, u64)> {
+    let gpu = gpu_for_test(test)?;
     if !gpu.supports(mode) {
         eprintln!(
             "skipped: {test}: {} cannot run {}",
             gpu.device_name(),
             mode.name()
         );
-        return;
+        return None;
     }
     let seed = time_seed();
     eprintln!("{test}: seed {seed}");
+    Some((gpu, seed))
+}
+
+fn lora_against_reference(test: &str, mode: Mode) {
+    let Some((gpu, seed)) = gpu_in_mode(test, mode) else {
+        return;
+    };
     let mut rng = SplitMix64::new(seed);
     for (b, t, d_in, d_out, r) in LORA_SHAPES {
         for kind in [MaskKind::Full, MaskKind::Padded, MaskKind::Holes] {
@@ -145,19 +152,9 @@ fn lora_against_reference(test: &str, mode: Mode) {
 }
 
 fn dense_against_reference(test: &str, mode: Mode) {
-    let Some(gpu) = gpu_for_test(test) else {
+    let Some((gpu, seed)) = gpu_in_mode(test, mode) else {
         return;
     };
-    if !gpu.supports(mode) {
-        eprintln!(
-            "skipped: {test}: {} cannot run {}",
-            gpu.device_name(),
-            mode.name()
-        );
-        return;
-    }
-    let seed = time_seed();
-    eprintln!("{test}: seed {seed}");
     let mut rng = SplitMix64::new(seed);
     for (b, t, d_in, d_out) in DENSE_SHAPES {
         for kind in [MaskKind::Full, MaskKind::Padded, MaskKind::Holes] {

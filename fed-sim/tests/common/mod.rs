@@ -116,3 +116,40 @@ pub fn setup(n_train: usize, n_eval: usize) -> Setup {
         eval,
     }
 }
+
+/// A `fibecfed client` federation config on the tiny model: `clients` parts, `rounds`
+/// rounds at learning rate `lr`, the global layers chosen by `selector` (a TOML inline
+/// table), then the TOML sections in `extra`.
+pub fn federation_toml(
+    su: &Setup,
+    clients: usize,
+    rounds: usize,
+    lr: f64,
+    selector: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+method = "fibecfed"
+seed = 5
+[model]
+dir = "{}"
+max_len = 32
+[data]
+train = "{}"
+test = "{}"
+[lora]
+rank = 4
+[federation]
+clients = {clients}
+rounds = {rounds}
+batch_size = 4
+lr = {lr:e}
+[sharing]
+selector = {selector}
+{extra}"#,
+        s(&su.model),
+        s(&su.train),
+        s(&su.eval)
+    )
+}
