@@ -68,12 +68,14 @@ pub fn set_blas_threads(n: usize) {
     unsafe { openblas_set_num_threads(c_int::try_from(n.max(1)).unwrap_or(c_int::MAX)) };
 }
 
-/// Rows per block: one block per worker, but never blocks so thin that the GEMM
-/// kernel's packing dominates.
-fn block_rows(n: usize) -> usize {
-    let workers = rayon::current_num_threads().max(1);
-    n.div_ceil(workers).max(64)
-}
+/// Rows per block handed to one GEMM call. A constant, never derived from the pool
+/// size: OpenBLAS's bits for a row depend on the height of the block it sits in (its
+/// kernels pick their unrolling and edge paths from M), so a height that followed
+/// `rayon::current_num_threads()` made results depend on the thread count (seen on
+/// AVX-512 and on AVX2 kernels alike). 64 rows keep the packing of the weight matrix
+/// a few percent of a block's work and give 2 or 3 workers balanced shares of the
+/// 200–400-row batches a step sees.
+const BLOCK_ROWS: usize = 64;
 
 /// Runs `f` on matching row blocks of `a` and `c` in parallel (or once on the whole
 /// when one block covers it).
@@ -82,7 +84,8 @@ fn row_blocks<F: Real>(
     c: &mut ArrayViewMut2<'_, F>,
     f: impl Fn(ArrayView2<'_, F>, ArrayViewMut2<'_, F>) + Sync + Send,
 ) {
-    let rows = block_rows(a.nrows());
+    // The last block holds the remainder: the split depends on the row count alone.
+    let rows = BLOCK_ROWS;
     if rows >= a.nrows() {
         f(a.view(), c.view_mut());
         return;
