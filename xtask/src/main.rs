@@ -16,6 +16,7 @@ mod common;
 mod data;
 mod flower;
 mod gpu_bench;
+mod preset;
 mod report;
 mod reproduce;
 
@@ -30,11 +31,14 @@ const USAGE: &str = "\
 Usage: cargo xtask <command> [options]
 
 Commands:
-  reproduce [--preset default|smoke|paper] [--datasets mr,sst-2,...] [--seeds 42,43]
+  reproduce [--preset NAME|FILE] [--datasets mr,sst-2,...] [--seeds 42,43]
             [--model-dir DIR] [--data-dir DIR]
-      The main job: FibecFed and the baselines (configs/*.toml) with `fibecfed run`
-      on MR (default) or the named datasets. Writes results/<UTC time>/ with
-      summary.md, summary.csv, configs/, runs/ and plots/.
+      The main job: the methods a preset lists (configs/*.toml, merged over the
+      preset's shared settings) with `fibecfed run` on MR (default) or the named
+      datasets. NAME is a file of configs/presets/ (default, smoke, paper; default
+      if not given); a FILE (a path with `/` or ending in .toml) is your own preset.
+      Writes results/<UTC time>/ with summary.md, summary.csv, configs/, runs/ and
+      plots/.
   test [CARGO_TEST_ARGS...]
       Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
       the doc examples (`cargo test --workspace --doc`).
@@ -165,11 +169,7 @@ fn try_main() -> Result<ExitCode> {
             let options = reproduce::Options {
                 data_dir: args.value("--data-dir")?.map(PathBuf::from),
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
-                preset: args
-                    .value("--preset")?
-                    .map(|p| reproduce::Preset::parse(&p))
-                    .transpose()?
-                    .unwrap_or_default(),
+                preset: args.value("--preset")?,
                 datasets,
                 seeds,
             };

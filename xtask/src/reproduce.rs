@@ -1,6 +1,7 @@
 //! `cargo xtask reproduce`: the project's main job. It obtains the model and the data,
-//! runs FibecFed and the baselines (the TOML files in `configs/`, merged over the
-//! preset's federation settings) with `fibecfed run`, and writes
+//! runs the methods a preset file names (`configs/presets/*.toml` or the user's own;
+//! see `preset`) with `fibecfed run`, each its `configs/<method>.toml` merged over the
+//! preset's shared settings, and writes
 //! `results/<UTC time>/` with `summary.md`, `summary.csv`, the configs used, every
 //! run's folder (metrics.jsonl, partition.json, checkpoint) and the PNG plots.
 
@@ -14,109 +15,17 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::common::{absolute, cargo, describe, usage_error, user_error, workspace_root};
+use crate::common::{absolute, cargo, describe, user_error, workspace_root};
+use crate::preset::{Plan, Preset};
 use crate::report;
 use crate::{assets, data};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preset {
-    /// MR, 10 clients, 12 rounds on a 600-example slice: FibecFed and five baselines,
-    /// sized to finish within 20 minutes on a 2-core CPU.
-    #[default]
-    Default,
-    /// Proves the pipeline end to end in a few minutes (CI).
-    Smoke,
-    /// The paper's protocol: K = 100, q = 0.1, T = 100, batch 8, full data, every
-    /// baseline and ablation. Hours to days on a CPU.
-    Paper,
-}
-
-/// The baseline whose final accuracy sets the target.
-const BASELINE: &str = "fedavg-lora";
-/// Target = this fraction of the baseline's final accuracy.
-const TARGET_FRACTION: f64 = 0.95;
-
-impl Preset {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "default" => Ok(Self::Default),
-            "smoke" => Ok(Self::Smoke),
-            "paper" => Ok(Self::Paper),
-            other => Err(usage_error(format!(
-                "--preset {other:?}: expected `default`, `smoke` or `paper`"
-            ))),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Default => "default",
-            Self::Smoke => "smoke",
-            Self::Paper => "paper",
-        }
-    }
-
-    /// Config files under `configs/`, FibecFed first and the target's baseline second.
-    fn methods(self) -> &'static [&'static str] {
-        match self {
-            Self::Smoke => &["fibecfed", "fedavg-lora"],
-            Self::Default => &[
-                "fibecfed",
-                "fedavg-lora",
-                "fedprox-lora",
-                "fedadam-lora",
-                "ffa-lora",
-                "local-only",
-            ],
-            Self::Paper => &[
-                "fibecfed",
-                "fedavg-lora",
-                "fedprox-lora",
-                "fedadam-lora",
-                "fedyogi-lora",
-                "ffa-lora",
-                "fedsa-lora",
-                "random-gal",
-                "local-only",
-                "centralised",
-                "ablations/no-curriculum",
-                "ablations/loss-curriculum",
-                "ablations/random-curriculum",
-                "ablations/anti-curriculum",
-                "ablations/dense",
-                "ablations/all-layers",
-                "ablations/perturbation",
-            ],
-        }
-    }
-
-    /// The settings every method of the preset shares (a method's file may override
-    /// them, as `centralised` does). Shared so that nothing is tuned per method.
-    fn settings(self) -> &'static str {
-        match self {
-            Self::Smoke => {
-                "[model]\nmax_len = 48\n\n\
-                 [data]\nlimit_train = 240\nlimit_test = 120\n\n\
-                 [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nbatch_size = 8\nlr = 2e-3\n"
-            }
-            Self::Default => {
-                "[model]\nmax_len = 48\n\n\
-                 [data]\nlimit_train = 600\nlimit_test = 160\n\n\
-                 [federation]\nclients = 10\nfraction = 0.2\nrounds = 12\nlocal_epochs = 2\n\
-                 batch_size = 8\nlr = 2e-3\n"
-            }
-            Self::Paper => {
-                "[federation]\nclients = 100\nfraction = 0.1\nrounds = 100\nbatch_size = 8\nlr = 2e-3\n"
-            }
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Options {
     pub data_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
-    pub preset: Preset,
+    /// `--preset`: a built-in name or a file; `None` is the default preset.
+    pub preset: Option<String>,
     /// Dataset folder names; default MR (or its stand-in).
     pub datasets: Vec<String>,
     /// One run per seed and method; default 42.
@@ -135,6 +44,16 @@ struct Dataset {
 
 pub fn run(options: &Options) -> Result<()> {
     let root = workspace_root()?;
+    // The preset and every method's merged config first: a mistake in them should stop
+    // the job before the downloads and the build, not after.
+    let preset = Preset::load(&root, options.preset.as_deref())?;
+    let plan = preset.plan(&root)?;
+    eprintln!(
+        "preset {} ({}): {}",
+        preset.label,
+        preset.file.display(),
+        preset.description.as_deref().unwrap_or("no description")
+    );
     let model = assets::resolve(options.model_dir.as_deref())?;
     let data_root = data::resolve(options.data_dir.as_deref())?;
     let datasets = pick_datasets(&data_root, &options.datasets)?;
@@ -149,20 +68,18 @@ pub fn run(options: &Options) -> Result<()> {
     let clock = Instant::now();
     let results_rel = create_results_dir(&root, started)?;
     let results = root.join(&results_rel);
-    let preset = options.preset;
     let mut md = String::new();
     let mut csv = String::new();
     let mut commands = Vec::new();
     for ds in &datasets {
         let mut runs = Vec::new();
-        for method in preset.methods() {
-            let config = merged_config(&root, preset, method)?;
-            let name = method.rsplit('/').next().unwrap_or(method);
+        for config in &plan.configs {
+            let name = &config.name;
             let config_path = results
                 .join("configs")
                 .join(&ds.name)
                 .join(format!("{name}.toml"));
-            write_file(&config_path, &config)?;
+            write_file(&config_path, &config.text)?;
             for &seed in &seeds {
                 let out = results
                     .join("runs")
@@ -206,12 +123,12 @@ pub fn run(options: &Options) -> Result<()> {
                 );
             }
         }
-        let table = report::summarise(&runs, BASELINE, TARGET_FRACTION)?;
+        let table = report::summarise(&runs, &plan.baseline_method, preset.target_fraction)?;
         let plots_dir = results.join("plots").join(&ds.name);
         let plots = report::draw_plots(&runs, Some(table.target), &plots_dir)?;
         let _ = writeln!(md, "## {}\n", ds.name);
         let _ = writeln!(md, "{}", report::markdown(&table));
-        let _ = writeln!(md, "{}", acceptance(&table));
+        let _ = writeln!(md, "{}", acceptance(&table, &plan.baseline_method));
         for p in &plots {
             let rel = p.strip_prefix(&results).unwrap_or(p);
             let _ = writeln!(md, "![{}]({})", rel.display(), rel.display());
@@ -232,7 +149,8 @@ pub fn run(options: &Options) -> Result<()> {
     }
     let wall = clock.elapsed().as_secs_f64();
     let summary = render_summary(&SummaryInfo {
-        preset,
+        preset: &preset,
+        plan: &plan,
         seeds: &seeds,
         datasets: &datasets,
         data_source: data_root.source,
@@ -252,34 +170,6 @@ pub fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The preset's shared settings with the method's file merged over them.
-fn merged_config(root: &Path, preset: Preset, method: &str) -> Result<String> {
-    let path = root.join("configs").join(format!("{method}.toml"));
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let own: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let mut merged: toml::Table = toml::from_str(preset.settings())?;
-    merge(&mut merged, own);
-    Ok(format!(
-        "# {method}: configs/{method}.toml over the `{}` preset's shared settings.\n{}",
-        preset.name(),
-        toml::to_string(&merged)?
-    ))
-}
-
-/// Deep merge: tables merge key by key, anything else in `over` replaces.
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
-}
-
 fn write_file(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -288,12 +178,18 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 /// The issue's acceptance checks for FibecFed against the baseline, stated plainly.
-fn acceptance(table: &report::Table) -> String {
+fn acceptance(table: &report::Table, baseline: &str) -> String {
     let find = |m: &str| table.rows.iter().find(|r| r.method == m);
-    let (Some(fib), Some(base)) = (find("fibecfed"), find(BASELINE)) else {
+    let (Some(fib), Some(base)) = (find("fibecfed"), find(baseline)) else {
         return String::new();
     };
-    let mut out = String::from("Checks (FibecFed against FedAvg-LoRA):\n\n");
+    // The built-in presets' baseline keeps the name their summaries have always used.
+    let against = if baseline == "fedavg-lora" {
+        "FedAvg-LoRA"
+    } else {
+        baseline
+    };
+    let mut out = format!("Checks (FibecFed against {against}):\n\n");
     let time = match (&fib.sim_seconds_to_target, &base.sim_seconds_to_target) {
         (Some(f), Some(b)) => format!(
             "{}: reaches the target in {:.1} simulated s against {:.1} s",
@@ -391,7 +287,8 @@ fn pick_datasets(root: &data::DataRoot, asked: &[String]) -> Result<Vec<Dataset>
 }
 
 struct SummaryInfo<'a> {
-    preset: Preset,
+    preset: &'a Preset,
+    plan: &'a Plan,
     seeds: &'a [u64],
     datasets: &'a [Dataset],
     data_source: &'a str,
@@ -411,16 +308,17 @@ fn render_summary(s: &SummaryInfo<'_>) -> String {
     let _ = writeln!(
         out,
         "Personalised accuracy (each client's own model on its own test part, weighted \
-         by test size). Target: {:.0}% of {BASELINE}'s final accuracy. Simulated time is the \
+         by test size). Target: {:.0}% of {}'s final accuracy. Simulated time is the \
          cost model of the configs' `[simulation]` section (padded tokens × seconds per \
          token + bytes ÷ bandwidth, slowest selected client per round, the scoring pass \
          included); MB counts the exact safetensors messages, up and down. Every method \
          uses the same preset settings; nothing is tuned per method on the test split.\n",
-        100.0 * TARGET_FRACTION
+        100.0 * s.preset.target_fraction,
+        s.plan.baseline_method
     );
     out.push_str(s.tables);
     let _ = writeln!(out, "## Run\n");
-    let _ = writeln!(out, "- preset: `{}`", s.preset.name());
+    let _ = writeln!(out, "- preset: `{}`", s.preset.label);
     let seeds: Vec<String> = s.seeds.iter().map(u64::to_string).collect();
     let _ = writeln!(out, "- seeds: {}", seeds.join(", "));
     let _ = writeln!(out, "- model folder: `{}`", s.model.display());
@@ -626,44 +524,5 @@ not json
         let info = "processor\t: 0\nvendor_id\t: X\nmodel name\t: Fancy CPU @ 3GHz\n";
         assert_eq!(cpu_model(info).as_deref(), Some("Fancy CPU @ 3GHz"));
         assert_eq!(cpu_model("nothing"), None);
-    }
-
-    #[test]
-    fn presets_parse() {
-        assert_eq!(Preset::parse("smoke").ok(), Some(Preset::Smoke));
-        assert_eq!(Preset::parse("paper").ok(), Some(Preset::Paper));
-        assert!(Preset::parse("fast").is_err());
-    }
-
-    /// Every preset's methods exist under configs/, FibecFed and the target's baseline
-    /// come first, and the merge keeps the preset's settings unless the method's file
-    /// overrides them.
-    #[test]
-    fn preset_configs_merge() -> Result<()> {
-        let root = workspace_root()?;
-        for preset in [Preset::Smoke, Preset::Default, Preset::Paper] {
-            assert_eq!(preset.methods()[..2], ["fibecfed", BASELINE]);
-            for method in preset.methods() {
-                let text = merged_config(&root, preset, method)?;
-                let table: toml::Table = toml::from_str(&text)?;
-                let clients = table["federation"]["clients"].as_integer();
-                if *method == "centralised" {
-                    assert_eq!(clients, Some(1), "{text}");
-                } else {
-                    let preset_table: toml::Table = toml::from_str(preset.settings())?;
-                    assert_eq!(clients, preset_table["federation"]["clients"].as_integer());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn merge_is_deep() -> Result<()> {
-        let mut base: toml::Table = toml::from_str("[a]\nx = 1\ny = 2\n[b]\nz = 3\n")?;
-        merge(&mut base, toml::from_str("[a]\ny = 5\n[c]\nw = 6\n")?);
-        let expected: toml::Table = toml::from_str("[a]\nx = 1\ny = 5\n[b]\nz = 3\n[c]\nw = 6\n")?;
-        assert_eq!(base, expected);
-        Ok(())
     }
 }
