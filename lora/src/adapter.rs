@@ -4,10 +4,12 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
+use fibecfed_core::{NamedTensors, Real};
+
+use crate::LoraError;
 use crate::config::LoraConfig;
-use crate::io::{NamedTensors, read_safetensors, write_safetensors};
+use crate::io::{read_safetensors, write_safetensors};
 use crate::params::LoraParams;
-use crate::{LoraError, Real};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

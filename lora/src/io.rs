@@ -10,13 +10,11 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use fibecfed_core::NamedTensors;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, Metadata, SafeTensorError, SafeTensors, TensorInfo, View};
-
-/// Named f32 tensors: PEFT/HF tensor names -> arrays. The currency between crates.
-pub type NamedTensors = BTreeMap<String, ArrayD<f32>>;
 
 /// The 8-byte little-endian header length that starts every safetensors file.
 const HEADER_LEN_BYTES: usize = size_of::<u64>();

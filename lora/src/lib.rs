@@ -4,8 +4,9 @@
 //! Owns: which linear modules carry adapters ([`LoraConfig`], [`SiteId`]), the
 //! factors A (r×d_in) and B (d_out×r) with PEFT's initialisation ([`LoraParams`]),
 //! reading and writing adapter folders that PEFT itself reads and writes, and the
-//! [`NamedTensors`] map that travels between crates. Does not own the encoder's
-//! forward or backward pass: that is `fibecfed-transformer`.
+//! safetensors files behind them. Does not own the encoder's forward or backward pass
+//! (that is `fibecfed-transformer`), nor the shared vocabulary it is written in: the
+//! `NamedTensors` map and the `Real` float trait are `fibecfed-core`'s.
 //!
 //! ```
 //! use fibecfed_lora::{LoraConfig, SiteKind};
@@ -21,16 +22,14 @@ pub mod config;
 pub mod io;
 pub mod optim;
 pub mod params;
-pub mod real;
 
 use std::path::PathBuf;
 
 pub use adapter::{read_adapter, write_adapter};
 pub use config::{LoraConfig, SiteId, SiteKind, target_matches};
-pub use io::{NamedTensors, TensorIoError};
+pub use io::TensorIoError;
 pub use optim::{AdamW, AdamWConfig};
 pub use params::{Head, LoraParams, LoraWeights, SiteShape};
-pub use real::Real;
 
 /// Errors of adapter configuration and files; each names the file or field at fault.
 #[derive(Debug, thiserror::Error)]

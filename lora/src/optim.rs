@@ -1,7 +1,9 @@
 //! AdamW with PyTorch's semantics (decoupled weight decay, bias-corrected moments).
 
+use fibecfed_core::Real;
+
+use crate::LoraError;
 use crate::params::LoraParams;
-use crate::{LoraError, Real};
 
 /// Hyper-parameters; defaults are `torch.optim.AdamW`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]

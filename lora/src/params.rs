@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use fibecfed_core::{NamedTensors, Real};
 use ndarray::{Array1, Array2, ArrayD, Ix1, Ix2};
 use rand::Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
+use crate::LoraError;
 use crate::config::{LoraConfig, SiteId, SiteKind};
-use crate::io::NamedTensors;
-use crate::{LoraError, Real};
 
 /// The two LoRA factors of one site: ΔW = scale · B · A.
 #[derive(Debug, Clone, PartialEq)]

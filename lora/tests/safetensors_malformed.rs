@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use fibecfed_core::NamedTensors;
 use fibecfed_lora::io::{
-    NamedTensors, TensorIoError, read_i64_tensor, read_safetensors, read_safetensors_with_metadata,
+    TensorIoError, read_i64_tensor, read_safetensors, read_safetensors_with_metadata,
     write_safetensors,
 };
 use ndarray::{ArrayD, IxDyn};

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use fibecfed_lora::{Head, LoraParams, LoraWeights, Real, SiteId, SiteKind};
+use fibecfed_core::Real;
+use fibecfed_lora::{Head, LoraParams, LoraWeights, SiteId, SiteKind};
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut2, Axis, s};

@@ -36,7 +36,6 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Activation, BertConfig};
 pub use encoder::{Adapter, Dropout, Forward, NoHook, SiteHook, SiteTrace, mean_pool};
-pub use fibecfed_lora::Real;
 pub use loss::{Reduction, cross_entropy};
 pub use tokenize::{Batch, Encoded, TextEncoder};
 pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};

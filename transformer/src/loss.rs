@@ -1,6 +1,6 @@
 //! Softmax cross-entropy with natural log, as `torch.nn.functional.cross_entropy`.
 
-use fibecfed_lora::Real;
+use fibecfed_core::Real;
 use ndarray::{Array1, Array2, Axis};
 
 use crate::ModelError;

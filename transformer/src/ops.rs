@@ -2,7 +2,7 @@
 //! backward passes. Everything here is elementwise or per row; the matrix products
 //! live in `encoder.rs` and go to BLAS.
 
-use fibecfed_lora::Real;
+use fibecfed_core::Real;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, Zip};
 use rayon::prelude::*;

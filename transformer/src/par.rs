@@ -9,7 +9,7 @@
 use std::os::raw::c_int;
 use std::sync::Once;
 
-use fibecfed_lora::Real;
+use fibecfed_core::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};

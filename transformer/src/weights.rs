@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use fibecfed_lora::io::{NamedTensors, read_safetensors_filtered};
-use fibecfed_lora::{Real, SiteId, SiteKind, SiteShape};
+use fibecfed_core::{NamedTensors, Real};
+use fibecfed_lora::io::read_safetensors_filtered;
+use fibecfed_lora::{SiteId, SiteKind, SiteShape};
 use ndarray::{Array1, Array2, Ix1, Ix2};
 
 use crate::ModelError;

@@ -16,7 +16,7 @@ fn prefixed_and_gamma_beta_checkpoints_load_identically() {
     let tensors = read_safetensors(&src.join("model.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let mut renamed: fibecfed_lora::NamedTensors = tensors
+    let mut renamed: fibecfed_core::NamedTensors = tensors
         .iter()
         .map(|(k, v)| {
             let k = k

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use fibecfed_lora::io::NamedTensors;
+use fibecfed_core::NamedTensors;
 use fibecfed_lora::{LoraConfig, LoraParams};
 use fibecfed_transformer::{Adapter, BertModel, NoHook, Reduction, cross_entropy};
 

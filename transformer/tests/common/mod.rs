@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fibecfed_lora::io::{NamedTensors, read_i64_tensor};
+use fibecfed_core::NamedTensors;
+use fibecfed_lora::io::read_i64_tensor;
 use fibecfed_transformer::Batch;
 use ndarray::ArrayD;
 

@@ -1,4 +1,5 @@
-//! The floating-point element type of the model and its adapters.
+//! The floating-point element type of the encoder, its adapters and the Fisher
+//! arithmetic.
 //!
 //! Training runs in `f32`; tests run the same code in `f64` so that finite differences
 //! check the hand-written backward pass without round-off drowning the signal.
@@ -10,7 +11,11 @@ use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 use ndarray::{LinalgScalar, ScalarOperand};
 use num_traits::Float;
 
-/// A float the encoder computes in: `f32` (production) or `f64` (reference checks).
+/// A float the workspace computes in: `f32` (production) or `f64` (reference checks).
+///
+/// The supertraits are what ndarray's products ([`LinalgScalar`], [`ScalarOperand`])
+/// and generic numeric code ([`Float`], [`Sum`], the assigning operators) need; the
+/// methods are the conversions and the encoder's activation functions.
 pub trait Real:
     Float
     + LinalgScalar
@@ -29,8 +34,11 @@ pub trait Real:
 {
     /// Lossless for f32 inputs in both implementations.
     fn from_f32(x: f32) -> Self;
+    /// Rounds to nearest for `f32`; the identity for `f64`.
     fn from_f64(x: f64) -> Self;
+    /// Rounds to nearest for `f64`; the identity for `f32`.
     fn as_f32(self) -> f32;
+    /// Lossless in both implementations.
     fn as_f64(self) -> f64;
     /// `exp` for the hot loops (softmax, GELU). `f32` uses a branch-free polynomial that
     /// the compiler vectorises (≤ 2 ulp on the range that matters); `f64` uses libm so
@@ -177,6 +185,29 @@ pub fn gelu_f32(x: f32) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversions_round_trip() {
+        for x in [
+            0.0_f32,
+            -0.0,
+            1.0,
+            -2.5,
+            1.0e-30,
+            3.4e38,
+            f32::MIN_POSITIVE,
+            0.1,
+        ] {
+            assert_eq!(f32::from_f32(x).to_bits(), x.to_bits());
+            assert_eq!(f64::from_f32(x).as_f32().to_bits(), x.to_bits());
+            assert_eq!(f32::from_f64(x.as_f64()).to_bits(), x.to_bits());
+            assert_eq!(f64::from_f64(f64::from(x)).as_f64(), f64::from(x));
+        }
+        // f64 → f32 rounds to nearest.
+        assert_eq!(f32::from_f64(0.1), 0.1_f32);
+        assert_eq!(0.1_f64.as_f32(), 0.1_f32);
+        assert!(f32::from_f64(f64::NAN).is_nan());
+    }
 
     #[test]
     fn exp_matches_std_to_a_few_ulp() {
