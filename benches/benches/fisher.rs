@@ -170,8 +170,8 @@ fn plain_pass(model: &BertModel<f32>, adapter: Adapter<'_, f32>, samples: &[Samp
 
 fn main() {
     // Every path here parallelises over samples with rayon; OpenBLAS's own threads
-    // inside those workers would only fight them (see transformer/src/par.rs).
-    fibecfed_transformer::set_blas_threads(1);
+    // inside those workers would only fight them (see core/src/blas.rs).
+    fibecfed_core::blas::set_threads(1);
     let (model, which) = minilm();
     let (samples, data) = client_samples(&model);
     let adapters = [

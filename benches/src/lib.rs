@@ -106,9 +106,9 @@ pub fn step_flops(c: &BertConfig, lora: &LoraConfig, batch: usize, seq_len: usiz
 /// encoder's single-threaded BLAS mode is restored afterwards.
 pub fn sgemm_gflops(n: usize, reps: usize) -> f64 {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    fibecfed_transformer::set_blas_threads(cores);
+    fibecfed_core::blas::set_threads(cores);
     let rate = sgemm_gflops_inner(n, reps);
-    fibecfed_transformer::set_blas_threads(1);
+    fibecfed_core::blas::set_threads(1);
     rate
 }
 

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use fibecfed_core::Real;
 use ndarray::{Array1, Array2, Zip};
 
 use crate::FisherError;
-use crate::squares::{HeadSquares, Scalar, SiteSquares};
+use crate::squares::{HeadSquares, SiteSquares};
 
 /// Σ_i (∂ℓ_i/∂A)² and Σ_i (∂ℓ_i/∂B)² of one site, in f64 (sums over thousands of
 /// samples lose digits in f32).
@@ -60,7 +61,7 @@ impl<K: Ord> Default for DiagFisher<K> {
     }
 }
 
-fn add_into<F: Scalar, D: ndarray::Dimension>(
+fn add_into<F: Real, D: ndarray::Dimension>(
     acc: &mut ndarray::Array<f64, D>,
     add: &ndarray::Array<F, D>,
     what: &str,
@@ -85,7 +86,7 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
 
     /// Adds one batch's diagonal sums of a site (add the batch's size to `samples`
     /// once per batch).
-    pub fn add_site<F: Scalar>(&mut self, key: &K, sq: &SiteSquares<F>) -> Result<(), FisherError> {
+    pub fn add_site<F: Real>(&mut self, key: &K, sq: &SiteSquares<F>) -> Result<(), FisherError> {
         let (r, d_in) = sq.diag_a.dim();
         let entry = self
             .sites
@@ -96,7 +97,7 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
     }
 
     /// Adds one batch's diagonal sums of the head.
-    pub fn add_head<F: Scalar>(&mut self, sq: &HeadSquares<F>) -> Result<(), FisherError> {
+    pub fn add_head<F: Real>(&mut self, sq: &HeadSquares<F>) -> Result<(), FisherError> {
         let head = self.head.get_or_insert_with(|| HeadDiag {
             weight: Array2::zeros(sq.diag_weight.raw_dim()),
             bias: Array1::zeros(sq.diag_bias.raw_dim()),

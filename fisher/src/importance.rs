@@ -2,13 +2,13 @@
 //! input) and the server's choice of global aggregation layers (GAL) from the clients'
 //! reports.
 
+use fibecfed_core::Real;
 use ndarray::ArrayView2;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::FisherError;
-use crate::squares::Scalar;
 
 /// I_l = s_l / Σ s: importance normalised to sum to one. Scores must be finite and
 /// non-negative; when every score is zero (no gradient signal at all) each layer gets
@@ -52,7 +52,7 @@ impl PerturbationImportance {
     /// `noise_norms[i]` = ‖ε_i‖ over sample i's real tokens.
     // Views are cheap handles; taking them by value matches how callers slice them.
     #[allow(clippy::needless_pass_by_value)]
-    pub fn add<F: Scalar>(
+    pub fn add<F: Real>(
         &mut self,
         layer: usize,
         clean: ArrayView2<'_, F>,

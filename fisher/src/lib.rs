@@ -47,10 +47,6 @@
 //! assert_eq!((sq_a[0], sq_b[0]), (5.0, 9.0));
 //! ```
 
-// ndarray's matrix products go to BLAS; this links the OpenBLAS provider.
-extern crate blas_src;
-
-mod blas;
 mod cuda;
 mod diag;
 mod importance;
@@ -72,7 +68,7 @@ pub use score::{
     DifficultyScorer, FisherTrace, LabelMode, LossScore, SampleStats, sample_labels, scores,
 };
 pub use squares::{
-    CpuBackend, FisherBackend, HeadSquares, NormMethod, Products, Scalar, SiteRows, SiteSquares,
+    CpuBackend, FisherBackend, HeadSquares, NormMethod, Products, SiteRows, SiteSquares,
     head_fisher, site_fisher, sq_norms,
 };
 

@@ -1,11 +1,11 @@
 //! Per-sample difficulty: what a Fisher pass records about each sample, the scorers
 //! that turn it into one number, and the labels the Fisher is taken at.
 
+use fibecfed_core::Real;
 use ndarray::ArrayView2;
 use rand::Rng;
 
 use crate::FisherError;
-use crate::squares::Scalar;
 
 /// What one pass over a client's data records about a sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +100,7 @@ pub enum LabelMode {
 /// Draws y_i ~ softmax(logits_i) for every row.
 // A view is a cheap handle, passed by value like the encoder hands it out.
 #[allow(clippy::needless_pass_by_value)]
-pub fn sample_labels<F: Scalar>(
+pub fn sample_labels<F: Real>(
     logits: ArrayView2<'_, F>,
     rng: &mut impl Rng,
 ) -> Result<Vec<usize>, FisherError> {

@@ -1,26 +1,11 @@
 //! Per-sample gradient squares of one LoRA site and of the head.
 
-use std::iter::Sum;
-
+use fibecfed_core::{Real, simd};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{
-    Array1, Array2, ArrayBase, ArrayView1, ArrayView2, CowArray, Data, Ix2, LinalgScalar,
-    ScalarOperand, s,
-};
-use num_traits::Float;
+use ndarray::{Array1, Array2, ArrayBase, ArrayView1, ArrayView2, CowArray, Data, Ix2, s};
 use rayon::prelude::*;
 
 use crate::FisherError;
-
-/// The float types the Fisher arithmetic runs in (f32 in training, f64 in tests).
-pub trait Scalar:
-    Float + LinalgScalar + ScalarOperand + Sum + Send + Sync + std::fmt::Debug + 'static
-{
-}
-impl<T: Float + LinalgScalar + ScalarOperand + Sum + Send + Sync + std::fmt::Debug + 'static> Scalar
-    for T
-{
-}
 
 /// One LoRA site's rows for a batch, as the encoder's backward hook sees them.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +70,7 @@ pub struct SiteSquares<F> {
     pub diag_b: Array2<F>,
 }
 
-impl<F: Scalar> SiteRows<'_, F> {
+impl<F: Real> SiteRows<'_, F> {
     /// Shapes against each other; every backend runs it first, so they refuse alike.
     pub(crate) fn check(&self) -> Result<(), FisherError> {
         let n = self
@@ -192,12 +177,12 @@ impl<F: Scalar> SiteRows<'_, F> {
     }
 }
 
-fn sum_sq<F: Scalar>(a: &Array2<F>) -> F {
+fn sum_sq<F: Real>(a: &Array2<F>) -> F {
     a.iter().map(|&v| v * v).sum()
 }
 
 /// Σ (P·Pᵀ) ⊙ (Q·Qᵀ) = ‖Pᵀ·Q‖²_F, without forming Pᵀ·Q.
-fn ghost<F: Scalar, S: Data<Elem = F>, T: Data<Elem = F>>(
+fn ghost<F: Real, S: Data<Elem = F>, T: Data<Elem = F>>(
     p: &ArrayBase<S, Ix2>,
     q: &ArrayBase<T, Ix2>,
 ) -> F {
@@ -210,7 +195,7 @@ fn ghost<F: Scalar, S: Data<Elem = F>, T: Data<Elem = F>>(
 }
 
 /// ‖∂ℓ_i/∂A‖² and ‖∂ℓ_i/∂B‖² for every sample of the batch.
-pub fn sq_norms<F: Scalar>(
+pub fn sq_norms<F: Real>(
     rows: &SiteRows<'_, F>,
     method: NormMethod,
 ) -> Result<(Vec<F>, Vec<F>), FisherError> {
@@ -219,7 +204,7 @@ pub fn sq_norms<F: Scalar>(
     let d_out = rows.b.nrows();
     let t = rows.seq_len;
     let ghost_cheaper = |d: usize| t * (r + d) < r * d;
-    crate::blas::single_threaded();
+    fibecfed_core::blas::single_threaded();
     let mut store = None;
     let products = rows.products_in(&mut store);
     let use_ghost = |dim| match method {
@@ -251,12 +236,12 @@ pub fn sq_norms<F: Scalar>(
 }
 
 /// Adds s2·(g ⊙ g) to `acc` and returns s2·Σ g², in one pass over g.
-fn square_into<F: Scalar>(acc: &mut Array2<F>, g: &Array2<F>, s2: F) -> F {
+fn square_into<F: Real>(acc: &mut Array2<F>, g: &Array2<F>, s2: F) -> F {
     let mut total = F::zero();
     ndarray::Zip::from(acc).and(g).for_each(|a, &v| {
         let v2 = s2 * v * v;
-        *a = *a + v2;
-        total = total + v2;
+        *a += v2;
+        total += v2;
     });
     total
 }
@@ -264,7 +249,7 @@ fn square_into<F: Scalar>(acc: &mut Array2<F>, g: &Array2<F>, s2: F) -> F {
 /// out = Σ_t p_tᵀ q_t = Pᵀ·Q for P (len × r), Q (len × d): one sample's LoRA gradient.
 /// With r of 8 or 16 and len of a sentence, BLAS's packing costs more than the
 /// arithmetic; r axpy's per token over Q's contiguous row stay in cache and vectorise.
-fn outer_sum<F: Scalar>(p: &ArrayView2<'_, F>, q: &ArrayView2<'_, F>, out: &mut Array2<F>) {
+fn outer_sum<F: Real>(p: &ArrayView2<'_, F>, q: &ArrayView2<'_, F>, out: &mut Array2<F>) {
     out.fill(F::zero());
     let d = q.ncols();
     let Some(flat) = out.as_slice_mut() else {
@@ -281,7 +266,7 @@ fn outer_sum<F: Scalar>(p: &ArrayView2<'_, F>, q: &ArrayView2<'_, F>, out: &mut 
                 continue;
             }
             for (o, &qv) in flat[c * d..(c + 1) * d].iter_mut().zip(qs) {
-                *o = *o + pc * qv;
+                *o += pc * qv;
             }
         }
     }
@@ -292,7 +277,7 @@ const PRODUCT_ROWS: usize = 256;
 
 /// x·Aᵀ and δ·B for the whole batch, padding rows included, in a few large GEMMs over
 /// row blocks in parallel: far cheaper than one small GEMM per sample.
-fn batch_products<F: Scalar>(rows: &SiteRows<'_, F>) -> OwnedProducts<F> {
+fn batch_products<F: Real>(rows: &SiteRows<'_, F>) -> OwnedProducts<F> {
     let (n, r) = (rows.x.nrows(), rows.a.nrows());
     let mut u = Array2::zeros((n, r));
     let mut db = Array2::zeros((n, r));
@@ -338,9 +323,10 @@ const SAMPLES_PER_TASK: usize = 2;
 /// One sample's gradient (r × d, in cache) at a time is formed, squared and added to
 /// its task's partial diagonal; tasks of [`SAMPLES_PER_TASK`] samples run in parallel
 /// and their partials are added in sample order. Never holds a (batch × r × d) tensor.
-pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
+pub fn site_fisher<F: Real>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
     rows.check()?;
-    crate::blas::single_threaded();
+    // The samples run on rayon's workers; OpenBLAS's own threads would fight them.
+    fibecfed_core::blas::single_threaded();
     let mut store = None;
     let products = rows.products_in(&mut store);
     // B's gradient is formed transposed (r × d_out) so that both products are
@@ -361,7 +347,7 @@ pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, 
             let mut part = empty(chunk.len());
             let mut ga = Array2::zeros((r, d_in));
             let mut gbt = Array2::zeros((r, d_out));
-            crate::blas::simd(|| {
+            simd(|| {
                 for &i in chunk {
                     let (x, u, d, v) = rows.sample(products, i);
                     outer_sum(&v.view(), &x.view(), &mut ga);
@@ -377,10 +363,8 @@ pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, 
     for p in partials {
         out.sq_a.extend(p.sq_a);
         out.sq_b.extend(p.sq_b);
-        out.diag_a
-            .zip_mut_with(&p.diag_a, |acc, &g| *acc = *acc + g);
-        out.diag_b
-            .zip_mut_with(&p.diag_b, |acc, &g| *acc = *acc + g);
+        out.diag_a.zip_mut_with(&p.diag_a, |acc, &g| *acc += g);
+        out.diag_b.zip_mut_with(&p.diag_b, |acc, &g| *acc += g);
     }
     out.diag_b = out.diag_b.reversed_axes().as_standard_layout().into_owned();
     Ok(out)
@@ -390,7 +374,7 @@ pub fn site_fisher<F: Scalar>(rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, 
 /// ‖∂ℓ_i/∂b‖² = ‖g_i‖² (g = ∂ℓ/∂logits, p = pooled), and the diagonal sums.
 // Views are cheap handles, passed by value as `SiteHook::head` hands them out.
 #[allow(clippy::needless_pass_by_value)]
-pub fn head_fisher<F: Scalar>(
+pub fn head_fisher<F: Real>(
     pooled: ArrayView2<'_, F>,
     dlogits: ArrayView2<'_, F>,
 ) -> Result<HeadSquares<F>, FisherError> {
@@ -435,7 +419,7 @@ pub trait FisherBackend<F> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-impl<F: Scalar> FisherBackend<F> for CpuBackend {
+impl<F: Real> FisherBackend<F> for CpuBackend {
     fn site(&self, rows: &SiteRows<'_, F>) -> Result<SiteSquares<F>, FisherError> {
         site_fisher(rows)
     }

@@ -21,14 +21,11 @@
 //! # Ok::<(), fibecfed_transformer::ModelError>(())
 //! ```
 
-extern crate blas_src;
-
 pub mod config;
 pub mod encoder;
 pub mod loss;
 mod ops;
 mod par;
-pub use par::set_blas_threads;
 pub mod tokenize;
 pub mod weights;
 

@@ -2,35 +2,13 @@
 //! backward passes. Everything here is elementwise or per row; the matrix products
 //! live in `encoder.rs` and go to BLAS.
 
-use fibecfed_core::Real;
+use fibecfed_core::{Real, simd};
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, Zip};
 use rayon::prelude::*;
 
 use crate::config::Activation;
 use crate::weights::LayerNorm;
-
-/// Runs `f` compiled for AVX2 + FMA when the CPU has them, else for the baseline
-/// target. The hot elementwise loops (exp in softmax and GELU) run 3–4× faster with
-/// 8-wide vectors, and a release build must still run on any x86-64 machine, so the
-/// choice is made at run time (std caches the CPUID result).
-#[allow(clippy::inline_always)]
-#[inline(always)]
-pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: both features were detected on this CPU just above.
-            return unsafe { with_avx2(f) };
-        }
-    }
-    f()
-}
 
 /// What LayerNorm's backward needs: the normalised input and 1/σ per row.
 #[derive(Debug, Clone)]

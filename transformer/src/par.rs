@@ -4,7 +4,7 @@
 //! with row-wise work. OpenBLAS's workers busy-wait (sched_yield) between calls and so
 //! steal the second core from everything that is not a GEMM, and its small-GEMM
 //! threading is poor. One level of parallelism (ours) over independent row blocks keeps
-//! both cores on useful work.
+//! both cores on useful work. The thread setting itself is `fibecfed_core::blas`.
 
 use std::os::raw::c_int;
 use std::sync::Once;
@@ -14,24 +14,14 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
-unsafe extern "C" {
-    fn openblas_set_num_threads(n: c_int);
-}
+static MALLOPT: Once = Once::new();
 
-static BLAS_THREADS: Once = Once::new();
-
-/// Once per process: puts OpenBLAS in single-threaded mode (the encoder parallelises
-/// above it; `FIBECFED_BLAS_THREADS` set keeps OpenBLAS's own threads) and tells glibc
-/// to keep freed memory ([`keep_freed_memory`]).
+/// Before the encoder's first GEMM: puts OpenBLAS in single-threaded mode (the encoder
+/// parallelises above it; `FIBECFED_BLAS_THREADS` set keeps OpenBLAS's own threads) and,
+/// once per process, tells glibc to keep freed memory ([`keep_freed_memory`]).
 pub(crate) fn init() {
-    BLAS_THREADS.call_once(|| {
-        if std::env::var_os("FIBECFED_BLAS_THREADS").is_none() {
-            // SAFETY: a plain setter in libopenblas (linked through openblas-src), called
-            // before this process issues any GEMM from the encoder.
-            unsafe { openblas_set_num_threads(1) };
-        }
-        keep_freed_memory();
-    });
+    fibecfed_core::blas::single_threaded();
+    MALLOPT.call_once(keep_freed_memory);
 }
 
 /// A training step allocates and frees ~170 MB of activations. glibc's defaults hand
@@ -58,14 +48,6 @@ fn keep_freed_memory() {
             }
         }
     }
-}
-
-/// Sets OpenBLAS's own thread count (benchmarks use it to measure the BLAS's best
-/// sgemm rate; the encoder itself wants 1, see [`init`]).
-pub fn set_blas_threads(n: usize) {
-    init();
-    // SAFETY: a plain setter in libopenblas; n is clamped into c_int's range.
-    unsafe { openblas_set_num_threads(c_int::try_from(n.max(1)).unwrap_or(c_int::MAX)) };
 }
 
 /// Rows per block handed to one GEMM call. A constant, never derived from the pool
