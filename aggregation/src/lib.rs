@@ -1,7 +1,7 @@
 //! Server-side aggregation over named tensors, and byte accounting of what travels.
 //!
-//! Owns the arithmetic on a [`Tensors`] map (PEFT tensor name → f32 array, the same
-//! shape as `fibecfed_lora::NamedTensors`):
+//! Owns the arithmetic on a [`Tensors`] map (PEFT tensor name → f32 array: the
+//! workspace's `fibecfed_core::NamedTensors`, under the name this crate's API uses):
 //! - [`weights`] and [`weighted_mean`]: the FedAvg n_k-weighted mean, accumulated in
 //!   f64 in ascending client order, so the result does not depend on arrival order;
 //! - the [`Aggregator`] trait with [`FedAvg`], [`FedAdam`] and [`FedYogi`] (Reddi et al.
@@ -39,8 +39,9 @@ use ndarray::{ArrayD, Zip};
 pub use adaptive::{FedAdam, FedYogi, ServerOptConfig};
 pub use prox::FedProx;
 
-/// PEFT tensor name → f32 array; structurally identical to `fibecfed_lora::NamedTensors`.
-pub type Tensors = BTreeMap<String, ArrayD<f32>>;
+/// PEFT tensor name → f32 array: the workspace's one named-tensor map, re-exported
+/// under the name aggregation code (and `fibecfed-sim`) has always used.
+pub use fibecfed_core::NamedTensors as Tensors;
 
 /// One client's upload for a round.
 #[derive(Debug, Clone, PartialEq)]
