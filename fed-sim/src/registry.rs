@@ -87,10 +87,12 @@ pub struct FixedLayers {
 
 impl LayerSelector for FixedLayers {
     fn select(&self, _: &[ImportanceReport], layers: usize) -> Result<Vec<usize>, FisherError> {
-        if let Some(bad) = self.layers.iter().find(|&&l| l >= layers) {
-            return Err(FisherError::Config(format!(
-                "layer {bad} does not exist (the model has layers 0..{layers})"
-            )));
+        if let Some(&layer) = self.layers.iter().find(|&&l| l >= layers) {
+            return Err(FisherError::NoSuchLayer {
+                what: "the fixed global layers".into(),
+                layer,
+                n_layers: layers,
+            });
         }
         let mut out = self.layers.clone();
         out.sort_unstable();
@@ -292,8 +294,19 @@ mod tests {
         let s = registry.selector(&t, 0)?;
         assert!(!s.needs_reports());
         assert_eq!(s.select(&[], 6)?, [1, 5]);
-        let err = s.select(&[], 4).unwrap_err().to_string();
-        assert!(err.contains("layer 5 does not exist"), "{err}");
+        let err = s.select(&[], 4).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FisherError::NoSuchLayer {
+                    layer: 5,
+                    n_layers: 4,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("layer 5 does not exist"), "{err}");
         let err = registry.selector(&kind_table("fixed"), 0).unwrap_err();
         assert!(err.to_string().contains("layers"), "{err}");
         Ok(())

@@ -21,15 +21,7 @@ impl CudaBackend {
     /// device without it, …) so that the caller can fall back to [`crate::CpuBackend`].
     pub fn new(mode: Mode) -> Result<Self, KernelError> {
         let gpu = GpuFisher::new()?;
-        if !gpu.supports(mode) {
-            return Err(KernelError::Unsupported(format!(
-                "{} cannot run {} (compute capability {}.{})",
-                gpu.device_name(),
-                mode.name(),
-                gpu.capability().0,
-                gpu.capability().1
-            )));
-        }
+        gpu.check_mode(mode)?;
         Ok(Self { gpu, mode })
     }
 
@@ -48,16 +40,27 @@ fn standard<S: Data<Elem = f32>, D: Dimension>(a: &ArrayBase<S, D>) -> CowArray<
     a.as_standard_layout()
 }
 
-fn slice<'a, D: Dimension>(a: &'a CowArray<'_, f32, D>) -> Result<&'a [f32], FisherError> {
-    a.as_slice()
-        .ok_or_else(|| FisherError::Shape("an array could not be made contiguous".into()))
+fn slice<'a, D: Dimension>(
+    a: &'a CowArray<'_, f32, D>,
+    tensor: &'static str,
+) -> Result<&'a [f32], FisherError> {
+    a.as_slice().ok_or(FisherError::NotContiguous { tensor })
 }
 
-fn device_error(e: KernelError) -> FisherError {
-    match e {
-        KernelError::Shape(msg) => FisherError::Shape(msg),
-        other => FisherError::Device(other.to_string()),
-    }
+/// The GPU's r × c diagonal, checked against the shape asked for.
+fn diagonal(
+    data: Vec<f32>,
+    (rows, cols): (usize, usize),
+    tensor: &'static str,
+    meaning: &'static str,
+) -> Result<Array2<f32>, FisherError> {
+    let found = data.len();
+    Array2::from_shape_vec((rows, cols), data).map_err(|_| FisherError::Shape {
+        tensor: tensor.to_owned(),
+        expected: vec![rows, cols],
+        found: vec![found],
+        meaning,
+    })
 }
 
 impl FisherBackend<f32> for CudaBackend {
@@ -84,34 +87,36 @@ impl FisherBackend<f32> for CudaBackend {
             .map(|p| (standard(&p.u), standard(&p.db)));
         let inputs = LoraInputs {
             shape,
-            x: slice(&x)?,
-            delta: slice(&delta)?,
-            mask: slice(&mask)?,
-            a: slice(&a)?,
-            b: slice(&b)?,
+            x: slice(&x, "x")?,
+            delta: slice(&delta, "δ")?,
+            mask: slice(&mask, "mask")?,
+            a: slice(&a, "A")?,
+            b: slice(&b, "B")?,
             scale: rows.scale,
             products: match &products {
                 Some((u, db)) => Some(LoraProducts {
-                    u: slice(u)?,
-                    db: slice(db)?,
+                    u: slice(u, "products x·Aᵀ")?,
+                    db: slice(db, "products δ·B")?,
                 }),
                 None => None,
             },
         };
-        let out = self
-            .gpu
-            .lora_site(&inputs, self.mode)
-            .map_err(device_error)?;
-        let layout = |e: ndarray::ShapeError| {
-            FisherError::Device(format!(
-                "the GPU returned a diagonal of the wrong size: {e}"
-            ))
-        };
+        let out = self.gpu.lora_site(&inputs, self.mode)?;
         Ok(SiteSquares {
             sq_a: out.sq_a,
             sq_b: out.sq_b,
-            diag_a: Array2::from_shape_vec((rank, d_in), out.diag_a).map_err(layout)?,
-            diag_b: Array2::from_shape_vec((d_out, rank), out.diag_b).map_err(layout)?,
+            diag_a: diagonal(
+                out.diag_a,
+                (rank, d_in),
+                "the GPU's diagonal of A",
+                "rank × d_in: the GPU returned a diagonal of the wrong size",
+            )?,
+            diag_b: diagonal(
+                out.diag_b,
+                (d_out, rank),
+                "the GPU's diagonal of B",
+                "d_out × rank: the GPU returned a diagonal of the wrong size",
+            )?,
         })
     }
 }

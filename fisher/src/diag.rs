@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use fibecfed_core::Real;
 use ndarray::{Array1, Array2, Zip};
 
-use crate::FisherError;
 use crate::squares::{HeadSquares, SiteSquares};
+use crate::{FisherError, Setting};
 
 /// Σ_i (∂ℓ_i/∂A)² and Σ_i (∂ℓ_i/∂B)² of one site, in f64 (sums over thousands of
 /// samples lose digits in f32).
@@ -67,11 +67,12 @@ fn add_into<F: Real, D: ndarray::Dimension>(
     what: &str,
 ) -> Result<(), FisherError> {
     if acc.shape() != add.shape() {
-        return Err(FisherError::Shape(format!(
-            "{what}: accumulated {:?} but this batch gives {:?}",
-            acc.shape(),
-            add.shape()
-        )));
+        return Err(FisherError::Shape {
+            tensor: what.to_owned(),
+            expected: acc.shape().to_vec(),
+            found: add.shape().to_vec(),
+            meaning: "the shape accumulated from earlier batches",
+        });
     }
     Zip::from(acc).and(add).for_each(|s, &v| {
         *s += v.to_f64().unwrap_or(f64::NAN);
@@ -111,9 +112,7 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
     pub fn mean(&self) -> Result<Self, FisherError> {
         let empty = self.sites.is_empty() && self.head.is_none();
         if self.samples == 0 && !empty {
-            return Err(FisherError::Config(
-                "diagonal Fisher sums with a sample count of 0: set `samples` to the number of samples added".into(),
-            ));
+            return Err(FisherError::ZeroSampleCount);
         }
         let w = 1.0 / self.samples.max(1) as f64;
         Ok(Self {
@@ -147,10 +146,10 @@ impl<K: Ord + Clone + std::fmt::Debug> DiagFisher<K> {
         let mut sums = vec![0.0; n_layers];
         for (k, d) in &self.sites {
             let l = layer_of(k);
-            let slot = sums.get_mut(l).ok_or_else(|| {
-                FisherError::Shape(format!(
-                    "site {k:?} is in layer {l} but the model has {n_layers} layers"
-                ))
+            let slot = sums.get_mut(l).ok_or_else(|| FisherError::NoSuchLayer {
+                what: format!("site {k:?}"),
+                layer: l,
+                n_layers,
             })?;
             *slot += d.total();
         }
@@ -188,9 +187,10 @@ fn check_gamma(gamma: f64) -> Result<(), FisherError> {
     if (0.0..=1.0).contains(&gamma) {
         Ok(())
     } else {
-        Err(FisherError::Config(format!(
-            "Fisher momentum γ must be in [0, 1], got {gamma}"
-        )))
+        Err(FisherError::Config {
+            setting: Setting::Momentum,
+            value: gamma,
+        })
     }
 }
 
@@ -202,11 +202,12 @@ fn same_dim<D: ndarray::Dimension>(
     if old.shape() == new.shape() {
         Ok(())
     } else {
-        Err(FisherError::Shape(format!(
-            "{what}: momentum holds {:?} but the new estimate is {:?}",
-            old.shape(),
-            new.shape()
-        )))
+        Err(FisherError::Shape {
+            tensor: what.to_owned(),
+            expected: old.shape().to_vec(),
+            found: new.shape().to_vec(),
+            meaning: "the shape the momentum holds",
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::FisherError;
+use crate::{FisherError, NonFinite, Setting};
 
 /// I_l = s_l / Σ s: importance normalised to sum to one. Scores must be finite and
 /// non-negative; when every score is zero (no gradient signal at all) each layer gets
@@ -19,9 +19,11 @@ pub fn normalise(scores: &[f64]) -> Result<Vec<f64>, FisherError> {
         .enumerate()
         .find(|(_, s)| !s.is_finite() || **s < 0.0)
     {
-        return Err(FisherError::NonFinite(format!(
-            "layer {l} has importance score {s}; scores must be finite and non-negative"
-        )));
+        return Err(NonFinite::ImportanceScore {
+            layer: l,
+            score: *s,
+        }
+        .into());
     }
     let total: f64 = scores.iter().sum();
     if total > 0.0 {
@@ -63,28 +65,54 @@ impl PerturbationImportance {
     ) -> Result<(), FisherError> {
         let n_layers = self.sums.len();
         if layer >= n_layers {
-            return Err(FisherError::Shape(format!(
-                "layer {layer} of a {n_layers}-layer model"
-            )));
+            return Err(FisherError::NoSuchLayer {
+                what: "perturbation importance".into(),
+                layer,
+                n_layers,
+            });
         }
         let rows = noise_norms.len() * seq_len;
-        if clean.dim() != noisy.dim() || clean.nrows() != rows || mask.len() != rows {
-            return Err(FisherError::Shape(format!(
-                "perturbation: clean {:?}, perturbed {:?}, mask {} for {} samples × {seq_len} tokens",
-                clean.dim(),
-                noisy.dim(),
-                mask.len(),
-                noise_norms.len()
-            )));
+        let shape =
+            |tensor: &str, expected: Vec<usize>, found: Vec<usize>, meaning| FisherError::Shape {
+                tensor: format!("perturbation {tensor}"),
+                expected,
+                found,
+                meaning,
+            };
+        if clean.nrows() != rows {
+            return Err(shape(
+                "clean outputs",
+                vec![rows, clean.ncols()],
+                clean.shape().to_vec(),
+                "samples·seq_len rows, one per token",
+            ));
+        }
+        if noisy.dim() != clean.dim() {
+            return Err(shape(
+                "perturbed outputs",
+                clean.shape().to_vec(),
+                noisy.shape().to_vec(),
+                "the clean outputs' shape",
+            ));
+        }
+        if mask.len() != rows {
+            return Err(shape(
+                "mask",
+                vec![rows],
+                vec![mask.len()],
+                "samples·seq_len",
+            ));
         }
         if let Some((i, eps)) = noise_norms
             .iter()
             .enumerate()
             .find(|(_, e)| !(e.is_finite() && **e > 0.0))
         {
-            return Err(FisherError::NonFinite(format!(
-                "perturbation: sample {i} has noise norm {eps}"
-            )));
+            return Err(NonFinite::NoiseNorm {
+                sample: i,
+                norm: *eps,
+            }
+            .into());
         }
         for (i, &eps) in noise_norms.iter().enumerate() {
             let mut sq = 0.0;
@@ -124,9 +152,10 @@ pub struct ImportanceReport {
 /// N = ⌈g·L⌉ layers, g in [0, 1].
 pub fn gal_count(fraction: f64, n_layers: usize) -> Result<usize, FisherError> {
     if !(0.0..=1.0).contains(&fraction) {
-        return Err(FisherError::Config(format!(
-            "the global-layer fraction g must be in [0, 1], got {fraction}"
-        )));
+        return Err(FisherError::Config {
+            setting: Setting::GlobalFraction,
+            value: fraction,
+        });
     }
     Ok(ceil_fraction(fraction, n_layers))
 }
@@ -145,16 +174,18 @@ pub fn ceil_fraction(fraction: f64, n: usize) -> usize {
 pub fn consensus(reports: &[ImportanceReport], n_layers: usize) -> Result<Vec<f64>, FisherError> {
     let total: usize = reports.iter().map(|r| r.samples).sum();
     if total == 0 {
-        return Err(FisherError::Config(
-            "no client reported layer importance over any samples".into(),
-        ));
+        return Err(FisherError::NoReportedSamples {
+            reports: reports.len(),
+        });
     }
     for (k, r) in reports.iter().enumerate() {
         if r.importance.len() != n_layers {
-            return Err(FisherError::Shape(format!(
-                "client report {k} has {} layer scores for a {n_layers}-layer model",
-                r.importance.len()
-            )));
+            return Err(FisherError::Shape {
+                tensor: format!("client report {k}'s importance"),
+                expected: vec![n_layers],
+                found: vec![r.importance.len()],
+                meaning: "one score per layer of the model",
+            });
         }
         if let Some((l, v)) = r
             .importance
@@ -162,9 +193,12 @@ pub fn consensus(reports: &[ImportanceReport], n_layers: usize) -> Result<Vec<f6
             .enumerate()
             .find(|(_, v)| !v.is_finite())
         {
-            return Err(FisherError::NonFinite(format!(
-                "client report {k}: layer {l} importance is {v}"
-            )));
+            return Err(NonFinite::ReportedImportance {
+                client: k,
+                layer: l,
+                value: *v,
+            }
+            .into());
         }
     }
     Ok((0..n_layers)

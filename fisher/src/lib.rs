@@ -30,6 +30,11 @@
 //! `fibecfed-kernels`, on a GPU ([`CudaBackend`]); both implement [`FisherBackend`] with
 //! the same checks and output layout.
 //!
+//! Every refusal is a [`FisherError`] whose fields name the tensor and its expected and
+//! found shapes, the sample or layer whose value is not finite ([`NonFinite`]), the
+//! [`Setting`] out of range, or, through [`FisherError::Device`], the GPU's own
+//! [`KernelError`].
+//!
 //! What it does not do: run a model. The simulator (`fibecfed-sim`) feeds the
 //! transformer's backward hook into [`FisherBackend::site`] and [`head_fisher`].
 //!
@@ -56,9 +61,9 @@ mod squares;
 
 pub use cuda::CudaBackend;
 pub use diag::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
-/// The GPU side's error and precision, re-exported so that callers of [`CudaBackend`]
+/// The GPU side's errors and precision, re-exported so that callers of [`CudaBackend`]
 /// need no direct dependency on `fibecfed-kernels`.
-pub use fibecfed_kernels::{KernelError, Mode as GpuMode};
+pub use fibecfed_kernels::{KernelError, Mode as GpuMode, ShapeError as KernelShapeError};
 pub use importance::{
     AllLayers, ConsensusTopK, ImportanceReport, LayerSelector, PerturbationImportance,
     RandomLayers, ceil_fraction, consensus, gal_count, normalise, top_k,
@@ -72,16 +77,121 @@ pub use squares::{
     head_fisher, site_fisher, sq_norms,
 };
 
-/// Everything this crate can refuse: the message names the tensor, sample or setting.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Everything this crate can refuse, with the tensor, sample, layer or setting named in
+/// fields that callers can match on.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum FisherError {
-    #[error("Fisher shapes: {0}")]
-    Shape(String),
-    #[error("Fisher settings: {0}")]
-    Config(String),
+    /// An input whose shape disagrees with the others: `tensor` has shape `found`
+    /// where `meaning` (e.g. "batch·seq_len × d_in of A") makes `expected`.
+    #[error("Fisher shapes: {tensor} has shape {found:?}, expected {expected:?} ({meaning})")]
+    Shape {
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        meaning: &'static str,
+    },
+    /// batch × seq_len, the number of rows of a batch, does not fit in `usize`.
+    #[error("Fisher shapes: batch × seq_len overflows ({batch} × {seq_len})")]
+    RowsOverflow { batch: usize, seq_len: usize },
+    /// An internal array could not be laid out contiguously.
+    #[error("Fisher shapes: {tensor} is not contiguous")]
+    NotContiguous { tensor: &'static str },
+    /// `what` (a site, a config) names a layer the model does not have.
+    #[error("{what}: layer {layer} does not exist (the model has layers 0..{n_layers})")]
+    NoSuchLayer {
+        what: String,
+        layer: usize,
+        n_layers: usize,
+    },
+    /// A setting outside its range.
+    #[error("Fisher settings: {setting} must be in {}, got {value}", .setting.range())]
+    Config { setting: Setting, value: f64 },
+    /// Importance reports from `reports` clients, none of them over any sample: there is
+    /// nothing to weight a consensus by.
+    #[error("no client reported layer importance over any samples ({reports} reports)")]
+    NoReportedSamples { reports: usize },
+    /// Diagonal Fisher sums whose sample count was left at 0, so no mean can be taken.
+    #[error(
+        "diagonal Fisher sums with a sample count of 0: set `samples` to the number of samples added"
+    )]
+    ZeroSampleCount,
+    /// A value that must be finite (and, for scores, non-negative) is not.
     #[error("not finite: {0}")]
-    NonFinite(String),
-    /// The GPU backend failed after its inputs passed the shape checks.
+    NonFinite(#[from] NonFinite),
+    /// The GPU backend failed after its inputs passed the shape checks, or refused a
+    /// shape its kernels cannot index (dimensions beyond 32-bit indices) that the CPU
+    /// backend would take.
     #[error("GPU: {0}")]
-    Device(String),
+    Device(#[from] KernelError),
+}
+
+/// A setting that [`FisherError::Config`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// g, the fraction of layers aggregated globally: [0, 1].
+    GlobalFraction,
+    /// γ, the Fisher momentum: [0, 1].
+    Momentum,
+    /// ρ, the fraction of a site's units a sparse mask keeps: (0, 1].
+    KeptFraction,
+}
+
+impl Setting {
+    /// The allowed range, as a message writes it.
+    pub fn range(self) -> &'static str {
+        match self {
+            Self::GlobalFraction | Self::Momentum => "[0, 1]",
+            Self::KeptFraction => "(0, 1]",
+        }
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::GlobalFraction => "the global-layer fraction g",
+            Self::Momentum => "Fisher momentum γ",
+            Self::KeptFraction => "the kept fraction ρ",
+        })
+    }
+}
+
+/// Which value was not finite ([`FisherError::NonFinite`]), and where. The values are
+/// kept as found, so a NaN field compares unequal to itself: match on the indices.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum NonFinite {
+    /// A layer importance score given to [`normalise`]: NaN, infinite or negative.
+    #[error("layer {layer} has importance score {score}; scores must be finite and non-negative")]
+    ImportanceScore { layer: usize, score: f64 },
+    /// A perturbation's noise norm ‖ε_i‖ that is not finite and positive.
+    #[error(
+        "perturbation: sample {sample} has noise norm {norm}; noise norms must be finite and positive"
+    )]
+    NoiseNorm { sample: usize, norm: f64 },
+    /// Layer `layer` of client `client`'s importance report.
+    #[error("client report {client}: layer {layer} importance is {value}")]
+    ReportedImportance {
+        client: usize,
+        layer: usize,
+        value: f64,
+    },
+    /// Sample `sample`'s difficulty under the scorer named `scorer`.
+    #[error("sample {sample}: {scorer} difficulty is {value}")]
+    Difficulty {
+        sample: usize,
+        scorer: &'static str,
+        value: f64,
+    },
+    /// Sample `sample`'s logits, empty or holding a NaN or infinity: no label can be
+    /// drawn from them.
+    #[error("sample {sample}: logits {logits:?} cannot be sampled from")]
+    Logits { sample: usize, logits: Vec<f64> },
+    /// The Fisher entry `at` (row, column) of factor `factor` ("A" or "B") of the site a
+    /// mask was asked for.
+    #[error("cannot build a mask from a Fisher entry of {value} (factor {factor} at {at:?})")]
+    FisherEntry {
+        factor: &'static str,
+        at: [usize; 2],
+        value: f64,
+    },
 }

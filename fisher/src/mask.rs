@@ -3,9 +3,9 @@
 
 use ndarray::Array2;
 
-use crate::FisherError;
 use crate::diag::SiteDiag;
 use crate::importance::{ceil_fraction, top_k};
+use crate::{FisherError, NonFinite, Setting};
 
 /// What a kept "unit" is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,9 +47,10 @@ fn check_rho(rho: f64) -> Result<(), FisherError> {
     if rho > 0.0 && rho <= 1.0 {
         Ok(())
     } else {
-        Err(FisherError::Config(format!(
-            "the kept fraction ρ must be in (0, 1], got {rho}"
-        )))
+        Err(FisherError::Config {
+            setting: Setting::KeptFraction,
+            value: rho,
+        })
     }
 }
 
@@ -91,16 +92,22 @@ pub fn site_mask(
 ) -> Result<SiteMask, FisherError> {
     check_rho(rho)?;
     if diag.a.nrows() != diag.b.ncols() {
-        return Err(FisherError::Shape(format!(
-            "Fisher of A is {:?} but of B {:?}: ranks differ",
-            diag.a.dim(),
-            diag.b.dim()
-        )));
+        return Err(FisherError::Shape {
+            tensor: "Fisher of B".into(),
+            expected: vec![diag.b.nrows(), diag.a.nrows()],
+            found: diag.b.shape().to_vec(),
+            meaning: "d_out × the rank of the Fisher of A: ranks differ",
+        });
     }
-    if let Some(v) = diag.a.iter().chain(diag.b.iter()).find(|v| !v.is_finite()) {
-        return Err(FisherError::NonFinite(format!(
-            "cannot build a mask from a Fisher entry of {v}"
-        )));
+    for (factor, f) in [("A", &diag.a), ("B", &diag.b)] {
+        if let Some(((i, j), &value)) = f.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(NonFinite::FisherEntry {
+                factor,
+                at: [i, j],
+                value,
+            }
+            .into());
+        }
     }
     let (r, d_in) = diag.a.dim();
     let d_out = diag.b.nrows();
@@ -124,7 +131,7 @@ pub fn site_mask(
                 let keep = top_k(&scores, ceil_fraction(rho, scores.len()).max(1));
                 let flat = m
                     .as_slice_mut()
-                    .ok_or_else(|| FisherError::Shape("mask is not contiguous".into()))?;
+                    .ok_or(FisherError::NotContiguous { tensor: "mask" })?;
                 for i in keep {
                     flat[i] = true;
                 }

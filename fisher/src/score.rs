@@ -5,7 +5,7 @@ use fibecfed_core::Real;
 use ndarray::ArrayView2;
 use rand::Rng;
 
-use crate::FisherError;
+use crate::{FisherError, NonFinite};
 
 /// What one pass over a client's data records about a sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,10 +78,12 @@ pub fn scores(
             if v.is_finite() {
                 Ok(v)
             } else {
-                Err(FisherError::NonFinite(format!(
-                    "sample {i}: {} difficulty is {v}",
-                    scorer.name()
-                )))
+                Err(NonFinite::Difficulty {
+                    sample: i,
+                    scorer: scorer.name(),
+                    value: v,
+                }
+                .into())
             }
         })
         .collect()
@@ -111,9 +113,11 @@ pub fn sample_labels<F: Real>(
         .map(|(i, row)| {
             let row: Vec<f64> = row.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).collect();
             if row.is_empty() || row.iter().any(|v| !v.is_finite()) {
-                return Err(FisherError::NonFinite(format!(
-                    "sample {i}: logits {row:?} cannot be sampled from"
-                )));
+                return Err(NonFinite::Logits {
+                    sample: i,
+                    logits: row,
+                }
+                .into());
             }
             let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = row.iter().map(|v| (v - max).exp()).collect();

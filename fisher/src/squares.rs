@@ -76,51 +76,47 @@ impl<F: Real> SiteRows<'_, F> {
         let n = self
             .batch
             .checked_mul(self.seq_len)
-            .ok_or_else(|| FisherError::Shape("batch × seq_len overflows".into()))?;
+            .ok_or(FisherError::RowsOverflow {
+                batch: self.batch,
+                seq_len: self.seq_len,
+            })?;
         let (r, d_in) = self.a.dim();
-        let (d_out, r2) = self.b.dim();
-        let problems = [
-            (
-                self.x.nrows() != n,
-                format!(
-                    "x has {} rows, expected batch·seq_len = {n}",
-                    self.x.nrows()
-                ),
-            ),
-            (
-                self.delta.nrows() != n,
-                format!("δ has {} rows, expected {n}", self.delta.nrows()),
-            ),
-            (
-                self.mask.len() != n,
-                format!("mask has {} entries, expected {n}", self.mask.len()),
-            ),
-            (
-                self.x.ncols() != d_in,
-                format!("x has {} columns but A is {r}×{d_in}", self.x.ncols()),
-            ),
-            (
-                self.delta.ncols() != d_out,
-                format!("δ has {} columns but B is {d_out}×{r2}", self.delta.ncols()),
-            ),
-            (
-                r != r2,
-                format!("A is {r}×{d_in} but B is {d_out}×{r2}: ranks differ"),
-            ),
-        ];
-        if let Some((_, msg)) = problems.into_iter().find(|(bad, _)| *bad) {
-            return Err(FisherError::Shape(msg));
-        }
-        match &self.products {
-            Some(p) if p.u.dim() != (n, r) || p.db.dim() != (n, r) => {
-                Err(FisherError::Shape(format!(
-                    "products x·Aᵀ {:?} and δ·B {:?}, expected ({n}, {r}) each",
-                    p.u.dim(),
-                    p.db.dim()
-                )))
-            }
-            _ => Ok(()),
-        }
+        let d_out = self.b.nrows();
+        // Allocates only for the error: this runs for every site of every batch.
+        let shape = |tensor: &str, expected: &[usize], found: &[usize], meaning| {
+            (expected != found).then(|| FisherError::Shape {
+                tensor: tensor.to_owned(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+                meaning,
+            })
+        };
+        let products = self.products.as_ref();
+        let problem = shape(
+            "B",
+            &[d_out, r],
+            self.b.shape(),
+            "d_out × the rank of A: ranks differ",
+        )
+        .or_else(|| shape("x", &[n, d_in], self.x.shape(), "batch·seq_len × d_in of A"))
+        .or_else(|| {
+            shape(
+                "δ",
+                &[n, d_out],
+                self.delta.shape(),
+                "batch·seq_len × d_out of B",
+            )
+        })
+        .or_else(|| shape("mask", &[n], self.mask.shape(), "batch·seq_len"))
+        .or_else(|| {
+            let u = products?.u.shape();
+            shape("products x·Aᵀ", &[n, r], u, "batch·seq_len × rank")
+        })
+        .or_else(|| {
+            let db = products?.db.shape();
+            shape("products δ·B", &[n, r], db, "batch·seq_len × rank")
+        });
+        problem.map_or(Ok(()), Err)
     }
 
     /// The batch's products: the caller's, or formed here into `store`. (Products is
@@ -379,11 +375,12 @@ pub fn head_fisher<F: Real>(
     dlogits: ArrayView2<'_, F>,
 ) -> Result<HeadSquares<F>, FisherError> {
     if pooled.nrows() != dlogits.nrows() {
-        return Err(FisherError::Shape(format!(
-            "pooled has {} rows but dlogits {}",
-            pooled.nrows(),
-            dlogits.nrows()
-        )));
+        return Err(FisherError::Shape {
+            tensor: "dlogits".into(),
+            expected: vec![pooled.nrows(), dlogits.ncols()],
+            found: dlogits.shape().to_vec(),
+            meaning: "one row per row of pooled",
+        });
     }
     let p2 = pooled.mapv(|v| v * v);
     let g2 = dlogits.mapv(|v| v * v);

@@ -10,7 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fibecfed_fisher::{
-    CpuBackend, CudaBackend, FisherBackend, FisherError, GpuMode, Products, SiteRows, site_fisher,
+    CpuBackend, CudaBackend, FisherBackend, FisherError, GpuMode, KernelError, KernelShapeError,
+    Products, SiteRows, site_fisher,
 };
 use fibecfed_kernels::reference::{self, LoraData, MaskKind, SplitMix64, rel_error, time_seed};
 use fibecfed_kernels::{LoraShape, gpu_for_test};
@@ -191,7 +192,11 @@ fn cuda_backend_refuses_what_the_cpu_backend_refuses() {
         products: None,
     };
     let cpu = CpuBackend.site(&rows).unwrap_err();
-    assert!(matches!(cpu, FisherError::Shape(_)));
+    assert!(
+        matches!(&cpu, FisherError::Shape { tensor, expected, found, .. }
+            if tensor == "δ" && *expected == [6, 3] && *found == [5, 3]),
+        "{cpu:?}"
+    );
     assert_eq!(gpu.site(&rows).unwrap_err(), cpu);
 }
 
@@ -202,4 +207,20 @@ fn no_gpu_means_an_error_with_a_reason() {
         Ok(gpu) => eprintln!("GPU present: {}", gpu.device_name()),
         Err(why) => assert!(!why.to_string().is_empty()),
     }
+}
+
+/// A kernel error keeps its variant and fields inside [`FisherError::Device`], and its
+/// message after "GPU: ".
+#[test]
+fn kernel_errors_keep_their_fields_in_fisher_errors() {
+    let shape = KernelShapeError::TooLarge {
+        dim: "d_in",
+        value: 1 << 31,
+        limit: i32::MAX as usize,
+    };
+    let e = FisherError::from(KernelError::Shape(shape.clone()));
+    assert!(matches!(&e, FisherError::Device(KernelError::Shape(s)) if *s == shape));
+    assert_eq!(e.to_string(), format!("GPU: shapes: {shape}"));
+    let e = FisherError::from(KernelError::NoDriver);
+    assert_eq!(e.to_string(), "GPU: no CUDA driver (libcuda not found)");
 }

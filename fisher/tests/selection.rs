@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use fibecfed_fisher::{
     AllLayers, ConsensusTopK, DiagFisher, DifficultyScorer, FisherError, FisherMomentum,
-    FisherTrace, Granularity, HeadDiag, ImportanceReport, LayerSelector, LossScore, RandomLayers,
-    SampleStats, SiteDiag, ceil_fraction, consensus, gal_count, neuron_scores, normalise,
-    sample_labels, scores, site_mask,
+    FisherTrace, Granularity, HeadDiag, ImportanceReport, LayerSelector, LossScore, NonFinite,
+    RandomLayers, SampleStats, Setting, SiteDiag, ceil_fraction, consensus, gal_count,
+    neuron_scores, normalise, sample_labels, scores, site_mask,
 };
 use ndarray::{Array1, Array2};
 use proptest::prelude::*;
@@ -269,14 +269,32 @@ proptest! {
         at in any::<prop::sample::Index>(),
     ) {
         for g in [Granularity::Neuron, Granularity::Parameter] {
-            prop_assert!(matches!(site_mask(&diag, bad_rho, g), Err(FisherError::Config(_))));
+            let r = site_mask(&diag, bad_rho, g);
+            prop_assert!(
+                matches!(
+                    r,
+                    Err(FisherError::Config { setting: Setting::KeptFraction, value })
+                        if value.to_bits() == bad_rho.to_bits()
+                ),
+                "{:?}", r
+            );
         }
         let mut broken = diag.clone();
         let target = if in_a { &mut broken.a } else { &mut broken.b };
+        let cols = target.ncols();
         let i = at.index(target.len());
         *target.iter_mut().nth(i).unwrap() = bad_value;
+        let want = (if in_a { "A" } else { "B" }, [i / cols, i % cols]);
         for g in [Granularity::Neuron, Granularity::Parameter] {
-            prop_assert!(matches!(site_mask(&broken, 0.5, g), Err(FisherError::NonFinite(_))));
+            let r = site_mask(&broken, 0.5, g);
+            prop_assert!(
+                matches!(
+                    r,
+                    Err(FisherError::NonFinite(NonFinite::FisherEntry { factor, at, value }))
+                        if (factor, at) == want && value.to_bits() == bad_value.to_bits()
+                ),
+                "{:?}", r
+            );
         }
     }
 }
@@ -385,31 +403,65 @@ proptest! {
         let selector = ConsensusTopK { fraction: 0.5 };
         let k = at.index(rs.reports.len());
 
+        let report = format!("client report {k}'s importance");
         let mut short = rs.reports.clone();
         short[k].importance.pop();
-        prop_assert!(matches!(selector.select(&short, n_layers), Err(FisherError::Shape(_))));
+        let r = selector.select(&short, n_layers);
+        prop_assert!(
+            matches!(&r, Err(FisherError::Shape { tensor, expected, found, .. })
+                if *tensor == report && *expected == [n_layers] && *found == [n_layers - 1]),
+            "{:?}", r
+        );
         let mut long = rs.reports.clone();
         long[k].importance.push(0.0);
-        prop_assert!(matches!(selector.select(&long, n_layers), Err(FisherError::Shape(_))));
+        let r = selector.select(&long, n_layers);
+        prop_assert!(
+            matches!(&r, Err(FisherError::Shape { tensor, expected, found, .. })
+                if *tensor == report && *expected == [n_layers] && *found == [n_layers + 1]),
+            "{:?}", r
+        );
 
+        let l = layer.index(n_layers);
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             let mut broken = rs.reports.clone();
-            broken[k].importance[layer.index(n_layers)] = bad;
-            prop_assert!(matches!(selector.select(&broken, n_layers), Err(FisherError::NonFinite(_))));
+            broken[k].importance[l] = bad;
+            let r = selector.select(&broken, n_layers);
+            prop_assert!(
+                matches!(
+                    r,
+                    Err(FisherError::NonFinite(NonFinite::ReportedImportance { client, layer, .. }))
+                        if client == k && layer == l
+                ),
+                "{:?}", r
+            );
         }
 
         let mut empty = rs.reports.clone();
         for r in &mut empty {
             r.samples = 0;
         }
-        prop_assert!(matches!(selector.select(&empty, n_layers), Err(FisherError::Config(_))));
-        prop_assert!(matches!(selector.select(&[], n_layers), Err(FisherError::Config(_))));
+        let count = empty.len();
+        let r = selector.select(&empty, n_layers);
+        prop_assert!(
+            matches!(r, Err(FisherError::NoReportedSamples { reports }) if reports == count),
+            "{:?}", r
+        );
+        let r = selector.select(&[], n_layers);
+        prop_assert!(
+            matches!(r, Err(FisherError::NoReportedSamples { reports: 0 })),
+            "{:?}", r
+        );
 
         for g in [-1e-12, -0.5, 1.0 + 1e-12, 2.0, f64::NAN, f64::INFINITY] {
+            let refused = |r: &Result<Vec<usize>, FisherError>| matches!(
+                r,
+                Err(FisherError::Config { setting: Setting::GlobalFraction, value })
+                    if value.to_bits() == g.to_bits()
+            );
             let top = ConsensusTopK { fraction: g }.select(&rs.reports, n_layers);
-            prop_assert!(matches!(top, Err(FisherError::Config(_))), "g = {}", g);
+            prop_assert!(refused(&top), "g = {}: {:?}", g, top);
             let random = RandomLayers { fraction: g, seed: 1 }.select(&rs.reports, n_layers);
-            prop_assert!(matches!(random, Err(FisherError::Config(_))), "g = {}", g);
+            prop_assert!(refused(&random), "g = {}: {:?}", g, random);
         }
     }
 
@@ -446,8 +498,9 @@ proptest! {
         let l = at.index(scores.len());
         scores[l] = bad;
         match normalise(&scores) {
-            Err(FisherError::NonFinite(msg)) => {
-                prop_assert!(msg.contains(&format!("layer {l} ")), "{msg}");
+            Err(FisherError::NonFinite(NonFinite::ImportanceScore { layer, score })) => {
+                prop_assert_eq!(layer, l);
+                prop_assert_eq!(score.to_bits(), bad.to_bits());
             }
             other => prop_assert!(false, "{bad} at {l}: {other:?}"),
         }
@@ -709,7 +762,12 @@ proptest! {
         let key = *e.shapes.keys().last().unwrap();
         let (r, d_in, _) = e.shapes[&key];
         second.sites.get_mut(&key).unwrap().a = Array2::zeros((r, d_in + 1));
-        prop_assert!(matches!(m.update(&second), Err(FisherError::Shape(_))));
+        let refused = m.update(&second);
+        prop_assert!(
+            matches!(&refused, Err(FisherError::Shape { expected, found, .. })
+                if *expected == [r, d_in] && *found == [r, d_in + 1]),
+            "{:?}", refused
+        );
         prop_assert_eq!(m.current(), &before);
     }
 
@@ -731,7 +789,12 @@ proptest! {
         }
         prop_assert!(got[used..].iter().all(|&g| g == 0.0));
         // One layer too few leaves a site without a slot.
-        prop_assert!(matches!(fisher.layer_sums(used - 1, |k| k.0), Err(FisherError::Shape(_))));
+        let r = fisher.layer_sums(used - 1, |k| k.0);
+        prop_assert!(
+            matches!(r, Err(FisherError::NoSuchLayer { layer, n_layers, .. })
+                if layer == used - 1 && n_layers == used - 1),
+            "{:?}", r
+        );
         // Everything mapped to one layer gives the grand total.
         let all = fisher.layer_sums(1, |_| 0).unwrap();
         let total: f64 = fisher.sites.values().map(SiteDiag::total).sum();
@@ -743,7 +806,11 @@ proptest! {
 fn momentum_gamma_outside_the_unit_interval_is_refused() {
     for g in [-1e-12, -1.0, 1.0 + 1e-12, 2.0, f64::NAN, f64::INFINITY] {
         assert!(
-            matches!(FisherMomentum::<Key>::new(g), Err(FisherError::Config(_))),
+            matches!(
+                FisherMomentum::<Key>::new(g),
+                Err(FisherError::Config { setting: Setting::Momentum, value })
+                    if value.to_bits() == g.to_bits()
+            ),
             "γ = {g}"
         );
     }
@@ -755,7 +822,7 @@ fn momentum_gamma_outside_the_unit_interval_is_refused() {
         weight: Array2::ones((2, 3)),
         bias: Array1::ones(2),
     });
-    assert!(matches!(d.mean(), Err(FisherError::Config(_))));
+    assert_eq!(d.mean().unwrap_err(), FisherError::ZeroSampleCount);
     assert!(FisherMomentum::new(0.5).unwrap().update(&d).is_err());
     assert!(DiagFisher::<Key>::new().mean().is_ok());
 }
@@ -831,8 +898,10 @@ proptest! {
         }
         let first = (0..n).find(|&i| logits.row(i).iter().any(|v| !v.is_finite())).unwrap();
         match sample_labels(logits.view(), &mut ChaCha8Rng::seed_from_u64(0)) {
-            Err(FisherError::NonFinite(msg)) => {
-                prop_assert!(msg.contains(&format!("sample {first}:")), "{msg}");
+            Err(FisherError::NonFinite(NonFinite::Logits { sample, logits: row })) => {
+                prop_assert_eq!(sample, first);
+                prop_assert_eq!(row.len(), classes);
+                prop_assert!(row.iter().any(|v| !v.is_finite()));
             }
             other => prop_assert!(false, "{other:?}"),
         }
@@ -878,8 +947,11 @@ proptest! {
         let value = |s: &SampleStats| if in_loss { s.loss } else { s.fisher };
         let first = samples.iter().position(|s| !value(s).is_finite()).unwrap();
         match scores(broken, &samples) {
-            Err(FisherError::NonFinite(msg)) => {
-                prop_assert!(msg.contains(&format!("sample {first}:")), "{msg}");
+            Err(e @ FisherError::NonFinite(NonFinite::Difficulty { sample, scorer, .. })) => {
+                prop_assert_eq!(sample, first);
+                prop_assert_eq!(scorer, broken.name());
+                let prefix = format!("not finite: sample {first}: {scorer} difficulty is ");
+                prop_assert!(e.to_string().starts_with(&prefix), "{}", e);
             }
             other => prop_assert!(false, "{other:?}"),
         }
@@ -892,7 +964,10 @@ fn empty_logit_rows_are_refused() {
     let logits = Array2::<f64>::zeros((3, 0));
     let r = sample_labels(logits.view(), &mut ChaCha8Rng::seed_from_u64(0));
     assert!(
-        matches!(&r, Err(FisherError::NonFinite(msg)) if msg.contains("sample 0:")),
+        matches!(
+            &r,
+            Err(FisherError::NonFinite(NonFinite::Logits { sample: 0, logits })) if logits.is_empty()
+        ),
         "{r:?}"
     );
     let none = Array2::<f64>::zeros((0, 4));
@@ -921,15 +996,37 @@ fn perturbation_importance_is_the_mean_output_change_per_unit_noise() {
     for (g, w) in got.iter().zip(want) {
         assert!((g - w).abs() < 1e-12, "{got:?}");
     }
-    assert!(p.add(2, clean.view(), l0.view(), &mask, 2, &norms).is_err());
-    assert!(
-        p.add(0, clean.view(), l0.view(), &mask, 2, &[1.0, 0.0])
-            .is_err()
+    assert!(matches!(
+        p.add(2, clean.view(), l0.view(), &mask, 2, &norms),
+        Err(FisherError::NoSuchLayer {
+            layer: 2,
+            n_layers: 2,
+            ..
+        })
+    ));
+    assert_eq!(
+        p.add(0, clean.view(), l0.view(), &mask, 2, &[1.0, 0.0]),
+        Err(NonFinite::NoiseNorm {
+            sample: 1,
+            norm: 0.0
+        }
+        .into())
     );
-    assert!(
-        p.add(0, clean.view(), l0.view(), &mask[..3], 2, &norms)
-            .is_err()
+    assert_eq!(
+        p.add(0, clean.view(), l0.view(), &mask[..3], 2, &norms),
+        Err(FisherError::Shape {
+            tensor: "perturbation mask".into(),
+            expected: vec![4],
+            found: vec![3],
+            meaning: "samples·seq_len",
+        })
     );
+    let short = l0.slice(ndarray::s![..3, ..]);
+    assert!(matches!(
+        p.add(0, clean.view(), short, &mask, 2, &norms),
+        Err(FisherError::Shape { tensor, expected, found, .. })
+            if tensor == "perturbation perturbed outputs" && expected == [4, 2] && found == [3, 2]
+    ));
 }
 
 #[test]
@@ -942,9 +1039,12 @@ fn tiny_positive_fractions_keep_one_unit_and_rank_mismatches_are_refused() {
         b: Array2::zeros((4, 3)),
     };
     for g in [Granularity::Neuron, Granularity::Parameter] {
-        assert!(matches!(
-            site_mask(&diag, 0.5, g),
-            Err(FisherError::Shape(_))
-        ));
+        let err = site_mask(&diag, 0.5, g).unwrap_err();
+        assert!(
+            matches!(&err, FisherError::Shape { tensor, expected, found, .. }
+                if tensor == "Fisher of B" && *expected == [4, 2] && *found == [4, 3]),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("ranks differ"), "{err}");
     }
 }

@@ -4,7 +4,9 @@
 //! tasks, and widths on both sides of the ghost/materialise switch.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fibecfed_fisher::{NormMethod, Products, SiteRows, head_fisher, site_fisher, sq_norms};
+use fibecfed_fisher::{
+    FisherError, NormMethod, Products, SiteRows, head_fisher, site_fisher, sq_norms,
+};
 use ndarray::{Array1, Array2};
 use proptest::prelude::*;
 
@@ -175,8 +177,20 @@ fn mismatched_shapes_are_errors() {
         scale: 1.0,
         products: None,
     };
-    let err = site_fisher(&rows).unwrap_err().to_string();
-    assert!(err.contains("ranks differ"), "{err}");
+    let err = site_fisher(&rows).unwrap_err();
+    assert_eq!(
+        err,
+        FisherError::Shape {
+            tensor: "B".into(),
+            expected: vec![2, 2],
+            found: vec![2, 1],
+            meaning: "d_out × the rank of A: ranks differ",
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "Fisher shapes: B has shape [2, 1], expected [2, 2] (d_out × the rank of A: ranks differ)"
+    );
     let b2 = Array2::<f64>::zeros((2, 2));
     let short = Array2::<f64>::zeros((3, 2));
     let err = site_fisher(&SiteRows {
@@ -187,15 +201,48 @@ fn mismatched_shapes_are_errors() {
         }),
         ..rows
     })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("products"), "{err}");
-    let rows = SiteRows { batch: 3, ..rows };
+    .unwrap_err();
     assert!(
-        sq_norms(&rows, NormMethod::Auto)
-            .unwrap_err()
-            .to_string()
-            .contains("rows")
+        matches!(&err, FisherError::Shape { tensor, expected, found, .. }
+            if tensor == "products x·Aᵀ" && *expected == [4, 2] && *found == [3, 2]),
+        "{err:?}"
+    );
+    let rows = SiteRows {
+        b: b2.view(),
+        batch: 3,
+        ..rows
+    };
+    let err = sq_norms(&rows, NormMethod::Auto).unwrap_err();
+    assert!(
+        matches!(&err, FisherError::Shape { tensor, expected, found, .. }
+            if tensor == "x" && *expected == [6, 3] && *found == [4, 3]),
+        "{err:?}"
+    );
+    let huge = SiteRows {
+        batch: usize::MAX,
+        ..rows
+    };
+    assert_eq!(
+        site_fisher(&huge).unwrap_err(),
+        FisherError::RowsOverflow {
+            batch: usize::MAX,
+            seq_len: 2
+        }
+    );
+}
+
+#[test]
+fn head_rows_must_match() {
+    let pooled = Array2::<f64>::zeros((4, 3));
+    let dlogits = Array2::<f64>::zeros((5, 2));
+    assert_eq!(
+        head_fisher(pooled.view(), dlogits.view()).unwrap_err(),
+        FisherError::Shape {
+            tensor: "dlogits".into(),
+            expected: vec![4, 2],
+            found: vec![5, 2],
+            meaning: "one row per row of pooled",
+        }
     );
 }
 

@@ -16,7 +16,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::shape::{DenseInputs, DenseShape, DenseSquares, LoraInputs, LoraShape, LoraSquares};
-use crate::{KernelError, Mode};
+use crate::{KernelError, Mode, ShapeError};
 
 /// The CUDA C sources, compiled together as one program. `common.cuh` goes first: NVRTC
 /// gets no include path, so the shared helpers are prepended rather than `#include`d.
@@ -239,19 +239,22 @@ impl GpuFisher {
         let ctx = guarded("opening the device", || {
             let count = CudaContext::device_count().map_err(|e| {
                 if is_no_device(e) {
-                    KernelError::NoDevice(format!("the driver found none ({e})"))
+                    KernelError::NoDevice {
+                        ordinal,
+                        count: 0,
+                        driver: Some(e.to_string()),
+                    }
                 } else {
                     KernelError::driver("counting devices")(e)
                 }
             })?;
             let count = usize::try_from(count).unwrap_or(0);
-            if count == 0 {
-                return Err(KernelError::NoDevice("the driver reports 0 devices".into()));
-            }
             if ordinal >= count {
-                return Err(KernelError::NoDevice(format!(
-                    "device {ordinal} asked for, the driver reports {count}"
-                )));
+                return Err(KernelError::NoDevice {
+                    ordinal,
+                    count,
+                    driver: None,
+                });
             }
             CudaContext::new(ordinal).map_err(KernelError::driver("creating a context"))
         })?;
@@ -334,14 +337,17 @@ impl GpuFisher {
         }
     }
 
-    fn check_mode(&self, mode: Mode) -> Result<(), KernelError> {
+    /// [`Self::supports`] as a result: [`KernelError::Unsupported`] naming the device
+    /// and its compute capability when `mode` cannot run here.
+    pub fn check_mode(&self, mode: Mode) -> Result<(), KernelError> {
         if self.supports(mode) {
             Ok(())
         } else {
-            Err(KernelError::Unsupported(format!(
-                "tf32 needs compute capability 8.0 or later; {} is {}.{}",
-                self.name, self.capability.0, self.capability.1
-            )))
+            Err(KernelError::Unsupported {
+                mode,
+                device: self.name.clone(),
+                capability: self.capability,
+            })
         }
     }
 
@@ -355,9 +361,11 @@ impl GpuFisher {
         let (bm, bk, _) = tile.dims();
         let (tiles_m, tiles_k) = (m.div_ceil(bm), k.div_ceil(bk));
         if tiles_m > GRID_YZ {
-            return Err(KernelError::Shape(format!(
-                "{m} rows of the per-sample gradient need {tiles_m} tiles; the grid allows {GRID_YZ}"
-            )));
+            return Err(KernelError::Shape(ShapeError::Grid {
+                rows: m,
+                tiles: tiles_m,
+                limit: GRID_YZ,
+            }));
         }
         let target = 4 * self.sms;
         let wanted = target.div_ceil(tiles_m * tiles_k).clamp(1, batch.max(1));
@@ -696,10 +704,8 @@ impl GpuFisher {
     pub fn lora_job(&self, inputs: &LoraInputs<'_>) -> Result<LoraJob, KernelError> {
         inputs.check()?;
         let s = inputs.shape;
-        if s.is_empty() {
-            return Err(KernelError::Shape(format!(
-                "{s:?} has a zero dimension: nothing to launch"
-            )));
+        if let Some(dim) = s.zero_dim() {
+            return Err(KernelError::Shape(ShapeError::Empty { dim }));
         }
         let n = s.rows()?;
         let (u, db) = match &inputs.products {
@@ -843,10 +849,8 @@ impl GpuFisher {
     pub fn dense_job(&self, inputs: &DenseInputs<'_>) -> Result<DenseJob, KernelError> {
         inputs.check()?;
         let s = inputs.shape;
-        if s.is_empty() {
-            return Err(KernelError::Shape(format!(
-                "{s:?} has a zero dimension: nothing to launch"
-            )));
+        if let Some(dim) = s.zero_dim() {
+            return Err(KernelError::Shape(ShapeError::Empty { dim }));
         }
         let scratch = self.scratch(self.scratch_len(s.batch, &[(s.d_out, s.d_in, false)])?)?;
         Ok(DenseJob {

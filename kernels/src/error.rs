@@ -1,5 +1,7 @@
 //! Everything the GPU path can refuse or fail with.
 
+use crate::Mode;
+
 /// A typed reason, so that callers can fall back to the CPU and say why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KernelError {
@@ -12,9 +14,14 @@ pub enum KernelError {
          CUDA toolkit's lib64 or the nvidia-cuda-nvrtc wheel's lib, to LD_LIBRARY_PATH)"
     )]
     NoNvrtc,
-    /// The driver loaded but offers no usable device.
-    #[error("no CUDA device: {0}")]
-    NoDevice(String),
+    /// The driver loaded but offers no device number `ordinal`: it counts `count`
+    /// devices. `driver` is the driver's own answer when it refused to count any.
+    #[error("no CUDA device: {}", no_device(*.ordinal, *.count, .driver.as_deref()))]
+    NoDevice {
+        ordinal: usize,
+        count: usize,
+        driver: Option<String>,
+    },
     /// NVRTC rejected the sources; `log` is its compiler log.
     #[error("NVRTC could not compile the kernels for {arch}: {log}")]
     Compile { arch: String, log: String },
@@ -33,10 +40,70 @@ pub enum KernelError {
     },
     /// Inputs whose lengths do not match the shapes, or shapes the kernels cannot index.
     #[error("shapes: {0}")]
-    Shape(String),
-    /// A mode the device cannot run (tf32 needs compute capability 8.0 or later).
-    #[error("{0}")]
-    Unsupported(String),
+    Shape(#[from] ShapeError),
+    /// A mode the device cannot run: tf32 needs compute capability 8.0 or later
+    /// (fp32 runs everywhere).
+    #[error(
+        "{} needs compute capability 8.0 or later; {device} is {}.{}",
+        .mode.name(), .capability.0, .capability.1
+    )]
+    Unsupported {
+        mode: Mode,
+        /// The device's name, as the driver gives it.
+        device: String,
+        /// (major, minor).
+        capability: (i32, i32),
+    },
+}
+
+fn no_device(ordinal: usize, count: usize, driver: Option<&str>) -> String {
+    match (driver, count) {
+        (Some(why), _) => format!("the driver found none ({why})"),
+        (None, 0) => "the driver reports 0 devices".to_owned(),
+        (None, count) => format!("device {ordinal} asked for, the driver reports {count}"),
+    }
+}
+
+/// Why inputs were refused before any device work: each names the buffer or dimension
+/// and the numbers involved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// A buffer's length disagrees with the shape: `buffer` ("x", "δ", "mask", "A",
+    /// "B", "u = x·Aᵀ", "δ·B") holds `found` elements where `meaning` (e.g.
+    /// "batch·seq_len × d_in") makes `expected`.
+    #[error("{buffer} has {found} elements, expected {meaning} = {expected}")]
+    Length {
+        buffer: &'static str,
+        expected: usize,
+        found: usize,
+        meaning: &'static str,
+    },
+    /// A product of dimensions (an element count, or its size in bytes) does not fit in
+    /// `usize`.
+    #[error("{what} overflows ({a} × {b})")]
+    Overflow {
+        what: &'static str,
+        a: usize,
+        b: usize,
+    },
+    /// A dimension the kernels cannot index with 32-bit integers.
+    #[error("{dim} = {value} exceeds the kernels' limit of {limit}")]
+    TooLarge {
+        dim: &'static str,
+        value: usize,
+        limit: usize,
+    },
+    /// A per-sample gradient taller than one launch grid can cover.
+    #[error("{rows} rows of the per-sample gradient need {tiles} tiles; the grid allows {limit}")]
+    Grid {
+        rows: usize,
+        tiles: usize,
+        limit: usize,
+    },
+    /// A job asked for with a zero dimension: there is nothing to launch (the
+    /// `*_site` calls answer such shapes with zeros instead).
+    #[error("{dim} is 0: nothing to launch")]
+    Empty { dim: &'static str },
 }
 
 impl KernelError {

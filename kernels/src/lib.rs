@@ -15,7 +15,9 @@
 //! alone, which loads libcuda and libnvrtc when first asked, so machines without CUDA
 //! build and test everything; [`GpuFisher::new`] then answers with a typed
 //! [`KernelError`] (no driver, no NVRTC, no device, …) instead of panicking. Inputs are
-//! plain row-major `f32` slices with explicit shapes, checked before any device work.
+//! plain row-major `f32` slices with explicit shapes, checked before any device work: a
+//! refusal is a [`KernelError::Shape`] whose [`ShapeError`] names the buffer or
+//! dimension with the numbers involved.
 //! [`reference`](mod@reference) is an f64 CPU implementation of the same arithmetic for tests and the
 //! benchmark's correctness check.
 //!
@@ -54,7 +56,7 @@ mod shape;
 pub use device::{
     DenseJob, GpuFisher, KERNEL_NAMES, LoraJob, compile_ptx, driver_present, nvrtc_present,
 };
-pub use error::KernelError;
+pub use error::{KernelError, ShapeError};
 pub use shape::{
     DenseInputs, DenseShape, DenseSquares, LoraInputs, LoraProducts, LoraShape, LoraSquares,
 };

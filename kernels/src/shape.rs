@@ -4,7 +4,7 @@
 //! sample n, token t). Checks run before anything touches the device, so a bad shape
 //! is a [`KernelError::Shape`] naming the buffer, never a panic or an out-of-bounds read.
 
-use crate::KernelError;
+use crate::{KernelError, ShapeError};
 
 /// The largest dimension the kernels index with 32-bit integers.
 const MAX_DIM: usize = i32::MAX as usize;
@@ -86,26 +86,36 @@ pub struct DenseSquares {
 }
 
 /// `a·b` or a shape error naming what overflowed.
-fn mul(a: usize, b: usize, what: &str) -> Result<usize, KernelError> {
+fn mul(a: usize, b: usize, what: &'static str) -> Result<usize, KernelError> {
     a.checked_mul(b)
-        .ok_or_else(|| KernelError::Shape(format!("{what} overflows ({a} × {b})")))
+        .ok_or(KernelError::Shape(ShapeError::Overflow { what, a, b }))
 }
 
-fn expect_len(name: &str, got: usize, want: usize, meaning: &str) -> Result<(), KernelError> {
-    if got == want {
+fn expect_len(
+    buffer: &'static str,
+    found: usize,
+    expected: usize,
+    meaning: &'static str,
+) -> Result<(), KernelError> {
+    if found == expected {
         Ok(())
     } else {
-        Err(KernelError::Shape(format!(
-            "{name} has {got} elements, expected {meaning} = {want}"
-        )))
+        Err(KernelError::Shape(ShapeError::Length {
+            buffer,
+            expected,
+            found,
+            meaning,
+        }))
     }
 }
 
-fn dims_fit(dims: &[(&str, usize)]) -> Result<(), KernelError> {
+fn dims_fit(dims: &[(&'static str, usize)]) -> Result<(), KernelError> {
     match dims.iter().find(|(_, v)| *v > MAX_DIM) {
-        Some((name, v)) => Err(KernelError::Shape(format!(
-            "{name} = {v} exceeds the kernels' limit of {MAX_DIM}"
-        ))),
+        Some(&(dim, value)) => Err(KernelError::Shape(ShapeError::TooLarge {
+            dim,
+            value,
+            limit: MAX_DIM,
+        })),
         None => Ok(()),
     }
 }
@@ -118,7 +128,20 @@ impl LoraShape {
 
     /// True when there is nothing to compute: every output is zeros of its shape.
     pub fn is_empty(&self) -> bool {
-        [self.batch, self.seq_len, self.d_in, self.d_out, self.rank].contains(&0)
+        self.zero_dim().is_some()
+    }
+
+    /// The first dimension that is 0, if any.
+    pub(crate) fn zero_dim(&self) -> Option<&'static str> {
+        [
+            ("batch", self.batch),
+            ("seq_len", self.seq_len),
+            ("d_in", self.d_in),
+            ("d_out", self.d_out),
+            ("rank", self.rank),
+        ]
+        .into_iter()
+        .find_map(|(dim, v)| (v == 0).then_some(dim))
     }
 
     fn check(&self) -> Result<usize, KernelError> {
@@ -153,7 +176,19 @@ impl DenseShape {
 
     /// True when there is nothing to compute: every output is zeros of its shape.
     pub fn is_empty(&self) -> bool {
-        [self.batch, self.seq_len, self.d_in, self.d_out].contains(&0)
+        self.zero_dim().is_some()
+    }
+
+    /// The first dimension that is 0, if any.
+    pub(crate) fn zero_dim(&self) -> Option<&'static str> {
+        [
+            ("batch", self.batch),
+            ("seq_len", self.seq_len),
+            ("d_in", self.d_in),
+            ("d_out", self.d_out),
+        ]
+        .into_iter()
+        .find_map(|(dim, v)| (v == 0).then_some(dim))
     }
 
     fn check(&self) -> Result<usize, KernelError> {

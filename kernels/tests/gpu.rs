@@ -16,7 +16,7 @@ use fibecfed_kernels::reference::{
 };
 use fibecfed_kernels::{
     DenseInputs, DenseShape, GpuFisher, KERNEL_NAMES, KernelError, LoraInputs, LoraProducts,
-    LoraShape, Mode, compile_ptx, driver_present, gpu_for_test, nvrtc_present,
+    LoraShape, Mode, ShapeError, compile_ptx, driver_present, gpu_for_test, nvrtc_present,
 };
 
 const FP32_TOL: f64 = 1e-5;
@@ -263,48 +263,59 @@ fn inputs(s: LoraShape, b: &Buffers) -> LoraInputs<'_> {
     }
 }
 
-fn shape_error(result: Result<(), KernelError>) -> String {
+fn shape_error(result: Result<(), KernelError>) -> ShapeError {
     match result {
-        Err(KernelError::Shape(msg)) => msg,
+        Err(KernelError::Shape(e)) => e,
         other => panic!("expected a shape error, got {other:?}"),
     }
 }
 
-/// Every buffer whose length disagrees with the shape is named, before any device work;
-/// the reference and the GPU refuse the same inputs.
+/// Every buffer whose length disagrees with the shape is named, with the length it has
+/// and the one the shape makes, before any device work; the reference and the GPU
+/// refuse the same inputs.
 #[test]
 fn shape_errors_name_the_buffer() {
     let s = lora(2, 3, 4, 5, 2);
     let good = buffers(s);
     assert!(inputs(s, &good).check().is_ok());
-    let cases: [(&str, Spoil); 5] = [
-        ("x has 23 elements", |b| {
+    // (buffer, found, expected) after the spoiling.
+    let cases: [(&str, usize, usize, Spoil); 5] = [
+        ("x", 23, 24, |b| {
             b.x.pop();
         }),
-        ("δ has 31 elements", |b| b.delta.push(0.0)),
-        ("mask has 5 elements", |b| {
+        ("δ", 31, 30, |b| b.delta.push(0.0)),
+        ("mask", 5, 6, |b| {
             b.mask.pop();
         }),
-        ("A has 7 elements", |b| {
+        ("A", 7, 8, |b| {
             b.a.pop();
         }),
-        ("B has 11 elements", |b| b.b.push(0.0)),
+        ("B", 11, 10, |b| b.b.push(0.0)),
     ];
     let gpu = GpuFisher::new().ok();
-    for (needle, spoil) in cases {
+    for (name, has, wants, spoil) in cases {
         let mut bad = buffers(s);
         spoil(&mut bad);
-        let msg = shape_error(inputs(s, &bad).check());
-        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
-        assert!(matches!(
-            reference::lora_site(&inputs(s, &bad)),
-            Err(KernelError::Shape(_))
-        ));
+        let e = shape_error(inputs(s, &bad).check());
+        assert!(
+            matches!(e, ShapeError::Length { buffer, found, expected, .. }
+                if buffer == name && found == has && expected == wants),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{name} has {has} elements")),
+            "{e}"
+        );
+        assert_eq!(
+            reference::lora_site(&inputs(s, &bad)).unwrap_err(),
+            KernelError::Shape(e.clone())
+        );
         if let Some(gpu) = &gpu {
-            assert!(matches!(
-                gpu.lora_site(&inputs(s, &bad), Mode::Fp32),
-                Err(KernelError::Shape(_))
-            ));
+            assert_eq!(
+                gpu.lora_site(&inputs(s, &bad), Mode::Fp32).unwrap_err(),
+                KernelError::Shape(e)
+            );
         }
     }
     let short = vec![0.0; 11];
@@ -313,8 +324,20 @@ fn shape_errors_name_the_buffer() {
         u: &good.products,
         db: &short,
     });
-    let msg = shape_error(with_products.check());
-    assert!(msg.contains("δ·B has 11 elements"), "{msg}");
+    let e = shape_error(with_products.check());
+    assert_eq!(
+        e,
+        ShapeError::Length {
+            buffer: "δ·B",
+            expected: 12,
+            found: 11,
+            meaning: "batch·seq_len × rank"
+        }
+    );
+    assert_eq!(
+        KernelError::Shape(e).to_string(),
+        "shapes: δ·B has 11 elements, expected batch·seq_len × rank = 12"
+    );
 
     let dense_bad = DenseInputs {
         shape: dense(2, 3, 4, 5),
@@ -322,8 +345,15 @@ fn shape_errors_name_the_buffer() {
         delta: &[0.0; 30],
         mask: &[0.0; 7],
     };
-    let msg = shape_error(dense_bad.check());
-    assert!(msg.contains("mask has 7 elements"), "{msg}");
+    assert!(matches!(
+        shape_error(dense_bad.check()),
+        ShapeError::Length {
+            buffer: "mask",
+            expected: 6,
+            found: 7,
+            ..
+        }
+    ));
 }
 
 /// Sizes that overflow or that 32-bit kernel indices cannot reach are refused, not
@@ -331,16 +361,47 @@ fn shape_errors_name_the_buffer() {
 #[test]
 fn impossible_sizes_are_refused() {
     let overflow = lora(usize::MAX, 2, 1, 1, 1);
-    let msg = shape_error(inputs(overflow, &buffers(lora(0, 0, 0, 0, 0))).check());
-    assert!(msg.contains("overflows") || msg.contains("limit"), "{msg}");
+    let e = shape_error(inputs(overflow, &buffers(lora(0, 0, 0, 0, 0))).check());
+    assert_eq!(
+        e,
+        ShapeError::TooLarge {
+            dim: "batch",
+            value: usize::MAX,
+            limit: i32::MAX as usize
+        }
+    );
+    let rows = lora(1 << 20, 1 << 20, 1, 1, 1);
+    let e = shape_error(inputs(rows, &buffers(lora(0, 0, 0, 0, 0))).check());
+    assert!(
+        matches!(e, ShapeError::TooLarge { dim: "batch × seq_len", value, .. } if value == 1 << 40),
+        "{e:?}"
+    );
     let wide = DenseInputs {
         shape: dense(1, 1, 1 << 31, 1),
         x: &[],
         delta: &[],
         mask: &[],
     };
-    let msg = shape_error(wide.check());
-    assert!(msg.contains("d_in") && msg.contains("limit"), "{msg}");
+    let e = shape_error(wide.check());
+    assert!(
+        matches!(e, ShapeError::TooLarge { dim: "d_in", value, .. } if value == 1 << 31),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("limit"), "{e}");
+}
+
+/// A job with a zero dimension names it (the site calls answer such shapes with zeros).
+#[test]
+fn jobs_with_a_zero_dimension_name_it() {
+    let Some(gpu) = gpu_for_test("jobs_with_a_zero_dimension_name_it") else {
+        return;
+    };
+    let s = lora(2, 3, 4, 5, 0);
+    let b = buffers(s);
+    assert_eq!(
+        gpu.lora_job(&inputs(s, &b)).unwrap_err(),
+        KernelError::Shape(ShapeError::Empty { dim: "rank" })
+    );
 }
 
 /// Without a driver the answer is a typed error, never a panic.
