@@ -375,8 +375,36 @@ fn record(dir: &Path, fit: usize, round: usize, names: &[String], out: &FitOutpu
     )
 }
 
+/// Why the participant refused an instruction: an anyhow error (often a plain message),
+/// shown with its whole context chain on one line (`{:#}`), which is the text the
+/// server receives. The chain is in that text, so `source` is `None`.
+#[derive(Debug)]
+pub(crate) struct Refusal(anyhow::Error);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl From<anyhow::Error> for Refusal {
+    fn from(e: anyhow::Error) -> Self {
+        Self(e)
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Self(anyhow::Error::msg(message))
+    }
+}
+
 impl fibecfed_flower::Client for Participant {
-    fn get_properties(&mut self, _: &Config) -> Result<Config, String> {
+    type Error = Refusal;
+
+    fn get_properties(&mut self, _: &Config) -> Result<Config, Refusal> {
         let (train, test) = self.engine.client_sizes(self.k).unwrap_or_default();
         Ok([
             ("client_id".to_owned(), Value::U64(self.k as u64)),
@@ -397,33 +425,35 @@ impl fibecfed_flower::Client for Participant {
         .into())
     }
 
-    fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, String> {
+    fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, Refusal> {
         // Before any round this is the seeded initial adapter, the same on every
         // client; the server asks one client for its starting point.
-        if self.fits == 0 {
+        Ok(if self.fits == 0 {
             self.to_npy(&self.initial)
         } else {
             self.to_npy(&self.state.params.to_named())
-        }
+        }?)
     }
 
-    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String> {
-        self.fit_inner(parameters, config)
-            .map_err(|e| format!("client {}: {e:#}", self.k))
+    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, Refusal> {
+        let k = self.k;
+        Ok(self
+            .fit_inner(parameters, config)
+            .with_context(|| format!("client {k}"))?)
     }
 
     fn evaluate(
         &mut self,
         parameters: Vec<NpyArray>,
         _: &Config,
-    ) -> Result<EvaluateOutput, String> {
+    ) -> Result<EvaluateOutput, Refusal> {
         let global = self.global_of(parameters)?;
         let (counts, n) = self
             .engine
             .evaluate_client(self.k, &self.state, &global)
-            .map_err(|e| format!("client {}: {e:#}", self.k))?;
+            .with_context(|| format!("client {}", self.k))?;
         if n == 0 {
-            return Err(format!("client {} has no test data", self.k));
+            return Err(format!("client {} has no test data", self.k).into());
         }
         let finite = n - counts.non_finite;
         let loss = if finite == 0 {

@@ -70,18 +70,24 @@ pub struct EvaluateOutput {
     pub metrics: Config,
 }
 
-/// A participant's answers to the server's four kinds of work. An `Err(message)` is
-/// sent back to the server as that instruction's failure status (the round goes on
-/// without this client); the client stays connected.
+/// A participant's answers to the server's four kinds of work. An `Err` is sent back to
+/// the server as that instruction's failure status, with the error's `Display` text as
+/// the message (the round goes on without this client); the client stays connected.
 pub trait Client: Send + 'static {
-    fn get_properties(&mut self, config: &Config) -> Result<Config, String>;
-    fn get_parameters(&mut self, config: &Config) -> Result<Vec<NpyArray>, String>;
-    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String>;
+    /// Why the client refused an instruction. Only its `Display` text reaches the
+    /// server (not its `source` chain), so that text should say everything the server's
+    /// operator needs.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn get_properties(&mut self, config: &Config) -> Result<Config, Self::Error>;
+    fn get_parameters(&mut self, config: &Config) -> Result<Vec<NpyArray>, Self::Error>;
+    fn fit(&mut self, parameters: Vec<NpyArray>, config: &Config)
+    -> Result<FitOutput, Self::Error>;
     fn evaluate(
         &mut self,
         parameters: Vec<NpyArray>,
         config: &Config,
-    ) -> Result<EvaluateOutput, String>;
+    ) -> Result<EvaluateOutput, Self::Error>;
 }
 
 /// How to reach the server.
@@ -130,16 +136,22 @@ pub enum FlowerError {
         seconds: f64,
         last: String,
     },
+    /// The server accepted connections but ended `attempts` streams in a row before
+    /// sending anything; `last` is how the last one ended. Without TLS (`tls` false),
+    /// the message suggests it, since a TLS server treats plain text this way.
     #[error(
-        "the Flower server at {server} ended {attempts} streams in a row before sending an instruction: {last}"
+        "the Flower server at {server} ended {attempts} streams in a row before sending an instruction: {last}{}",
+        if *.tls { "" } else { " (a server started with certificates needs --root-certificates)" }
     )]
     Refused {
         server: String,
         attempts: u32,
         last: String,
+        tls: bool,
     },
+    /// The tokio runtime of [`run`] could not be built.
     #[error("async runtime: {0}")]
-    Runtime(String),
+    Runtime(#[source] std::io::Error),
 }
 
 /// How the conversation ended.
@@ -159,7 +171,7 @@ pub fn run<C: Client>(client: C, options: &Options) -> Result<Summary, FlowerErr
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| FlowerError::Runtime(e.to_string()))?;
+        .map_err(FlowerError::Runtime)?;
     runtime.block_on(run_async(client, options))
 }
 
@@ -194,15 +206,11 @@ pub async fn run_async<C: Client>(client: C, options: &Options) -> Result<Summar
             End::Lost(why) if received == 0 => {
                 barren += 1;
                 if barren >= options.attempts.max(1) {
-                    let hint = if options.root_certificates.is_none() {
-                        " (a server started with certificates needs --root-certificates)"
-                    } else {
-                        ""
-                    };
                     return Err(FlowerError::Refused {
                         server: options.server.clone(),
                         attempts: barren,
-                        last: format!("{why}{hint}"),
+                        last: why,
+                        tls: options.root_certificates.is_some(),
                     });
                 }
                 let wait = backoff.next();
@@ -510,30 +518,54 @@ fn failure(code: Code, message: String) -> Status {
     }
 }
 
+/// Why an instruction is answered with a failure: the client's refusal, or what the
+/// transport itself cannot accept. Its `Display` text is the status message.
+#[derive(Debug, Error)]
+enum Refusal<E> {
+    #[error("{0}")]
+    Client(E),
+    #[error("tensor_type {found:?} is not supported (expected {NUMPY_TENSOR_TYPE:?})")]
+    TensorType { found: String },
+    #[error("tensor {index}: {source}")]
+    Tensor { index: usize, source: NpyError },
+    /// flwr's FedAvg divides by the sum of num_examples: a zero weight from every
+    /// client would crash the server's round.
+    #[error("the fit reports 0 examples; FedAvg cannot weight it")]
+    NoExamples,
+}
+
 /// Calls the client for one instruction; a refusal becomes [`failure_reply`].
 fn dispatch<C: Client>(client: &mut C, msg: Msg) -> client_message::Msg {
     let kind = Kind::of(&msg);
-    call(client, msg).unwrap_or_else(|why| failure_reply(kind, why))
+    call(client, msg).unwrap_or_else(|why| failure_reply(kind, why.to_string()))
 }
 
 /// The client's successful answer, or why it refused.
-fn call<C: Client>(client: &mut C, msg: Msg) -> Result<client_message::Msg, String> {
+fn call<C: Client>(client: &mut C, msg: Msg) -> Result<client_message::Msg, Refusal<C::Error>> {
     use client_message::Msg as Out;
     Ok(match msg {
         Msg::GetPropertiesIns(ins) => Out::GetPropertiesRes(GetPropertiesRes {
             status: Some(ok()),
-            properties: to_proto(client.get_properties(&from_proto(ins.config))?),
+            properties: to_proto(
+                client
+                    .get_properties(&from_proto(ins.config))
+                    .map_err(Refusal::Client)?,
+            ),
         }),
         Msg::GetParametersIns(ins) => Out::GetParametersRes(GetParametersRes {
             status: Some(ok()),
-            parameters: Some(encode(&client.get_parameters(&from_proto(ins.config))?)),
+            parameters: Some(encode(
+                &client
+                    .get_parameters(&from_proto(ins.config))
+                    .map_err(Refusal::Client)?,
+            )),
         }),
         Msg::FitIns(ins) => {
-            let out = client.fit(decode(ins.parameters)?, &from_proto(ins.config))?;
-            // flwr's FedAvg divides by the sum of num_examples: a zero weight from
-            // every client would crash the server's round.
+            let out = client
+                .fit(decode(ins.parameters)?, &from_proto(ins.config))
+                .map_err(Refusal::Client)?;
             if out.num_examples == 0 {
-                return Err("the fit reports 0 examples; FedAvg cannot weight it".to_owned());
+                return Err(Refusal::NoExamples);
             }
             Out::FitRes(FitRes {
                 status: Some(ok()),
@@ -543,7 +575,9 @@ fn call<C: Client>(client: &mut C, msg: Msg) -> Result<client_message::Msg, Stri
             })
         }
         Msg::EvaluateIns(ins) => {
-            let out = client.evaluate(decode(ins.parameters)?, &from_proto(ins.config))?;
+            let out = client
+                .evaluate(decode(ins.parameters)?, &from_proto(ins.config))
+                .map_err(Refusal::Client)?;
             Out::EvaluateRes(EvaluateRes {
                 status: Some(ok()),
                 loss: out.loss,
@@ -566,20 +600,21 @@ fn encode(tensors: &[NpyArray]) -> Parameters {
 }
 
 /// The server's tensors, or why they cannot be read.
-fn decode(parameters: Option<Parameters>) -> Result<Vec<NpyArray>, String> {
+fn decode<E>(parameters: Option<Parameters>) -> Result<Vec<NpyArray>, Refusal<E>> {
     let Some(p) = parameters else {
         return Ok(Vec::new());
     };
     if !p.tensors.is_empty() && p.tensor_type != NUMPY_TENSOR_TYPE {
-        return Err(format!(
-            "tensor_type {:?} is not supported (expected {NUMPY_TENSOR_TYPE:?})",
-            p.tensor_type
-        ));
+        return Err(Refusal::TensorType {
+            found: p.tensor_type,
+        });
     }
     p.tensors
         .iter()
         .enumerate()
-        .map(|(i, b)| NpyArray::from_bytes(b).map_err(|e: NpyError| format!("tensor {i}: {e}")))
+        .map(|(index, b)| {
+            NpyArray::from_bytes(b).map_err(|source| Refusal::Tensor { index, source })
+        })
         .collect()
 }
 

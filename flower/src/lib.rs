@@ -9,19 +9,23 @@
 //! message limits. It knows nothing of models or training: `fibecfed client` in
 //! fed-sim implements [`Client`] with a FibecFed participant.
 //!
+//! A client's refusals are its own error type ([`Client::Error`]); the transport sends
+//! their `Display` text to the server as the instruction's failure status.
+//!
 //! ```no_run
-//! use fibecfed_flower::{Client, Config, EvaluateOutput, FitOutput, NpyArray, Options};
+//! use fibecfed_flower::{Client, Config, EvaluateOutput, FitOutput, NpyArray, NpyError, Options};
 //!
 //! struct Constant(Vec<f32>);
 //! impl Client for Constant {
-//!     fn get_properties(&mut self, _: &Config) -> Result<Config, String> { Ok(Config::new()) }
-//!     fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, String> {
-//!         NpyArray::new(vec![self.0.len()], self.0.clone()).map(|a| vec![a]).map_err(|e| e.to_string())
+//!     type Error = NpyError;
+//!     fn get_properties(&mut self, _: &Config) -> Result<Config, NpyError> { Ok(Config::new()) }
+//!     fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, NpyError> {
+//!         NpyArray::new(vec![self.0.len()], self.0.clone()).map(|a| vec![a])
 //!     }
-//!     fn fit(&mut self, p: Vec<NpyArray>, _: &Config) -> Result<FitOutput, String> {
+//!     fn fit(&mut self, p: Vec<NpyArray>, _: &Config) -> Result<FitOutput, NpyError> {
 //!         Ok(FitOutput { parameters: p, num_examples: 10, metrics: Config::new() })
 //!     }
-//!     fn evaluate(&mut self, _: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, String> {
+//!     fn evaluate(&mut self, _: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, NpyError> {
 //!         Ok(EvaluateOutput { loss: 0.0, num_examples: 10, metrics: Config::new() })
 //!     }
 //! }

@@ -21,23 +21,35 @@ use fibecfed_flower::{
 /// Adds 1 to every value of a 2×2 tensor; refuses other shapes.
 struct AddOne;
 
-fn check(p: &[NpyArray]) -> Result<(), String> {
+/// AddOne's refusal: the tensors it was sent, by count and shape.
+#[derive(Debug, thiserror::Error)]
+#[error("expected one 2x2 tensor, got {count} tensors (shapes {shapes:?})")]
+struct NotOne2x2 {
+    count: usize,
+    shapes: Vec<Vec<usize>>,
+}
+
+fn check(p: &[NpyArray]) -> Result<(), NotOne2x2> {
     if p.len() != 1 || p[0].shape != [2, 2] {
-        return Err(format!("expected one 2x2 tensor, got {} tensors", p.len()));
+        return Err(NotOne2x2 {
+            count: p.len(),
+            shapes: p.iter().map(|t| t.shape.clone()).collect(),
+        });
     }
     Ok(())
 }
 
 impl Client for AddOne {
-    fn get_properties(&mut self, config: &Config) -> Result<Config, String> {
+    type Error = NotOne2x2;
+    fn get_properties(&mut self, config: &Config) -> Result<Config, NotOne2x2> {
         let mut out = config.clone();
         out.insert("name".into(), Value::String("add-one".into()));
         Ok(out)
     }
-    fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, String> {
+    fn get_parameters(&mut self, _: &Config) -> Result<Vec<NpyArray>, NotOne2x2> {
         Ok(vec![NpyArray::new(vec![2, 2], vec![0.0; 4]).unwrap()])
     }
-    fn fit(&mut self, p: Vec<NpyArray>, config: &Config) -> Result<FitOutput, String> {
+    fn fit(&mut self, p: Vec<NpyArray>, config: &Config) -> Result<FitOutput, NotOne2x2> {
         check(&p)?;
         let data = p[0].data.iter().map(|v| v + 1.0).collect();
         Ok(FitOutput {
@@ -46,7 +58,7 @@ impl Client for AddOne {
             metrics: config.clone(),
         })
     }
-    fn evaluate(&mut self, p: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, String> {
+    fn evaluate(&mut self, p: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, NotOne2x2> {
         check(&p)?;
         Ok(EvaluateOutput {
             loss: p[0].data.iter().sum(),
@@ -198,21 +210,28 @@ fn failures_become_statuses_and_unknown_instructions_get_an_empty_answer() {
     let st = f.status.as_ref().unwrap();
     // flwr reads unknown codes as OK, so failures use the instruction's own code.
     assert_eq!(st.code, Code::FitNotImplemented as i32);
-    assert!(st.message.contains("got 3 tensors"), "{}", st.message);
+    // The message is the client error's Display text, exactly.
+    assert_eq!(
+        st.message,
+        "expected one 2x2 tensor, got 3 tensors (shapes [[2, 2], [2, 2], [2, 2]])"
+    );
     let Some(Reply::EvaluateRes(e)) = &r[1] else {
         panic!("{:?}", r[1])
     };
     let st = e.status.as_ref().unwrap();
     assert_eq!(st.code, Code::EvaluateNotImplemented as i32);
     assert!(
-        st.message.contains("tensor 0: not a .npy tensor"),
+        st.message.starts_with("tensor 0: not a .npy tensor"),
         "{}",
         st.message
     );
     let Some(Reply::FitRes(f)) = &r[2] else {
         panic!("{:?}", r[2])
     };
-    assert!(f.status.as_ref().unwrap().message.contains("torch.Tensor"));
+    assert_eq!(
+        f.status.as_ref().unwrap().message,
+        "tensor_type \"torch.Tensor\" is not supported (expected \"numpy.ndarray\")"
+    );
     assert_eq!(r[3], None, "unknown instruction: empty answer");
     let Some(Reply::FitRes(f)) = &r[4] else {
         panic!("{:?}", r[4])
@@ -224,16 +243,17 @@ fn failures_become_statuses_and_unknown_instructions_get_an_empty_answer() {
 struct Buggy;
 
 impl Client for Buggy {
-    fn get_properties(&mut self, c: &Config) -> Result<Config, String> {
+    type Error = NotOne2x2;
+    fn get_properties(&mut self, c: &Config) -> Result<Config, NotOne2x2> {
         AddOne.get_properties(c)
     }
-    fn get_parameters(&mut self, c: &Config) -> Result<Vec<NpyArray>, String> {
+    fn get_parameters(&mut self, c: &Config) -> Result<Vec<NpyArray>, NotOne2x2> {
         AddOne.get_parameters(c)
     }
-    fn fit(&mut self, p: Vec<NpyArray>, c: &Config) -> Result<FitOutput, String> {
+    fn fit(&mut self, p: Vec<NpyArray>, c: &Config) -> Result<FitOutput, NotOne2x2> {
         AddOne.fit(p, c)
     }
-    fn evaluate(&mut self, _: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, String> {
+    fn evaluate(&mut self, _: Vec<NpyArray>, _: &Config) -> Result<EvaluateOutput, NotOne2x2> {
         panic!("bug in evaluate")
     }
 }
@@ -266,6 +286,51 @@ fn a_crashing_handler_is_answered_with_a_failure_of_the_right_kind() {
         panic!("{:?}", t[0][1])
     };
     assert_eq!(f.status.as_ref().unwrap().code, Code::Ok as i32);
+}
+
+/// Reports a fit over no examples.
+struct NoExamples;
+
+impl Client for NoExamples {
+    type Error = NotOne2x2;
+    fn get_properties(&mut self, c: &Config) -> Result<Config, NotOne2x2> {
+        AddOne.get_properties(c)
+    }
+    fn get_parameters(&mut self, c: &Config) -> Result<Vec<NpyArray>, NotOne2x2> {
+        AddOne.get_parameters(c)
+    }
+    fn fit(&mut self, p: Vec<NpyArray>, c: &Config) -> Result<FitOutput, NotOne2x2> {
+        let mut out = AddOne.fit(p, c)?;
+        out.num_examples = 0;
+        Ok(out)
+    }
+    fn evaluate(&mut self, p: Vec<NpyArray>, c: &Config) -> Result<EvaluateOutput, NotOne2x2> {
+        AddOne.evaluate(p, c)
+    }
+}
+
+#[test]
+fn a_fit_over_no_examples_is_refused_by_the_transport() {
+    let server = ScriptedServer::start(vec![vec![
+        msg(Msg::FitIns(FitIns {
+            parameters: params(vec![tensor([0.0; 4])]),
+            config: BTreeMap::new(),
+        })),
+        leave(),
+    ]])
+    .unwrap();
+    fibecfed_flower::run(NoExamples, &options(&server)).unwrap();
+    let t = server.finish();
+    let Some(Reply::FitRes(f)) = &t[0][0].msg else {
+        panic!("{:?}", t[0][0])
+    };
+    let st = f.status.as_ref().unwrap();
+    assert_eq!(st.code, Code::FitNotImplemented as i32);
+    assert_eq!(
+        st.message,
+        "the fit reports 0 examples; FedAvg cannot weight it"
+    );
+    assert!(decode(f.parameters.as_ref()).is_empty());
 }
 
 #[test]
@@ -345,7 +410,14 @@ fn a_server_that_ends_every_stream_is_given_up_on() {
     let server = ScriptedServer::start(vec![vec![], vec![], vec![]]).unwrap();
     let err = fibecfed_flower::run(AddOne, &options(&server)).unwrap_err();
     assert!(
-        matches!(err, FlowerError::Refused { attempts: 3, .. }),
+        matches!(
+            err,
+            FlowerError::Refused {
+                attempts: 3,
+                tls: false,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("--root-certificates"), "{err}");
