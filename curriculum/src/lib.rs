@@ -7,8 +7,8 @@
 //! [`Linear`], [`Root`], [`Geometric`], [`Step`], [`Constant`]), and the per-client
 //! [`Schedule`] that combines them: at round t the ⌈c(t)·n⌉ easiest samples. It knows
 //! nothing about models or Fisher: scores arrive as `&[f64]` (the `fibecfed-fisher`
-//! crate computes them), and [`CurriculumOrder`] / [`PacingConfig`] are the
-//! config-file names (`order = "fisher"`, `[pacing] kind = "root"`).
+//! crate computes them), and [`PacingConfig`] holds the config-file names of the
+//! pacing functions (`[pacing] kind = "root"`).
 //!
 //! ```
 //! use fibecfed_curriculum::{EasyFirst, Linear, Ordering, Schedule};
@@ -99,48 +99,6 @@ impl Ordering for RandomOrder {
         let mut ids: Vec<usize> = (0..scores.len()).collect();
         ids.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         Ok(ids)
-    }
-}
-
-/// Which score a curriculum sorts by, and how: the names a config file uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CurriculumOrder {
-    /// Easy → hard by the Fisher trace (FibecFed).
-    #[default]
-    Fisher,
-    /// Easy → hard by the loss.
-    Loss,
-    /// Random order.
-    Random,
-    /// Hard → easy by the Fisher trace.
-    Anti,
-}
-
-/// The per-sample score an ordering needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScoreSource {
-    Fisher,
-    Loss,
-    /// None: the ordering ignores scores.
-    Nothing,
-}
-
-impl CurriculumOrder {
-    pub fn source(self) -> ScoreSource {
-        match self {
-            Self::Fisher | Self::Anti => ScoreSource::Fisher,
-            Self::Loss => ScoreSource::Loss,
-            Self::Random => ScoreSource::Nothing,
-        }
-    }
-
-    pub fn ordering(self) -> Box<dyn Ordering> {
-        match self {
-            Self::Fisher | Self::Loss => Box::new(EasyFirst),
-            Self::Anti => Box::new(HardFirst),
-            Self::Random => Box::new(RandomOrder),
-        }
     }
 }
 

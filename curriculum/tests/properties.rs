@@ -7,8 +7,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fibecfed_curriculum::{
-    Constant, CurriculumError, CurriculumOrder, EasyFirst, Geometric, HardFirst, Linear, Ordering,
-    Pacing, PacingConfig, RandomOrder, Root, Schedule, ScoreSource, Step, sample_count,
+    Constant, CurriculumError, EasyFirst, Geometric, HardFirst, Linear, Ordering, Pacing,
+    PacingConfig, RandomOrder, Root, Schedule, Step, sample_count,
 };
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -531,34 +531,4 @@ fn pacing_config_reads_json_with_defaults() {
 fn unit_pacing_variant_refuses_unknown_fields() {
     let r = serde_json::from_str::<PacingConfig>(r#"{"kind":"constant","c0":0.2}"#);
     assert!(r.is_err(), "{{kind: constant, c0: 0.2}} parsed as {r:?}");
-}
-
-#[test]
-fn curriculum_order_names_and_mappings() {
-    let cases = [
-        ("fisher", CurriculumOrder::Fisher, ScoreSource::Fisher),
-        ("loss", CurriculumOrder::Loss, ScoreSource::Loss),
-        ("random", CurriculumOrder::Random, ScoreSource::Nothing),
-        ("anti", CurriculumOrder::Anti, ScoreSource::Fisher),
-    ];
-    let scores = [0.9, 0.1, 0.5, 0.1];
-    for (name, order, source) in cases {
-        let parsed: CurriculumOrder = serde_json::from_str(&format!("\"{name}\"")).unwrap();
-        assert_eq!(parsed, order);
-        assert_eq!(
-            serde_json::to_string(&order).unwrap(),
-            format!("\"{name}\"")
-        );
-        assert_eq!(order.source(), source);
-        let got = order.ordering().order(&scores, 3).unwrap();
-        let want = match order {
-            CurriculumOrder::Fisher | CurriculumOrder::Loss => vec![1, 3, 2, 0],
-            CurriculumOrder::Anti => vec![0, 2, 1, 3],
-            CurriculumOrder::Random => RandomOrder.order(&scores, 3).unwrap(),
-        };
-        assert_eq!(got, want, "{name}");
-    }
-    assert_eq!(CurriculumOrder::default(), CurriculumOrder::Fisher);
-    assert!(serde_json::from_str::<CurriculumOrder>("\"Fisher\"").is_err());
-    assert!(serde_json::from_str::<CurriculumOrder>("\"hard\"").is_err());
 }
