@@ -18,10 +18,10 @@ use std::time::Instant;
 
 use criterion::Criterion;
 use fibecfed_benches::{lora_params, median_seconds, minilm};
+use fibecfed_data::{Sample, batch_of, by_length};
 use fibecfed_fisher::{CpuBackend, NormMethod, SiteRows, site_fisher, sq_norms};
 use fibecfed_lora::LoraConfig;
 use fibecfed_sim::fisher::{FisherOptions, fisher_pass};
-use fibecfed_sim::train::{Sample, batch_of, by_length};
 use fibecfed_transformer::{
     Adapter, BertModel, Encoded, NoHook, Reduction, TextEncoder, cross_entropy,
 };
@@ -123,9 +123,9 @@ fn client_samples(model: &BertModel<f32>) -> (Vec<Sample>, &'static str) {
     if let (Some(dir), true) = (fibecfed_transformer::cached_default_model(), mr.exists())
         && let (Ok(tok), Ok(data)) = (
             TextEncoder::from_file(&dir.join("tokenizer.json"), 128),
-            fibecfed_sim::data::read_tsv(&mr),
+            fibecfed_data::read_tsv(&mr),
         )
-        && let Ok(samples) = fibecfed_sim::train::tokenize(&tok, &data, &mr)
+        && let Ok(samples) = fibecfed_data::tokenize(&tok, &data, &mr)
     {
         return (
             samples.into_iter().take(64).collect(),
@@ -154,7 +154,8 @@ fn plain_pass(model: &BertModel<f32>, adapter: Adapter<'_, f32>, samples: &[Samp
     let mut total = 0.0;
     for chunk in by_length(samples).chunks(BATCH) {
         let labels: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
-        let batch = batch_of(model, samples, chunk).unwrap_or_else(|e| panic!("batch: {e}"));
+        let batch = batch_of(samples, chunk, model.config.pad_token_id)
+            .unwrap_or_else(|e| panic!("batch: {e}"));
         let fwd = model
             .forward(&batch, adapter, None)
             .unwrap_or_else(|e| panic!("forward: {e}"));

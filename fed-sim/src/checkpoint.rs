@@ -1,17 +1,31 @@
+//! How a run is saved and resumed.
+//!
 //! One file per checkpoint: a safetensors file whose tensors are the run's arrays (f32
 //! parameters and moments, f64 Fisher momentum) and whose metadata holds the rest as
 //! JSON. One file, written through a rename, so a run killed at any instant leaves
 //! either the previous checkpoint or the new one, never half of each.
+//!
+//! [`snapshot`] and [`restore`] convert a [`RunState`] to and from those contents
+//! (tensor names `global/…`, `aggregator/…`, `client{k}/{params,m,v,fisher}/…`); the
+//! Flower participant saves one client's state the same way ([`client_snapshot`]).
+//! The layout is a contract: run folders written by earlier versions must resume.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
+use fibecfed_core::NamedTensors;
+use fibecfed_fisher::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
+use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
+use fibecfed_lora::{AdamW, AdamWConfig, LoraParams, SiteId};
 use ndarray::ArrayD;
 use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
 
+use crate::local::overlay;
 use crate::output::write_atomic;
+use crate::state::{ClientState, RoundMetrics, RunState};
 
 /// The metadata key of the JSON state.
 const STATE_KEY: &str = "fibecfed_state";
@@ -123,4 +137,284 @@ pub fn load(path: &Path) -> Result<Contents> {
         }
     }
     Ok(out)
+}
+
+// ---- Conversions between a run's state and a checkpoint's contents ----
+
+/// What converting a run's state to and from [`Contents`] needs to know about the run.
+#[derive(Debug)]
+pub(crate) struct Shapes<'a> {
+    /// The seeded initial adapter: every client's tensors have its names and shapes.
+    pub template: &'a LoraParams<f32>,
+    pub adam: AdamWConfig,
+    /// The Fisher momentum's γ.
+    pub gamma: f64,
+    /// (train, test) sizes per client: a resume on other data is refused.
+    pub sizes: Vec<(usize, usize)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ClientMeta {
+    adam_steps: u64,
+    order: Option<Vec<usize>>,
+    last_scored: Option<usize>,
+    momentum: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    config: String,
+    /// (train, test) sizes per client: a resume on other data is refused.
+    sizes: Vec<(usize, usize)>,
+    round: usize,
+    gal: Vec<usize>,
+    clients: Vec<ClientMeta>,
+    history: Vec<RoundMetrics>,
+}
+
+/// Checkpoint contents of `state`, with the aggregator's own state and the config
+/// text the run was made with.
+pub(crate) fn snapshot(
+    shapes: &Shapes<'_>,
+    state: &RunState,
+    aggregator: NamedTensors,
+    config_text: &str,
+) -> Result<Contents> {
+    let mut c = Contents::default();
+    for (name, a) in &state.global {
+        c.f32.insert(format!("global/{name}"), a.clone());
+    }
+    for (name, a) in aggregator {
+        c.f32.insert(format!("aggregator/{name}"), a);
+    }
+    let metas = state
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(k, client)| client_contents(k, client, &mut c))
+        .collect();
+    let meta = Meta {
+        config: config_text.to_owned(),
+        sizes: shapes.sizes.clone(),
+        round: state.round,
+        gal: state.gal.clone(),
+        clients: metas,
+        history: state.history.clone(),
+    };
+    c.state = serde_json::to_string(&meta)?;
+    Ok(c)
+}
+
+/// The inverse of [`snapshot`]: the run state and the aggregator's state, checked
+/// against the config text and the clients' data.
+pub(crate) fn restore(
+    shapes: &Shapes<'_>,
+    c: &Contents,
+    config_text: &str,
+) -> Result<(RunState, NamedTensors)> {
+    let meta: Meta = serde_json::from_str(&c.state).context("checkpoint state")?;
+    if meta.config != config_text {
+        bail!(
+            "config.toml differs from the config the checkpoint was made with; restore it or start a new run"
+        );
+    }
+    if meta.sizes != shapes.sizes {
+        bail!(
+            "the data differ from the checkpoint's: clients' (train, test) sizes were {:?}, now {:?}; restore the data files or start a new run",
+            meta.sizes,
+            shapes.sizes
+        );
+    }
+    if meta.clients.len() != shapes.sizes.len() {
+        bail!(
+            "checkpoint: {} client states for {} clients",
+            meta.clients.len(),
+            shapes.sizes.len()
+        );
+    }
+    for (k, cm) in meta.clients.iter().enumerate() {
+        check_order(shapes, k, cm)?;
+    }
+    let clients = meta
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(k, cm)| client_from(shapes, k, cm, c))
+        .collect::<Result<Vec<_>>>()?;
+    let state = RunState {
+        round: meta.round,
+        gal: meta.gal,
+        global: prefixed(c, "global/"),
+        clients,
+        history: meta.history,
+    };
+    Ok((state, prefixed(c, "aggregator/")))
+}
+
+/// One client's state as checkpoint contents (names prefixed `client{k}/`).
+pub(crate) fn client_snapshot(k: usize, client: &ClientState) -> Result<Contents> {
+    let mut c = Contents::default();
+    let meta = client_contents(k, client, &mut c);
+    c.state = serde_json::to_string(&meta)?;
+    Ok(c)
+}
+
+/// The inverse of [`client_snapshot`], checked against client k's data.
+pub(crate) fn client_restore(shapes: &Shapes<'_>, k: usize, c: &Contents) -> Result<ClientState> {
+    let cm: ClientMeta = serde_json::from_str(&c.state).context("client state")?;
+    check_order(shapes, k, &cm)?;
+    client_from(shapes, k, &cm, c)
+}
+
+/// The f32 tensors under `prefix`, with the prefix taken off their names.
+fn prefixed(c: &Contents, prefix: &str) -> NamedTensors {
+    c.f32
+        .iter()
+        .filter_map(|(n, a)| n.strip_prefix(prefix).map(|s| (s.to_owned(), a.clone())))
+        .collect()
+}
+
+/// Writes client k's tensors into `c` under `client{k}/`; returns its metadata.
+fn client_contents(k: usize, client: &ClientState, c: &mut Contents) -> ClientMeta {
+    let (m, v, steps) = client.opt.state();
+    for (prefix, p) in [("params", &client.params), ("m", m), ("v", v)] {
+        for (name, a) in p.to_named() {
+            c.f32.insert(format!("client{k}/{prefix}/{name}"), a);
+        }
+    }
+    if let Some(mom) = &client.momentum {
+        for (name, a) in diag_named(mom.current()) {
+            c.f64.insert(format!("client{k}/fisher/{name}"), a);
+        }
+    }
+    ClientMeta {
+        adam_steps: steps,
+        order: client.order.clone(),
+        last_scored: client.last_scored,
+        momentum: client.momentum.is_some(),
+    }
+}
+
+/// A checkpoint's curriculum order must be a permutation of client k's samples.
+fn check_order(shapes: &Shapes<'_>, k: usize, cm: &ClientMeta) -> Result<()> {
+    if let Some(order) = &cm.order {
+        let n = shapes.sizes.get(k).map_or(0, |s| s.0);
+        let mut seen = vec![false; n];
+        let permutation = order.len() == n
+            && order.iter().all(|&i| match seen.get_mut(i) {
+                Some(s) if !*s => {
+                    *s = true;
+                    true
+                }
+                _ => false,
+            });
+        if !permutation {
+            bail!(
+                "checkpoint: client {k}'s curriculum order is not a permutation of its {n} samples"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Client k's state from the `client{k}/` tensors of a checkpoint.
+fn client_from(
+    shapes: &Shapes<'_>,
+    k: usize,
+    cm: &ClientMeta,
+    c: &Contents,
+) -> Result<ClientState> {
+    let load = |what: &str| -> Result<LoraParams<f32>> {
+        let mut p = shapes.template.clone();
+        let t = prefixed(c, &format!("client{k}/{what}/"));
+        if t.len() != p.to_named().len() {
+            bail!(
+                "checkpoint: client {k} {what}: {} tensors, expected {}",
+                t.len(),
+                p.to_named().len()
+            );
+        }
+        overlay(&mut p, &t)?;
+        Ok(p)
+    };
+    let params = load("params")?;
+    let opt = AdamW::from_state(shapes.adam, load("m")?, load("v")?, cm.adam_steps)?;
+    let momentum = if cm.momentum {
+        let prefix = format!("client{k}/fisher/");
+        let named: BTreeMap<String, ArrayD<f64>> = c
+            .f64
+            .iter()
+            .filter_map(|(n, a)| n.strip_prefix(&prefix).map(|s| (s.to_owned(), a.clone())))
+            .collect();
+        let diag = diag_from_named(shapes.template, &named)
+            .with_context(|| format!("checkpoint: client {k} Fisher momentum"))?;
+        Some(FisherMomentum::seeded(shapes.gamma, &diag)?)
+    } else {
+        None
+    };
+    Ok(ClientState {
+        params,
+        opt,
+        momentum,
+        order: cm.order.clone(),
+        last_scored: cm.last_scored,
+    })
+}
+
+fn diag_named(d: &DiagFisher<SiteId>) -> Vec<(String, ArrayD<f64>)> {
+    let mut out = Vec::new();
+    for (site, s) in &d.sites {
+        out.push((peft_site_name(*site, "lora_A"), s.a.clone().into_dyn()));
+        out.push((peft_site_name(*site, "lora_B"), s.b.clone().into_dyn()));
+    }
+    if let Some(h) = &d.head {
+        out.push((PEFT_HEAD_WEIGHT.to_owned(), h.weight.clone().into_dyn()));
+        out.push((PEFT_HEAD_BIAS.to_owned(), h.bias.clone().into_dyn()));
+    }
+    out
+}
+
+/// A [`DiagFisher`] with `samples` = 1 holding `named` exactly (so its mean is itself).
+fn diag_from_named(
+    template: &LoraParams<f32>,
+    named: &BTreeMap<String, ArrayD<f64>>,
+) -> Result<DiagFisher<SiteId>> {
+    let get2 = |name: &str| -> Result<ndarray::Array2<f64>> {
+        named
+            .get(name)
+            .ok_or_else(|| anyhow!("{name} is missing"))?
+            .clone()
+            .into_dimensionality()
+            .map_err(|e| anyhow!("{name}: {e}"))
+    };
+    let mut d = DiagFisher::new();
+    for site in template.sites.keys() {
+        let (a_name, b_name) = (
+            peft_site_name(*site, "lora_A"),
+            peft_site_name(*site, "lora_B"),
+        );
+        if named.contains_key(&a_name) {
+            d.sites.insert(
+                *site,
+                SiteDiag {
+                    a: get2(&a_name)?,
+                    b: get2(&b_name)?,
+                },
+            );
+        }
+    }
+    if named.contains_key(PEFT_HEAD_WEIGHT) {
+        let bias = named
+            .get(PEFT_HEAD_BIAS)
+            .ok_or_else(|| anyhow!("{PEFT_HEAD_BIAS} is missing"))?
+            .clone()
+            .into_dimensionality()
+            .map_err(|e| anyhow!("{PEFT_HEAD_BIAS}: {e}"))?;
+        d.head = Some(HeadDiag {
+            weight: get2(PEFT_HEAD_WEIGHT)?,
+            bias,
+        });
+    }
+    d.samples = 1;
+    Ok(d)
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub use fibecfed_data::PartitionConfig;
+
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,47 +89,6 @@ pub struct DataSection {
     /// A seeded random subset of the training file (the smaller presets).
     pub limit_train: Option<usize>,
     pub limit_test: Option<usize>,
-}
-
-/// How the data is split among clients.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PartitionConfig {
-    /// Shuffled and cut into near-equal parts.
-    Iid {},
-    /// FedPepTAO's non-IID split: client sizes ~ Dir(size_concentration·1_K), class
-    /// priors ~ Dir(alpha·1_C); the test split is drawn with the same sizes and priors.
-    Dirichlet {
-        #[serde(default = "default_alpha")]
-        alpha: f64,
-        #[serde(default = "default_size_concentration")]
-        size_concentration: f64,
-    },
-    /// Sorted by label and cut into clients·shards_per_client shards; each client gets
-    /// `shards_per_client` of them (the "pathological" split of McMahan et al.).
-    Shards {
-        #[serde(default = "default_shards")]
-        shards_per_client: usize,
-    },
-}
-
-fn default_alpha() -> f64 {
-    1.0
-}
-fn default_size_concentration() -> f64 {
-    5.0
-}
-fn default_shards() -> usize {
-    2
-}
-
-impl Default for PartitionConfig {
-    fn default() -> Self {
-        Self::Dirichlet {
-            alpha: default_alpha(),
-            size_concentration: default_size_concentration(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,17 +330,8 @@ impl RunConfig {
         if !(f.fraction > 0.0 && f.fraction <= 1.0) {
             bail!("federation.fraction: must be in (0, 1], got {}", f.fraction);
         }
-        if f.rounds == 0 || f.local_epochs == 0 || f.batch_size == 0 {
-            bail!("federation.rounds, local_epochs and batch_size: must be at least 1");
-        }
-        if !(f.lr.is_finite() && f.lr > 0.0) {
-            bail!("federation.lr: must be a positive number, got {}", f.lr);
-        }
-        if !(f.weight_decay.is_finite() && f.weight_decay >= 0.0) {
-            bail!(
-                "federation.weight_decay: must be ≥ 0, got {}",
-                f.weight_decay
-            );
+        if f.rounds == 0 {
+            bail!("federation.rounds: must be at least 1");
         }
         if !(0.0..1.0).contains(&f.dropout_probability) {
             bail!(
@@ -390,30 +342,18 @@ impl RunConfig {
         if self.model.max_len < 3 {
             bail!("model.max_len: must be at least 3 ([CLS], a token, [SEP])");
         }
-        match self.partition {
-            PartitionConfig::Dirichlet {
-                alpha,
-                size_concentration,
-            } if !(alpha > 0.0
-                && alpha.is_finite()
-                && size_concentration > 0.0
-                && size_concentration.is_finite()) =>
-            {
-                bail!("partition: alpha and size_concentration must be positive and finite");
-            }
-            PartitionConfig::Shards { shards_per_client }
-                if shards_per_client == 0 || shards_per_client > 1_000_000 =>
-            {
-                bail!(
-                    "partition.shards_per_client: must be between 1 and 1,000,000, got {shards_per_client}"
-                )
-            }
-            _ => {}
-        }
+        self.partition.validate()?;
         let l = &self.lora;
-        if l.rank == 0 || !l.alpha.is_finite() || !(0.0..1.0).contains(&l.dropout) {
-            bail!("lora: rank must be ≥ 1, alpha finite, dropout in [0, 1)");
+        Hyper {
+            epochs: f.local_epochs,
+            batch_size: f.batch_size,
+            lr: f.lr,
+            weight_decay: f.weight_decay,
+            rank: l.rank,
+            alpha: l.alpha,
+            dropout: l.dropout,
         }
+        .check(&HyperNames::CONFIG)?;
         if l.targets.is_empty() {
             bail!("lora.targets: name at least one module");
         }
@@ -456,5 +396,85 @@ impl RunConfig {
         let mut lora = fibecfed_lora::LoraConfig::new(self.lora.rank, self.lora.alpha, &targets);
         lora.dropout = self.lora.dropout;
         lora
+    }
+}
+
+/// The optimiser and LoRA settings that a federated run (config keys) and centralised
+/// training (`fibecfed train` flags) share, checked in one place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hyper {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+}
+
+/// How a caller spells each [`Hyper`] setting in its error messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HyperNames {
+    pub epochs: &'static str,
+    pub batch_size: &'static str,
+    pub lr: &'static str,
+    pub weight_decay: &'static str,
+    pub rank: &'static str,
+    pub alpha: &'static str,
+    pub dropout: &'static str,
+}
+
+impl HyperNames {
+    /// The keys of a run config.
+    pub const CONFIG: Self = Self {
+        epochs: "federation.local_epochs",
+        batch_size: "federation.batch_size",
+        lr: "federation.lr",
+        weight_decay: "federation.weight_decay",
+        rank: "lora.rank",
+        alpha: "lora.alpha",
+        dropout: "lora.dropout",
+    };
+    /// The flags of `fibecfed train`.
+    pub const FLAGS: Self = Self {
+        epochs: "--epochs",
+        batch_size: "--batch-size",
+        lr: "--lr",
+        weight_decay: "--weight-decay",
+        rank: "--lora-rank",
+        alpha: "--lora-alpha",
+        dropout: "--lora-dropout",
+    };
+}
+
+impl Hyper {
+    /// Each message names the setting as the caller spells it.
+    pub fn check(&self, n: &HyperNames) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("{}: must be at least 1", n.epochs);
+        }
+        if self.batch_size == 0 {
+            bail!("{}: must be at least 1", n.batch_size);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("{}: must be a positive number, got {}", n.lr, self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "{}: must be a non-negative number, got {}",
+                n.weight_decay,
+                self.weight_decay
+            );
+        }
+        if self.rank == 0 {
+            bail!("{}: must be at least 1", n.rank);
+        }
+        if !self.alpha.is_finite() {
+            bail!("{}: must be finite, got {}", n.alpha, self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("{}: must be in [0, 1), got {}", n.dropout, self.dropout);
+        }
+        Ok(())
     }
 }

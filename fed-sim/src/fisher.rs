@@ -15,13 +15,14 @@ use fibecfed_fisher::{
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
 use fibecfed_transformer::{Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array1, Array2, ArrayView2};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::Serialize;
 
-use crate::train::{Sample, batch_of, by_length, fresh_adapter};
+use crate::model::fresh_adapter;
+use fibecfed_data::{Sample, batch_of, by_length};
 
 /// ChaCha streams of one seed: 0 initialises a fresh adapter (as `fibecfed train`
 /// does), these two draw sampled labels and embedding noise.
@@ -140,19 +141,7 @@ pub fn fisher_pass(
     options: FisherOptions,
     backend: &dyn FisherBackend<f32>,
 ) -> Result<FisherReport> {
-    if samples.is_empty() {
-        bail!("no samples to score: the data is empty");
-    }
-    if options.batch_size == 0 {
-        bail!("the Fisher batch size must be at least 1");
-    }
-    let classes = adapter.params.num_labels();
-    if let Some(i) = samples.iter().position(|s| s.label >= classes) {
-        bail!(
-            "sample {i} has label id {} but the adapter's head produces {classes} classes",
-            samples[i].label
-        );
-    }
+    check_pass(samples, options.batch_size, adapter.params.num_labels())?;
     let n_layers = model.config.num_hidden_layers;
     let blank = SampleStats::zeros(n_layers);
     let mut out = vec![blank.clone(); samples.len()];
@@ -162,7 +151,7 @@ pub fn fisher_pass(
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     rng.set_stream(LABEL_STREAM);
     for chunk in by_length(samples).chunks(options.batch_size) {
-        let batch = batch_of(model, samples, chunk)?;
+        let batch = batch_of(samples, chunk, model.config.pad_token_id)?;
         let fwd = model.forward(&batch, adapter, None)?;
         if let Some(row) = fwd
             .logits
@@ -176,19 +165,8 @@ pub fn fisher_pass(
                 fwd.logits.row(row)
             );
         }
-        let truth: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
-        let in_batch =
-            |e: &dyn std::fmt::Display| anyhow::anyhow!("{e} (batch of samples {chunk:?})");
-        // The reported loss is always at the true label; only the gradient's label
-        // follows the mode.
-        let (losses, mut dlogits) =
-            cross_entropy(&fwd.logits, &truth, Reduction::Sum).map_err(|e| in_batch(&e))?;
-        if options.labels == LabelMode::Sampled {
-            let drawn = sample_labels(fwd.logits.view(), &mut rng).map_err(|e| in_batch(&e))?;
-            dlogits = cross_entropy(&fwd.logits, &drawn, Reduction::Sum)
-                .map_err(|e| in_batch(&e))?
-                .1;
-        }
+        let (losses, dlogits) =
+            losses_and_gradient(&fwd.logits, samples, chunk, options.labels, &mut rng)?;
         let mut hook = FisherHook {
             backend,
             stats: vec![blank.clone(); chunk.len()],
@@ -225,6 +203,46 @@ pub fn fisher_pass(
     })
 }
 
+/// The inputs of a scoring pass, checked before any work.
+fn check_pass(samples: &[Sample], batch_size: usize, classes: usize) -> Result<()> {
+    if samples.is_empty() {
+        bail!("no samples to score: the data is empty");
+    }
+    if batch_size == 0 {
+        bail!("the Fisher batch size must be at least 1");
+    }
+    if let Some(i) = samples.iter().position(|s| s.label >= classes) {
+        bail!(
+            "sample {i} has label id {} but the adapter's head produces {classes} classes",
+            samples[i].label
+        );
+    }
+    Ok(())
+}
+
+/// Per-sample losses at the true labels, and the summed loss's gradient at the labels
+/// `mode` asks for: the reported loss is always at the true label; only the gradient's
+/// label follows the mode.
+fn losses_and_gradient(
+    logits: &Array2<f32>,
+    samples: &[Sample],
+    chunk: &[usize],
+    mode: LabelMode,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Array1<f64>, Array2<f32>)> {
+    let truth: Vec<usize> = chunk.iter().map(|&i| samples[i].label).collect();
+    let in_batch = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e} (batch of samples {chunk:?})");
+    let (losses, mut dlogits) =
+        cross_entropy(logits, &truth, Reduction::Sum).map_err(|e| in_batch(&e))?;
+    if mode == LabelMode::Sampled {
+        let drawn = sample_labels(logits.view(), rng).map_err(|e| in_batch(&e))?;
+        dlogits = cross_entropy(logits, &drawn, Reduction::Sum)
+            .map_err(|e| in_batch(&e))?
+            .1;
+    }
+    Ok((losses, dlogits))
+}
+
 /// The perturbation-sensitivity alternative to Fisher importance:
 /// I_l = mean_i ‖h_l(x_i) − h_l(x_i+ε_i)‖ / ‖ε_i‖, ε ~ N(0, σ²) on the input
 /// embeddings of real tokens, normalised over layers.
@@ -251,7 +269,7 @@ pub fn perturbation_importance(
     let mut acc = PerturbationImportance::new(model.config.num_hidden_layers);
     let hid = model.config.hidden_size;
     for chunk in by_length(samples).chunks(batch_size) {
-        let batch = batch_of(model, samples, chunk)?;
+        let batch = batch_of(samples, chunk, model.config.pad_token_id)?;
         let rows = batch.batch * batch.seq_len;
         let noise = Array2::from_shape_fn((rows, hid), |(r, _)| {
             if batch.mask[r] {

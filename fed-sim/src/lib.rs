@@ -1,31 +1,39 @@
-//! The federated-simulation glue and the `fibecfed` command-line tool.
+//! The federated simulation and the `fibecfed` command-line tool.
 //!
-//! Owns: reading the nine TSV dataset layouts ([`data`]), partitioning them among
-//! clients ([`partition`]), the federated rounds of every method ([`engine`], driven by a
-//! TOML [`config`] whose pluggable parts are looked up in a [`registry`]), per-round
-//! [`checkpoint`]s and the `fibecfed run` command ([`run`]), centralised LoRA training
-//! ([`train`]), the Fisher pass that scores a client's samples and layers ([`fisher`]),
-//! sentence embeddings ([`embed`]), safe output files ([`output`]) and the Flower
-//! participant of `fibecfed client` ([`participant`]). The numerics live
-//! in `fibecfed-transformer`, `fibecfed-lora`, `fibecfed-fisher`, `fibecfed-curriculum`
-//! and `fibecfed-aggregation`.
+//! Owns the federated rounds of every method: one [`engine::Engine`] driven by a TOML
+//! [`config`] whose pluggable parts (difficulty scorer, ordering, pacing, layer
+//! selector, aggregator) are looked up by name in a [`registry`]; one client's round
+//! (`local`: curriculum subset, masked steps, what it uploads); checkpoints and resume
+//! (`checkpoint`); the Fisher pass that scores a client's samples and layers
+//! ([`fisher`]); and the commands of [`cli`] (`run`, `train`, `client`, `fisher`,
+//! `embed`). Does not own the numerics (`fibecfed-transformer`, `fibecfed-lora`,
+//! `fibecfed-fisher`, `fibecfed-curriculum`, `fibecfed-aggregation`), the data
+//! (`fibecfed-data`) or the Flower transport (`fibecfed-flower`).
 //!
 //! ```no_run
 //! use std::path::Path;
-//! let ds = fibecfed_sim::data::read_tsv(Path::new("../shared/data/mr/dev.tsv"))?;
-//! assert_eq!(ds.label_names, ["0", "1"]);
-//! # Ok::<(), fibecfed_sim::data::DataError>(())
+//! use fibecfed_sim::config::RunConfig;
+//! use fibecfed_sim::registry::Registry;
+//!
+//! let config = RunConfig::load(Path::new("configs/fibecfed.toml"))?;
+//! Registry::builtin().check(&config)?; // every component it names exists
+//! # Ok::<(), anyhow::Error>(())
 //! ```
 
-pub mod checkpoint;
+pub mod cli;
 pub mod config;
-pub mod data;
-pub mod embed;
 pub mod engine;
 pub mod fisher;
-pub mod output;
-pub mod participant;
-pub mod partition;
 pub mod registry;
-pub mod run;
-pub mod train;
+
+mod checkpoint;
+mod embed;
+mod eval;
+mod local;
+mod model;
+mod output;
+mod participant;
+mod run;
+mod state;
+mod step;
+mod train;

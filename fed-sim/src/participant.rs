@@ -14,6 +14,7 @@
 //! hold disjoint parts.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -126,9 +127,7 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
         label_names,
         ..
     } = prepare(&config)?;
-    // The participant lives as long as the process; the engine borrows the model.
-    let model = Box::leak(Box::new(model));
-    let engine = Engine::new(config, registry, model, data, label_names.len())?;
+    let engine = Engine::new(config, registry, Arc::new(model), data, label_names.len())?;
     let participant = Participant::new(engine, args, text)?;
     let summary = fibecfed_flower::run(participant, &options)?;
     eprintln!(
@@ -140,7 +139,7 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
 
 /// One FibecFed client behind the Flower protocol.
 struct Participant {
-    engine: Engine<'static>,
+    engine: Engine,
     k: usize,
     gal: Vec<usize>,
     /// The shared tensors' names, in the order they travel.
@@ -157,7 +156,7 @@ struct Participant {
 }
 
 impl Participant {
-    fn new(engine: Engine<'static>, args: &ClientArgs, config_text: String) -> Result<Self> {
+    fn new(engine: Engine, args: &ClientArgs, config_text: String) -> Result<Self> {
         let k = args.client_id;
         let gal = engine.standalone_gal()?;
         let names = engine.shared_names(&gal);
@@ -319,7 +318,7 @@ impl Participant {
 /// A saved participant: its state and fit count, refused when the config or client
 /// id differs.
 fn restore(
-    engine: &Engine<'_>,
+    engine: &Engine,
     k: usize,
     path: &Path,
     config_text: &str,

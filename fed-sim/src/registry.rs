@@ -29,8 +29,8 @@ use anyhow::{Result, anyhow, bail};
 use fibecfed_aggregation::{Aggregator, FedAdam, FedAvg, FedYogi};
 use fibecfed_curriculum::{EasyFirst, HardFirst, Ordering, Pacing, PacingConfig, RandomOrder};
 use fibecfed_fisher::{
-    AllLayers, ConsensusTopK, DifficultyScorer, FisherError, FisherTrace, ImportanceReport,
-    LayerSelector, LossScore, RandomLayers,
+    AllLayers, ConsensusTopK, DifficultyScorer, FisherTrace, FixedLayers, LayerSelector, LossScore,
+    NoLayers, RandomLayers,
 };
 use serde::Deserialize;
 
@@ -61,47 +61,6 @@ impl std::fmt::Debug for Registry {
             .field("selectors", &names(self.selectors.keys().collect()))
             .field("aggregators", &names(self.aggregators.keys().collect()))
             .finish()
-    }
-}
-
-/// Nothing is global: the local-only baseline.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoLayers;
-
-impl LayerSelector for NoLayers {
-    fn select(&self, _: &[ImportanceReport], _: usize) -> Result<Vec<usize>, FisherError> {
-        Ok(Vec::new())
-    }
-
-    fn needs_reports(&self) -> bool {
-        false
-    }
-}
-
-/// The global layers named in the config: what participants that never meet at a
-/// server-side selection (separate Flower clients) agree on.
-#[derive(Debug, Clone, Default)]
-pub struct FixedLayers {
-    pub layers: Vec<usize>,
-}
-
-impl LayerSelector for FixedLayers {
-    fn select(&self, _: &[ImportanceReport], layers: usize) -> Result<Vec<usize>, FisherError> {
-        if let Some(&layer) = self.layers.iter().find(|&&l| l >= layers) {
-            return Err(FisherError::NoSuchLayer {
-                what: "the fixed global layers".into(),
-                layer,
-                n_layers: layers,
-            });
-        }
-        let mut out = self.layers.clone();
-        out.sort_unstable();
-        out.dedup();
-        Ok(out)
-    }
-
-    fn needs_reports(&self) -> bool {
-        false
     }
 }
 
@@ -181,6 +140,14 @@ impl Registry {
                 }),
             );
         }
+        r.register_selectors();
+        r.register_aggregators();
+        r
+    }
+
+    /// The layer selectors of FIBECFED.md §3 and the baselines.
+    fn register_selectors(&mut self) {
+        let r = self;
         r.selectors.insert(
             "consensus_top_k".into(),
             Box::new(|t, _| {
@@ -221,6 +188,11 @@ impl Registry {
                 Ok(Box::new(NoLayers))
             }),
         );
+    }
+
+    /// The server rules.
+    fn register_aggregators(&mut self) {
+        let r = self;
         r.aggregators.insert(
             "fedavg".into(),
             Box::new(|t| {
@@ -236,7 +208,6 @@ impl Registry {
             "fedyogi".into(),
             Box::new(|t| Ok(Box::new(FedYogi::new(parse(t, "aggregator")?)?))),
         );
-        r
     }
 
     pub fn scorer(&self, name: &str) -> Result<Box<dyn DifficultyScorer>> {
@@ -285,6 +256,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::config::kind_table;
+    use fibecfed_fisher::FisherError;
 
     #[test]
     fn fixed_layers_are_sorted_checked_and_need_no_reports() -> Result<()> {

@@ -15,13 +15,13 @@ use serde::Serialize;
 
 use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::data::read_train_eval;
-use crate::engine::{ClientData, Engine, RoundMetrics, RunState};
+use crate::engine::{ClientData, Engine, RoundMetrics, RoundObserver, RunState};
+use crate::model::load_model;
 use crate::output::{check_writable_dir, write_atomic};
-use crate::partition::partition;
 use crate::registry::Registry;
-use crate::train::{Sample, limit_samples, load_model, tokenize};
+use fibecfed_data::{Sample, limit_samples, partition, read_train_eval, tokenize};
 use fibecfed_transformer::BertModel;
+use std::sync::Arc;
 
 const CONFIG_FILE: &str = "config.toml";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -56,6 +56,74 @@ pub struct RunArgs {
 
 /// Runs (or resumes) to the last round; returns the output folder.
 pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
+    let Opened {
+        out,
+        config,
+        text,
+        resuming,
+    } = open(args, registry)?;
+    let Prepared {
+        model,
+        data,
+        label_names,
+        train_examples,
+        test_examples,
+    } = prepare(&config)?;
+    let classes = label_names.len();
+    if !resuming {
+        write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
+        write_partition(&out, &data, &label_names)?;
+    }
+    eprintln!(
+        "{}: {} clients, {} training and {} test examples ({} labels), {} rounds of {} clients",
+        config.method,
+        config.federation.clients,
+        train_examples,
+        test_examples,
+        classes,
+        config.federation.rounds,
+        config.clients_per_round()
+    );
+
+    let mut engine = Engine::new(config, registry, Arc::new(model), data, classes)?;
+    if let Some(round) = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok()) {
+        engine.set_observer(Box::new(HangAfterTraining { round }));
+    }
+    let mut state = if resuming {
+        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
+        let state = engine.restore(&contents, &text)?;
+        write_metrics(&out, &state.history)?;
+        eprintln!("resuming after round {}", state.round);
+        state
+    } else {
+        let state = engine.initialise()?;
+        save(&engine, &state, &out, &text)?;
+        state
+    };
+    let rounds = engine.config.federation.rounds;
+    let bar = progress(rounds, state.round);
+    report(&bar, state.history.last());
+    while state.round < rounds {
+        engine.round(&mut state)?;
+        save(&engine, &state, &out, &text)?;
+        bar.inc(1);
+        report(&bar, state.history.last());
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// The run folder, its config and the config's text as it is (to be) saved there.
+struct Opened {
+    out: PathBuf,
+    config: RunConfig,
+    text: String,
+    resuming: bool,
+}
+
+/// Reads the config of a new run (paths resolved, overrides applied) or of the run
+/// to resume, and checks the folder.
+fn open(args: &RunArgs, registry: &Registry) -> Result<Opened> {
     let (out, config, text, resuming) = if let Some(dir) = &args.resume {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -109,54 +177,12 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         let text = config.to_toml()?;
         (out.clone(), config, text, false)
     };
-    let Prepared {
-        model,
-        data,
-        label_names,
-        train_examples,
-        test_examples,
-    } = prepare(&config)?;
-    let classes = label_names.len();
-    if !resuming {
-        write_atomic(&out.join(CONFIG_FILE), text.as_bytes())?;
-        write_partition(&out, &data, &label_names)?;
-    }
-    eprintln!(
-        "{}: {} clients, {} training and {} test examples ({} labels), {} rounds of {} clients",
-        config.method,
-        config.federation.clients,
-        train_examples,
-        test_examples,
-        classes,
-        config.federation.rounds,
-        config.clients_per_round()
-    );
-
-    let mut engine = Engine::new(config, registry, &model, data, classes)?;
-    let mut state = if resuming {
-        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
-        let state = engine.restore(&contents, &text)?;
-        write_metrics(&out, &state.history)?;
-        eprintln!("resuming after round {}", state.round);
-        state
-    } else {
-        let state = engine.initialise()?;
-        save(&engine, &state, &out, &text)?;
-        state
-    };
-    let hang: Option<usize> = std::env::var(HANG_ENV).ok().and_then(|v| v.parse().ok());
-    let rounds = engine.config.federation.rounds;
-    let bar = progress(rounds, state.round);
-    report(&bar, state.history.last());
-    while state.round < rounds {
-        let next = state.round + 1;
-        engine.round(&mut state, hang == Some(next))?;
-        save(&engine, &state, &out, &text)?;
-        bar.inc(1);
-        report(&bar, state.history.last());
-    }
-    bar.finish_and_clear();
-    Ok(out)
+    Ok(Opened {
+        out,
+        config,
+        text,
+        resuming,
+    })
 }
 
 /// A config's model and its clients' data.
@@ -233,7 +259,24 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared> {
     })
 }
 
-fn save(engine: &Engine<'_>, state: &RunState, out: &Path, text: &str) -> Result<()> {
+/// Test hook (`FIBECFED_TEST_HANG_ROUND`): the resume test kills the process here, in
+/// the middle of a round, after its clients trained and before anything is saved.
+struct HangAfterTraining {
+    round: usize,
+}
+
+impl RoundObserver for HangAfterTraining {
+    fn clients_trained(&self, round: usize) {
+        if round == self.round {
+            eprintln!("test hook: round {round} trained, hanging before aggregation");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+fn save(engine: &Engine, state: &RunState, out: &Path, text: &str) -> Result<()> {
     checkpoint::save(&out.join(CHECKPOINT_FILE), &engine.snapshot(state, text)?)?;
     write_metrics(out, &state.history)
 }

@@ -397,3 +397,94 @@ fn rescoring_runs_a_fisher_pass_before_each_round() {
         assert!(tokens(&r) > tokens(&b), "round {t}: {} vs {}", r[t], b[t]);
     }
 }
+
+/// The binary of an earlier commit, for [`an_earlier_builds_results_and_run_folders_carry_over`].
+fn baseline_binary() -> PathBuf {
+    let path = std::env::var_os("FIBECFED_BASELINE_BIN")
+        .map(PathBuf::from)
+        .expect(
+            "FIBECFED_BASELINE_BIN names the earlier build's fibecfed (scripts/same-results does)",
+        );
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
+}
+
+/// Results are a contract: every config in `configs/` gives, with this build, the
+/// metrics an earlier build gave, bit for bit (wall time aside), and a run folder the
+/// earlier build left mid-run resumes here to the earlier build's own final metrics.
+/// `scripts/same-results BASE` builds BASE and runs this; it needs that binary, so it
+/// is not part of the ordinary suite.
+#[test]
+#[ignore = "needs FIBECFED_BASELINE_BIN; run scripts/same-results BASE"]
+fn an_earlier_builds_results_and_run_folders_carry_over() {
+    let old = baseline_binary();
+    let su = setup();
+    let mut files = method_files();
+    files.push(PathBuf::new()); // the dropout variant of fibecfed below
+    let mut compared = 0;
+    for file in &files {
+        let (stem, cfg) = if file.as_os_str().is_empty() {
+            (
+                "fibecfed-dropout".to_owned(),
+                config_text(
+                    &configs_dir().join("fibecfed.toml"),
+                    "[federation]\ndropout_probability = 0.3\nbatch_size = 8\n",
+                ),
+            )
+        } else {
+            (
+                file.file_stem().unwrap().to_string_lossy().into_owned(),
+                config_text(file, ""),
+            )
+        };
+        let new_out = su.root.join(format!("{stem}-new"));
+        run_ok(command(&su, &cfg, &new_out));
+        let old_out = su.root.join(format!("{stem}-old"));
+        let mut cmd = command(&su, &cfg, &old_out);
+        cmd_with_program(&mut cmd, &old);
+        run_ok(cmd);
+        assert_eq!(metrics(&new_out), metrics(&old_out), "{stem}");
+        compared += 1;
+    }
+    assert_eq!(compared, files.len());
+    assert!(compared >= 18, "only {compared} configs compared");
+
+    // A folder the earlier build was killed in, mid-round 3, resumes here.
+    let cfg = config_text(
+        &configs_dir().join("fibecfed.toml"),
+        "[federation]\nrounds = 4\n",
+    );
+    let whole = su.root.join("old-whole");
+    let mut cmd = command(&su, &cfg, &whole);
+    cmd_with_program(&mut cmd, &old);
+    run_ok(cmd);
+    let killed = su.root.join("old-killed");
+    let mut cmd = command(&su, &cfg, &killed);
+    cmd_with_program(&mut cmd, &old);
+    cmd.env("FIBECFED_TEST_HANG_ROUND", "3")
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .any(|l| l.unwrap().contains("test hook: round 3 trained"))
+    });
+    assert!(
+        reader.join().unwrap(),
+        "the earlier build never reached the hook"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(metrics(&killed).len(), 3);
+    let out = fibecfed(&["run", "--resume", s(&killed)]);
+    assert_success(&out);
+    assert_eq!(metrics(&killed), metrics(&whole));
+}
+
+/// The same command line, run by another build of `fibecfed`.
+fn cmd_with_program(cmd: &mut Command, program: &Path) {
+    let mut other = Command::new(program);
+    other.args(cmd.get_args());
+    *cmd = other;
+}

@@ -9,10 +9,10 @@
 
 use std::path::Path;
 
+use fibecfed_data::Sample;
 use fibecfed_fisher::{CpuBackend, LabelMode};
 use fibecfed_lora::{LoraConfig, LoraParams};
 use fibecfed_sim::fisher::{FisherOptions, fisher_pass, perturbation_importance};
-use fibecfed_sim::train::Sample;
 use fibecfed_transformer::{Adapter, Batch, BertModel, Encoded, NoHook, Reduction, cross_entropy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

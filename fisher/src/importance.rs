@@ -299,3 +299,48 @@ impl LayerSelector for AllLayers {
         false
     }
 }
+
+/// Nothing is global: the local-only baseline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLayers;
+
+impl LayerSelector for NoLayers {
+    fn select(
+        &self,
+        _reports: &[ImportanceReport],
+        _n_layers: usize,
+    ) -> Result<Vec<usize>, FisherError> {
+        Ok(Vec::new())
+    }
+
+    fn needs_reports(&self) -> bool {
+        false
+    }
+}
+
+/// The global layers named in the config: what participants that never meet at a
+/// server-side selection (separate Flower clients) agree on.
+#[derive(Debug, Clone, Default)]
+pub struct FixedLayers {
+    pub layers: Vec<usize>,
+}
+
+impl LayerSelector for FixedLayers {
+    fn select(&self, _: &[ImportanceReport], layers: usize) -> Result<Vec<usize>, FisherError> {
+        if let Some(&layer) = self.layers.iter().find(|&&l| l >= layers) {
+            return Err(FisherError::NoSuchLayer {
+                what: "the fixed global layers".into(),
+                layer,
+                n_layers: layers,
+            });
+        }
+        let mut out = self.layers.clone();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn needs_reports(&self) -> bool {
+        false
+    }
+}

@@ -65,8 +65,8 @@ pub use diag::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
 /// need no direct dependency on `fibecfed-kernels`.
 pub use fibecfed_kernels::{KernelError, Mode as GpuMode, ShapeError as KernelShapeError};
 pub use importance::{
-    AllLayers, ConsensusTopK, ImportanceReport, LayerSelector, PerturbationImportance,
-    RandomLayers, ceil_fraction, consensus, gal_count, normalise, top_k,
+    AllLayers, ConsensusTopK, FixedLayers, ImportanceReport, LayerSelector, NoLayers,
+    PerturbationImportance, RandomLayers, ceil_fraction, consensus, gal_count, normalise, top_k,
 };
 pub use mask::{Granularity, SiteMask, neuron_scores, site_mask};
 pub use score::{

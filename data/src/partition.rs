@@ -6,14 +6,102 @@
 //! its training data: the same size share and, for the non-IID splits, the same class
 //! prior. Personalised accuracy is measured on those parts.
 
-use anyhow::{Result, bail};
 use rand::Rng;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
 
-use crate::config::PartitionConfig;
+use serde::{Deserialize, Serialize};
+
+/// How the data is split among clients (the `[partition]` table of a run config).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PartitionConfig {
+    /// Shuffled and cut into near-equal parts.
+    Iid {},
+    /// FedPepTAO's non-IID split: client sizes ~ Dir(size_concentration·1_K), class
+    /// priors ~ Dir(alpha·1_C); the test split is drawn with the same sizes and priors.
+    Dirichlet {
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        #[serde(default = "default_size_concentration")]
+        size_concentration: f64,
+    },
+    /// Sorted by label and cut into clients·shards_per_client shards; each client gets
+    /// `shards_per_client` of them (the "pathological" split of McMahan et al.).
+    Shards {
+        #[serde(default = "default_shards")]
+        shards_per_client: usize,
+    },
+}
+
+fn default_alpha() -> f64 {
+    1.0
+}
+fn default_size_concentration() -> f64 {
+    5.0
+}
+fn default_shards() -> usize {
+    2
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        Self::Dirichlet {
+            alpha: default_alpha(),
+            size_concentration: default_size_concentration(),
+        }
+    }
+}
+
+impl PartitionConfig {
+    /// Checks the settings; each message names the `[partition]` key.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Self::Dirichlet {
+                alpha,
+                size_concentration,
+            } if !(alpha > 0.0
+                && alpha.is_finite()
+                && size_concentration > 0.0
+                && size_concentration.is_finite()) =>
+            {
+                Err(PartitionError::Dirichlet {
+                    alpha,
+                    size_concentration,
+                })
+            }
+            Self::Shards { shards_per_client }
+                if shards_per_client == 0 || shards_per_client > 1_000_000 =>
+            {
+                Err(PartitionError::Shards { shards_per_client })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a split could not be made; each names what was wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PartitionError {
+    #[error("partition: at least one client is needed")]
+    NoClients,
+    #[error("partition: label id {label} is not below the class count {classes}")]
+    LabelOutOfRange { label: usize, classes: usize },
+    #[error(
+        "partition: alpha and size_concentration must be positive and finite, got {alpha} and {size_concentration}"
+    )]
+    Dirichlet { alpha: f64, size_concentration: f64 },
+    #[error(
+        "partition.shards_per_client: must be between 1 and 1,000,000, got {shards_per_client}"
+    )]
+    Shards { shards_per_client: usize },
+    #[error("Dirichlet concentration {concentration}: {reason}")]
+    Concentration { concentration: f64, reason: String },
+}
+
+type Result<T> = std::result::Result<T, PartitionError>;
 
 /// Sample indices per client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,14 +120,14 @@ pub fn partition(
     seed: u64,
 ) -> Result<Partition> {
     if clients == 0 {
-        bail!("partition: at least one client is needed");
+        return Err(PartitionError::NoClients);
     }
     if let Some(&y) = train_labels
         .iter()
         .chain(test_labels)
         .find(|&&y| y >= classes)
     {
-        bail!("partition: label id {y} is not below the class count {classes}");
+        return Err(PartitionError::LabelOutOfRange { label: y, classes });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     match *config {
@@ -104,8 +192,10 @@ fn cut(ids: &[usize], sizes: &[usize]) -> Vec<Vec<usize>> {
 fn dirichlet(concentration: &[f64], rng: &mut ChaCha8Rng) -> Result<Vec<f64>> {
     let mut g = Vec::with_capacity(concentration.len());
     for &c in concentration {
-        let gamma =
-            Gamma::new(c, 1.0).map_err(|e| anyhow::anyhow!("Dirichlet concentration {c}: {e}"))?;
+        let gamma = Gamma::new(c, 1.0).map_err(|e| PartitionError::Concentration {
+            concentration: c,
+            reason: e.to_string(),
+        })?;
         g.push(gamma.sample(rng));
     }
     let sum: f64 = g.iter().sum();

@@ -3,8 +3,8 @@
 //! own class prior.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fibecfed_sim::config::PartitionConfig;
-use fibecfed_sim::partition::{apportion, partition};
+use fibecfed_data::PartitionConfig;
+use fibecfed_data::{apportion, partition};
 use proptest::prelude::*;
 
 fn exactly_once(parts: &[Vec<usize>], n: usize) -> bool {

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use fibecfed_sim::data::{
+use fibecfed_data::{
     DataError, Dataset, GenericLayout, Layout, read_train_eval, read_tsv, read_tsv_with,
 };
 

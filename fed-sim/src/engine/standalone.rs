@@ -1,0 +1,93 @@
+//! The engine's API for one participant running on its own (a Flower client): its
+//! start, its round, its evaluation and its saved state, without the server's loop.
+//! Each computes exactly what the simulated client of the same id would.
+
+use anyhow::{Context, Result, anyhow, bail};
+use fibecfed_aggregation::Tensors;
+
+use super::Engine;
+use crate::checkpoint::{self, Contents};
+use crate::local::Outcome;
+use crate::state::{ClientRound, ClientState};
+
+impl Engine {
+    /// The global layers when they can be chosen without the clients' reports (a
+    /// selector such as `fixed`, `random`, `all` or `none`): what a participant that
+    /// runs on its own (a Flower client) computes identically to every other one.
+    pub fn standalone_gal(&self) -> Result<Vec<usize>> {
+        if self.selector.needs_reports() {
+            bail!(
+                "sharing.selector needs every client's layer importance at the server, which a stock Flower server does not gather; fix the global layers with selector = {{ kind = \"fixed\", layers = [...] }} (for example the top layers of `fibecfed fisher --layer-importance` on a sample of the data)"
+            );
+        }
+        self.selector
+            .select(&[], self.layers())
+            .context("sharing.selector")
+    }
+
+    /// Client k's state before its first round: the initial adapter and, where the
+    /// config uses them, its curriculum order and Fisher momentum from one scoring
+    /// pass. Returns the padded tokens the pass cost.
+    pub fn start_client(&self, k: usize) -> Result<(ClientState, u64)> {
+        let data = &self
+            .data
+            .get(k)
+            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
+            .train;
+        let (state, _, tokens) = self
+            .trainer()
+            .first_state(k, data, false)
+            .with_context(|| format!("client {k}: scoring pass"))?;
+        Ok((state, tokens))
+    }
+
+    /// Client k's work in round t (1-based) on its own: download `global`, train, and
+    /// the upload (the tensors of the global layers). A diverged client gives an
+    /// error naming why; its state is left as it was.
+    pub fn run_client(
+        &self,
+        k: usize,
+        t: usize,
+        state: &mut ClientState,
+        global: &Tensors,
+        gal: &[usize],
+    ) -> Result<ClientRound> {
+        if k >= self.data.len() || t == 0 {
+            bail!("client {k}, round {t}: no such client or round (rounds count from 1)");
+        }
+        let data = &self.data[k].train;
+        if data.is_empty() {
+            bail!("client {k} has no training data");
+        }
+        match self
+            .trainer()
+            .train(k, t, data, state.clone(), global, gal)?
+        {
+            Outcome::Diverged(why, _) => bail!("client {k} diverged: {why}"),
+            Outcome::Trained(tr) => {
+                *state = tr.state;
+                Ok(ClientRound {
+                    upload: tr.upload.unwrap_or_default(),
+                    train_loss: tr.loss_sum / tr.samples.max(1) as f64,
+                    samples: tr.samples,
+                    tokens: tr.tokens,
+                })
+            }
+        }
+    }
+
+    /// Training and test examples of client k.
+    pub fn client_sizes(&self, k: usize) -> Option<(usize, usize)> {
+        self.data.get(k).map(|d| (d.train.len(), d.test.len()))
+    }
+
+    /// One client's state as checkpoint contents (names prefixed `client{k}/`).
+    pub fn client_snapshot(&self, k: usize, client: &ClientState) -> Result<Contents> {
+        checkpoint::client_snapshot(k, client)
+    }
+
+    /// The inverse of [`Self::client_snapshot`], checked against client k's data.
+    pub fn client_restore(&self, k: usize, c: &Contents) -> Result<ClientState> {
+        checkpoint::client_restore(&self.shapes(), k, c)
+    }
+}
