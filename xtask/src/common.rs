@@ -12,6 +12,8 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::system::{self, Piece};
+
 /// Bad input from the person at the keyboard (flags, environment variables,
 /// folders they pointed us at). `main` turns it into exit code 2, so scripts can
 /// tell "you asked for something wrong" from "the environment failed".
@@ -182,23 +184,6 @@ pub fn exit_code_of(status: ExitStatus) -> ExitCode {
     }
 }
 
-/// Checks that `python3 -m pip` works before we rely on it, so the error says
-/// "pip is missing" rather than a confusing failure from the download.
-pub fn require_pip() -> Result<()> {
-    let probe = Command::new("python3")
-        .args(["-m", "pip", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match probe {
-        Ok(status) if status.success() => Ok(()),
-        Ok(_) => {
-            bail!("`python3 -m pip` is not available (Debian: `apt-get install -y python3-pip`)")
-        }
-        Err(err) => bail!("python3 is not available ({err}); it is needed to run pip"),
-    }
-}
-
 /// Makes `file` a copy of a pinned PyPI artefact: reuses it when its hash is
 /// right, else runs `pip download <pip_args> -d <dir>` and checks the result.
 pub fn fetch_pinned(file: &Path, sha256: &str, pip_args: &[&str], dir: &Path) -> Result<()> {
@@ -214,7 +199,8 @@ pub fn fetch_pinned(file: &Path, sha256: &str, pip_args: &[&str], dir: &Path) ->
         );
         fs::remove_file(file).with_context(|| format!("cannot remove {}", file.display()))?;
     }
-    require_pip()?;
+    // Only now: a file already downloaded needs no pip.
+    system::ensure(&[Piece::Pip])?;
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let status = run_quietly(
         Command::new("python3")

@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::common::{Staging, cache_dir, cargo, run_forwarding, run_quietly, workspace_root};
+use crate::system::{self, Piece};
 
 /// The flwr release whose transport the client speaks (its `transport.proto` is the
 /// contract `flower/proto/transport.proto` restates).
@@ -33,6 +34,8 @@ fn flwr_python() -> Result<PathBuf> {
         .context("venv name")?
         .to_string_lossy()
         .into_owned();
+    // Only now: a venv already in the cache needs no python3-venv.
+    system::ensure(&[Piece::Venv])?;
     // Built beside its final place and renamed in only when complete: a killed
     // install never leaves a venv that looks usable.
     let staging = Staging::new(&parent, &name)?;
@@ -88,6 +91,7 @@ fn has_flwr(python: &Path) -> bool {
 
 /// `cargo xtask flower-e2e [CARGO_TEST_ARGS...]`.
 pub fn e2e(extra: &[String]) -> Result<ExitCode> {
+    system::ensure(&[Piece::OpenBlas])?;
     let root = workspace_root()?;
     let python = flwr_python()?;
     let status = run_quietly(
@@ -120,6 +124,8 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
 
 /// `cargo xtask codegen [--check]`: regenerates (or checks) flower/src/generated/.
 pub fn codegen(check: bool) -> Result<ExitCode> {
+    // The codegen crate links no OpenBLAS; protoc is all it needs from the system.
+    system::ensure(&[Piece::Protoc])?;
     let root = workspace_root()?;
     let mut cmd = cargo();
     cmd.args(["run", "--quiet", "-p", "fibecfed-flower-codegen", "--"]);

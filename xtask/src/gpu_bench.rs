@@ -6,7 +6,8 @@
 //! `gpu-bench/` folder at the repository root. That folder travels to the GPU machine
 //! (for this workplace's device tool: `carry: ["gpu-bench"]`), where `bash
 //! gpu-bench/run.sh` runs our kernels and PyTorch's paths side by side and prints the
-//! table. Nothing here needs a GPU.
+//! table. Nothing here needs a GPU, nor any system package (`fibecfed-kernels` links
+//! no OpenBLAS; CUDA is loaded at run time), so it asks `system` for nothing.
 
 use std::fs;
 use std::io::BufRead as _;

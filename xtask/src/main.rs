@@ -19,6 +19,7 @@ mod gpu_bench;
 mod preset;
 mod report;
 mod reproduce;
+mod system;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -26,6 +27,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Result;
 
 use crate::common::{UserError, cargo, run_forwarding, usage_error, workspace_root};
+use crate::system::{MissingPrerequisite, Piece};
 
 const USAGE: &str = "\
 Usage: cargo xtask <command> [options]
@@ -69,10 +71,19 @@ Environment:
   FIBECFED_DATA_DIR        dataset root (<root>/<dataset>/train.tsv, dev.tsv)
   FIBECFED_CACHE           cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/fibecfed)
   FIBECFED_NO_SHARED_DATA  set to 1 to ignore ../shared/data (exercises the data fallback)
+  FIBECFED_SKIP_SYSTEM_CHECK
+                           set to 1 to skip the system-package check (below), e.g. when
+                           OpenBLAS is installed where xtask does not look
   CARGO                    cargo to run (set by cargo itself)
 
-Exit codes: 0 success, 2 bad input (flags, folders you named), otherwise failure
-(a test or bench failure forwards cargo's own code).
+System packages: before building or fetching, a command checks the Debian packages it
+needs (libopenblas-dev; protobuf-compiler for codegen; python3-pip to fetch the model or
+data; python3-venv for flower-e2e) and installs missing ones with apt-get when run as
+root or with password-less sudo; otherwise it prints the apt-get command and exits 2.
+
+Exit codes: 0 success, 2 bad input (flags, folders you named) or a missing system package
+xtask could not install, otherwise failure (a test or bench failure forwards cargo's own
+code).
 ";
 
 fn main() -> ExitCode {
@@ -84,6 +95,9 @@ fn main() -> ExitCode {
                 if user.show_usage {
                     eprintln!("\n{USAGE}");
                 }
+                ExitCode::from(2)
+            } else if err.downcast_ref::<MissingPrerequisite>().is_some() {
+                eprintln!("error: {err:#}");
                 ExitCode::from(2)
             } else {
                 // `{:#}` prints the whole context chain on one line: what we were
@@ -183,6 +197,7 @@ fn try_main() -> Result<ExitCode> {
 
 /// `cargo xtask test`: the README's test command.
 fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
+    system::ensure(&[Piece::OpenBlas])?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--all-targets"])
         .args(cargo_test_args)
@@ -202,6 +217,7 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
 /// `cargo xtask bench`: the benchmark prints its own table; we only set the
 /// stage and pass its exit code on.
 fn bench(quick: bool, only: Option<&str>, criterion_args: &[String]) -> Result<ExitCode> {
+    system::ensure(&[Piece::OpenBlas])?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "fibecfed-benches"])
         .current_dir(workspace_root()?);

@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::common::{absolute, cargo, describe, user_error, workspace_root};
 use crate::preset::{Plan, Preset};
 use crate::report;
+use crate::system::{self, Piece};
 use crate::{assets, data};
 
 #[derive(Debug, Default)]
@@ -54,6 +55,8 @@ pub fn run(options: &Options) -> Result<()> {
         preset.file.display(),
         preset.description.as_deref().unwrap_or("no description")
     );
+    // Before the downloads, so a missing OpenBLAS stops the job at once.
+    system::ensure(&[Piece::OpenBlas])?;
     let model = assets::resolve(options.model_dir.as_deref())?;
     let data_root = data::resolve(options.data_dir.as_deref())?;
     let datasets = pick_datasets(&data_root, &options.datasets)?;
