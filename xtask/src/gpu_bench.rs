@@ -10,13 +10,12 @@
 //! no OpenBLAS; CUDA is loaded at run time), so it asks `system` for nothing.
 
 use std::fs;
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
-use crate::common::{cargo, describe, workspace_root};
+use crate::cargo_build::build_executable;
+use crate::common::{cargo, workspace_root};
 
 /// The folder the package lands in, relative to the repository root (in .gitignore).
 pub const PACKAGE_DIR: &str = "gpu-bench";
@@ -56,32 +55,7 @@ fn build(root: &Path) -> Result<PathBuf> {
         "fibecfed-kernels",
         "--bin",
         "gpu-bench",
-        "--message-format=json-render-diagnostics",
     ])
-    .current_dir(root)
-    .stdout(Stdio::piped());
-    eprintln!("+ {}", describe(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
-    let mut executable = None;
-    if let Some(out) = child.stdout.take() {
-        for line in std::io::BufReader::new(out).lines() {
-            let line = line.context("reading cargo's messages")?;
-            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if msg["reason"] == "compiler-artifact"
-                && msg["target"]["name"] == "gpu-bench"
-                && let Some(path) = msg["executable"].as_str()
-            {
-                executable = Some(PathBuf::from(path));
-            }
-        }
-    }
-    let status = child.wait().context("waiting for cargo")?;
-    if !status.success() {
-        bail!("`{}` failed ({status})", describe(&cmd));
-    }
-    executable.context("cargo built no `gpu-bench` executable (no artifact message named it)")
+    .current_dir(root);
+    build_executable(&mut cmd, "gpu-bench")
 }

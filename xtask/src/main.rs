@@ -12,6 +12,7 @@
 //! ```
 
 mod assets;
+mod cargo_build;
 mod common;
 mod data;
 mod flower;

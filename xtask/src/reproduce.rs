@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
 
+use crate::cargo_build::build_executable;
 use crate::common::{absolute, cargo, describe, user_error, workspace_root};
 use crate::preset::{Plan, Preset};
 use crate::report;
@@ -353,9 +353,7 @@ fn render_summary(s: &SummaryInfo<'_>) -> String {
 }
 
 /// Builds the binary and asks cargo where it put it, so a custom
-/// `CARGO_TARGET_DIR` or `build.target-dir` is honoured. Diagnostics are still
-/// rendered for the person watching (`json-render-diagnostics` sends them to
-/// stderr).
+/// `CARGO_TARGET_DIR` or `build.target-dir` is honoured.
 fn build_binary(root: &Path) -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args([
@@ -365,29 +363,9 @@ fn build_binary(root: &Path) -> Result<PathBuf> {
         "fibecfed-sim",
         "--bin",
         "fibecfed",
-        "--message-format=json-render-diagnostics",
     ])
-    .current_dir(root)
-    .stdout(Stdio::piped());
-    eprintln!("+ {}", describe(&cmd));
-    let output = cmd
-        .output()
-        .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
-    if !output.status.success() {
-        bail!("building the fibecfed binary failed ({})", output.status);
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    find_executable(&stdout, "fibecfed")
-        .context("cargo built fibecfed-sim but reported no `fibecfed` executable")
-}
-
-/// Picks the executable of binary target `name` out of cargo's JSON messages.
-fn find_executable(messages: &str, name: &str) -> Option<PathBuf> {
-    messages
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name)
-        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+    .current_dir(root);
+    build_executable(&mut cmd, "fibecfed").context("building the fibecfed binary failed")
 }
 
 /// `results/<YYYYmmdd-HHMMSS>` relative to the workspace root; a suffix keeps
@@ -507,19 +485,6 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(compact_stamp(t), "20231114-221320");
         assert_eq!(utc_string(t), "2023-11-14 22:13:20 UTC");
-    }
-
-    #[test]
-    fn finds_the_binary_in_cargo_messages() {
-        let messages = r#"{"reason":"compiler-artifact","target":{"name":"fibecfed_sim"},"executable":null}
-not json
-{"reason":"compiler-artifact","target":{"name":"fibecfed"},"executable":"/t/release/fibecfed"}
-{"reason":"build-finished","success":true}"#;
-        assert_eq!(
-            find_executable(messages, "fibecfed"),
-            Some(PathBuf::from("/t/release/fibecfed"))
-        );
-        assert_eq!(find_executable(messages, "other"), None);
     }
 
     #[test]

@@ -47,7 +47,6 @@ pub enum Piece {
 
 impl Piece {
     /// Every piece, for searches over the whole table.
-    #[cfg(test)]
     const ALL: [Piece; 4] = [Piece::OpenBlas, Piece::Pip, Piece::Venv, Piece::Protoc];
 
     /// The table: what each piece is for, its Debian package, how we tell it is there.
@@ -338,6 +337,34 @@ fn missing_error(missing: &[Entry], access: Access, why: Option<&str>) -> anyhow
         "\n(If it is installed where xtask does not look, set {SKIP_VAR}=1.)"
     );
     MissingPrerequisite { message }.into()
+}
+
+/// For a failed build: when the linker could not find a library from the table,
+/// the package that provides it and how to install it.
+pub fn link_error_hint(text: &str) -> Option<String> {
+    Piece::ALL.iter().map(|p| p.entry()).find_map(|e| {
+        let Detect::Library(file) = e.detect else {
+            return None;
+        };
+        let name = file.strip_prefix("lib")?.strip_suffix(".so")?;
+        mentions_lib(text, name).then(|| {
+            format!(
+                "the linker cannot find {file}: install {} (`sudo apt-get install -y {}`)",
+                e.package, e.package
+            )
+        })
+    })
+}
+
+/// True when `text` has `-l<name>` as a whole word (`-lopenblas`, not `-lopenblas64`).
+fn mentions_lib(text: &str, name: &str) -> bool {
+    let needle = format!("-l{name}");
+    text.match_indices(&needle).any(|(at, _)| {
+        text[at + needle.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+    })
 }
 
 #[cfg(test)]

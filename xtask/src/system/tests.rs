@@ -242,3 +242,15 @@ fn library_dirs_put_library_path_first() {
     assert!(dirs.contains(&PathBuf::from("/usr/lib")));
     assert!(!library_dirs(None).is_empty());
 }
+
+#[test]
+fn link_hints_match_whole_library_names() {
+    let hint = link_error_hint("rust-lld: error: unable to find library -lopenblas");
+    assert!(
+        hint.is_some_and(|h| h.contains("sudo apt-get install -y libopenblas-dev")),
+        "lld wording"
+    );
+    assert!(link_error_hint("/usr/bin/ld: cannot find -lopenblas: No such file").is_some());
+    assert!(link_error_hint("cannot find -lopenblas64").is_none());
+    assert!(link_error_hint("cannot find -lfoo").is_none());
+}
