@@ -63,6 +63,14 @@ pub struct ClientArgs {
     /// Connection attempts before giving up (exponential backoff from 0.5 s to 30 s).
     #[arg(long, default_value_t = 8)]
     pub connect_attempts: u32,
+    /// Seconds the server may take, once it accepts the connection, to answer (TLS,
+    /// HTTP/2, a first gRPC request) and to acknowledge a keep-alive ping.
+    #[arg(long, default_value_t = fibecfed_flower::DEFAULT_ANSWER_TIMEOUT.as_secs())]
+    pub answer_timeout: u64,
+    /// Seconds of silence on the connection before the client pings the server (0:
+    /// never). gRPC servers close connections pinged more often than every 300 s.
+    #[arg(long, default_value_t = fibecfed_flower::DEFAULT_KEEPALIVE_INTERVAL.as_secs())]
+    pub keepalive: u64,
     /// Largest gRPC message in MiB, both ways; must match the server's
     /// `grpc_max_message_length`.
     #[arg(long, default_value_t = 512)]
@@ -103,12 +111,19 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
     let root_certificates = args
         .root_certificates
         .as_ref()
-        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .map(|p| {
+            let pem = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            // Checked here, before the model loads, rather than at the first connection.
+            fibecfed_flower::check_root_certificates(&pem, &p.display().to_string())?;
+            anyhow::Ok(pem)
+        })
         .transpose()?;
     let mut options = Options::new(args.server.clone());
     options.root_certificates = root_certificates;
     options.tls_domain.clone_from(&args.tls_domain);
     options.attempts = args.connect_attempts.max(1);
+    options.answer_timeout = Duration::from_secs(args.answer_timeout.max(1));
+    options.keepalive_interval = (args.keepalive > 0).then(|| Duration::from_secs(args.keepalive));
     options.max_message_bytes = args
         .max_message_mib
         .checked_mul(1 << 20)

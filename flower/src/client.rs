@@ -6,10 +6,15 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
 use crate::npy::{NpyArray, NpyError};
 use crate::proto::client_message::{
@@ -25,6 +30,14 @@ pub const NUMPY_TENSOR_TYPE: &str = "numpy.ndarray";
 /// flwr's default gRPC message limit (`GRPC_MAX_MESSAGE_LENGTH`, 512 MiB): adapters of
 /// large models fit, and the server must be started with the same value.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 536_870_912;
+
+/// How long the TCP connection itself may take.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A method every gRPC server answers at once, whether it serves it (SERVING) or not
+/// (UNIMPLEMENTED, as flwr's server does), without touching the Flower service: the
+/// first request on each connection, to learn that the server speaks gRPC at all.
+const PROBE_PATH: &str = "/grpc.health.v1.Health/Check";
 
 /// A value of a config or metrics map.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +118,28 @@ pub struct Options {
     /// Wait before the second attempt; doubled after each failure up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Once the server has accepted the TCP connection, how long it may take to finish
+    /// the TLS handshake and answer a first gRPC request; also how long it may take to
+    /// acknowledge a keep-alive ping. A server that accepts connections but never
+    /// speaks (a frozen process, a service that is not gRPC) would otherwise keep the
+    /// client waiting forever.
+    pub answer_timeout: Duration,
+    /// How long the connection may stay silent before the client pings the server
+    /// (HTTP/2 PING, which a live gRPC server acknowledges even while it has no
+    /// instruction for us); `None`: never ping. A stock gRPC server (flwr's included)
+    /// closes a connection whose client pings more often than every 5 minutes without
+    /// data (`grpc.http2.min_ping_interval_without_data_ms`, 3 strikes), and a Flower
+    /// server may leave a client idle much longer than that between rounds, so the
+    /// default stays above 5 minutes.
+    pub keepalive_interval: Option<Duration>,
 }
+
+/// The default [`Options::answer_timeout`].
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The default [`Options::keepalive_interval`]: 6 minutes, a margin over gRPC's
+/// 5-minute minimum for pings without data.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(360);
 
 impl Options {
     pub fn new(server: impl Into<String>) -> Self {
@@ -117,6 +151,8 @@ impl Options {
             attempts: 8,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
+            keepalive_interval: Some(DEFAULT_KEEPALIVE_INTERVAL),
         }
     }
 }
@@ -127,6 +163,36 @@ pub enum FlowerError {
     Address(String),
     #[error("TLS setup for {server}: {why}")]
     Tls { server: String, why: String },
+    /// Root certificates that hold no usable certificate: tonic would skip them
+    /// silently and every handshake would then fail for want of a trusted CA.
+    #[error("root certificates {label}: {why}")]
+    Certificates { label: String, why: String },
+    /// The server's certificate was refused in the TLS handshake; retrying cannot help.
+    /// `name_mismatch`: it is not valid for `domain`, the name the client checked.
+    #[error(
+        "the Flower server at {server} presented a certificate that was refused: {why} ({})",
+        if *.name_mismatch {
+            format!("the client checked the name {:?}; --tls-domain, by default the host of --server, must be a name the certificate holds", .domain)
+        } else {
+            "is it signed by the CA in --root-certificates?".to_owned()
+        }
+    )]
+    Certificate {
+        server: String,
+        domain: String,
+        why: String,
+        name_mismatch: bool,
+    },
+    /// The server accepted TCP connections but never answered within `seconds` (no TLS
+    /// handshake, no HTTP/2, no gRPC response), on each of `attempts` tries.
+    #[error(
+        "the server at {server} accepted the connection but did not answer within {seconds} s ({attempts} attempts): is it a gRPC (HTTP/2) server, and is it running?"
+    )]
+    Silent {
+        server: String,
+        attempts: u32,
+        seconds: f64,
+    },
     #[error(
         "cannot reach the Flower server at {server} after {attempts} attempts over {seconds:.1} s: {last}"
     )]
@@ -246,42 +312,93 @@ fn endpoint(options: &Options) -> Result<Endpoint, FlowerError> {
     } else {
         "http"
     };
+    // The TCP connect timeout and TCP_NODELAY live in `Dialer`: tonic applies its own
+    // only to its built-in connector.
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", options.server))
         .map_err(|_| bad())?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
-    if let Some(pem) = &options.root_certificates {
-        let domain = options
-            .tls_domain
-            .clone()
-            .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+        .keep_alive_timeout(options.answer_timeout)
+        // Our connections always carry the Join stream; a stock gRPC server allows
+        // pings without any call only every 2 hours, so never ping an idle one.
+        .keep_alive_while_idle(false);
+    if let Some(interval) = options.keepalive_interval {
+        endpoint = endpoint.http2_keep_alive_interval(interval);
+    }
+    if let (Some(pem), Some(domain)) = (&options.root_certificates, tls_domain(options)) {
+        check_root_certificates(pem, "(Options::root_certificates)")?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(pem))
             .domain_name(domain);
         endpoint = endpoint.tls_config(tls).map_err(|e| FlowerError::Tls {
             server: options.server.clone(),
-            why: e.to_string(),
+            why: error_chain(&e),
         })?;
     }
     Ok(endpoint)
 }
 
-/// Connects with exponential backoff.
+/// The name the server's certificate must hold, when TLS is on: `tls_domain`, or the
+/// host of `server`.
+fn tls_domain(options: &Options) -> Option<String> {
+    options.root_certificates.as_ref()?;
+    Some(options.tls_domain.clone().unwrap_or_else(|| {
+        let host = options.server.rsplit_once(':').map_or("", |(h, _)| h);
+        host.trim_matches(['[', ']']).to_owned()
+    }))
+}
+
+/// Checks that `pem` holds at least one PEM certificate and that every certificate in
+/// it parses; returns how many there are. tonic skips anything else without a word,
+/// which leaves TLS with no trusted CA and every handshake failing for reasons the
+/// user cannot see. `label` (a file name) is named in the error.
+pub fn check_root_certificates(pem: &[u8], label: &str) -> Result<usize, FlowerError> {
+    let fail = |why: String| FlowerError::Certificates {
+        label: label.to_owned(),
+        why,
+    };
+    let mut count = 0;
+    for (index, der) in CertificateDer::pem_slice_iter(pem).enumerate() {
+        let der = der.map_err(|e| fail(format!("certificate {}: bad PEM: {e}", index + 1)))?;
+        rustls::RootCertStore::empty().add(der).map_err(|e| {
+            fail(format!(
+                "certificate {} is not a valid X.509 certificate ({e})",
+                index + 1
+            ))
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(fail(
+            "no PEM certificate (a -----BEGIN CERTIFICATE----- block) in it".into(),
+        ));
+    }
+    Ok(count)
+}
+
+/// Connects with exponential backoff. A refused certificate ends the tries at once.
 async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, FlowerError> {
     let start = Instant::now();
     let attempts = options.attempts.max(1);
     let mut backoff = Backoff::new(options);
-    let mut last = String::new();
+    let mut last = Failure::Other(String::new());
     for attempt in 1..=attempts {
-        match endpoint.connect().await {
+        match connect_once(endpoint, options).await {
             Ok(channel) => return Ok(channel),
-            Err(e) => {
-                last = error_chain(&e);
+            Err(Failure::Certificate { why, name_mismatch }) => {
+                return Err(FlowerError::Certificate {
+                    server: options.server.clone(),
+                    domain: tls_domain(options).unwrap_or_default(),
+                    why,
+                    name_mismatch,
+                });
+            }
+            Err(failure) => {
+                last = failure;
                 if attempt < attempts {
                     let wait = backoff.next();
                     log(&format!(
-                        "attempt {attempt}/{attempts} to reach {} failed ({last}); retrying in {:.1} s",
+                        "attempt {attempt}/{attempts} to reach {} failed ({}); retrying in {:.1} s",
                         options.server,
+                        last.describe(options),
                         wait.as_secs_f64()
                     ));
                     tokio::time::sleep(wait).await;
@@ -289,12 +406,176 @@ async fn connect(endpoint: &Endpoint, options: &Options) -> Result<Channel, Flow
             }
         }
     }
-    Err(FlowerError::Unreachable {
-        server: options.server.clone(),
-        attempts,
-        seconds: start.elapsed().as_secs_f64(),
-        last,
+    Err(match last {
+        Failure::Silent => FlowerError::Silent {
+            server: options.server.clone(),
+            attempts,
+            seconds: options.answer_timeout.as_secs_f64(),
+        },
+        other => FlowerError::Unreachable {
+            server: options.server.clone(),
+            attempts,
+            seconds: start.elapsed().as_secs_f64(),
+            last: other.describe(options),
+        },
     })
+}
+
+/// Why one connection attempt failed.
+enum Failure {
+    /// TCP was accepted, then nothing within `answer_timeout`.
+    Silent,
+    /// The TLS handshake refused the server's certificate.
+    Certificate { why: String, name_mismatch: bool },
+    /// Anything else (refused, unreachable, reset), with its whole cause chain.
+    Other(String),
+}
+
+impl Failure {
+    fn describe(&self, options: &Options) -> String {
+        match self {
+            Failure::Silent => format!(
+                "the connection was accepted but nothing answered within {} s",
+                options.answer_timeout.as_secs_f64()
+            ),
+            Failure::Certificate { why, .. } | Failure::Other(why) => why.clone(),
+        }
+    }
+
+    fn of(e: &tonic::transport::Error) -> Self {
+        let why = error_chain(e);
+        match certificate_error(e) {
+            Some(c) => Failure::Certificate {
+                why,
+                name_mismatch: matches!(
+                    c,
+                    rustls::CertificateError::NotValidForName
+                        | rustls::CertificateError::NotValidForNameContext { .. }
+                ),
+            },
+            None => Failure::Other(why),
+        }
+    }
+}
+
+/// The rustls certificate error somewhere in `e`'s causes. tokio-rustls hands it over
+/// inside an `io::Error`, whose `source()` skips the wrapped error, so each
+/// `io::Error` is opened by hand.
+fn certificate_error<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e rustls::CertificateError> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), inner].into_iter().flatten() {
+            if let Some(rustls::Error::InvalidCertificate(c)) =
+                candidate.downcast_ref::<rustls::Error>()
+            {
+                return Some(c);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// One try: TCP (bounded by `TCP_CONNECT_TIMEOUT`), then the TLS handshake and a first
+/// gRPC answer, which must come within `answer_timeout` of the server accepting TCP.
+async fn connect_once(endpoint: &Endpoint, options: &Options) -> Result<Channel, Failure> {
+    let (dialer, accepted) = Dialer::new(&options.server);
+    let work = async {
+        let channel = endpoint
+            .connect_with_connector(dialer)
+            .await
+            .map_err(|e| Failure::of(&e))?;
+        probe(channel.clone()).await;
+        Ok(channel)
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return done,
+        // Accepted, or the dial failed (sender dropped): either way `work` goes on.
+        _ = accepted => {}
+    }
+    tokio::time::timeout(options.answer_timeout, work)
+        .await
+        .unwrap_or(Err(Failure::Silent))
+}
+
+/// Sends one request that any gRPC server answers without delay ([`PROBE_PATH`]) and
+/// waits for the answer, whatever it says. Failures are left to the Join stream that
+/// follows, which reports them as it always has; only silence matters here, and the
+/// caller times it.
+async fn probe(channel: Channel) {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if grpc.ready().await.is_err() {
+        return;
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = PathAndQuery::from_static(PROBE_PATH);
+    let _ = grpc.unary(tonic::Request::new(()), path, codec).await;
+}
+
+/// Opens TCP connections for tonic (which adds TLS on top), and says once when the
+/// server has accepted one, so that the wait for its answer is timed from there.
+#[derive(Clone)]
+struct Dialer {
+    server: Arc<str>,
+    accepted: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl Dialer {
+    fn new(server: &str) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let dialer = Self {
+            server: server.into(),
+            accepted: Arc::new(Mutex::new(Some(tx))),
+        };
+        (dialer, rx)
+    }
+
+    async fn dial(self) -> std::io::Result<TokioIo<TcpStream>> {
+        let tcp = tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(&*self.server))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no TCP connection within {} s",
+                        TCP_CONNECT_TIMEOUT.as_secs()
+                    ),
+                )
+            })??;
+        tcp.set_nodelay(true)?;
+        if let Some(tx) = self.accepted.lock().ok().and_then(|mut slot| slot.take()) {
+            let _ = tx.send(());
+        }
+        Ok(TokioIo::new(tcp))
+    }
+}
+
+impl tower::Service<Uri> for Dialer {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    // The address is `server` itself, not the URI's: `TcpStream::connect` resolves
+    // HOST:PORT (brackets and all) as the user wrote it.
+    fn call(&mut self, _: Uri) -> Self::Future {
+        Box::pin(self.clone().dial())
+    }
 }
 
 /// Waits between tries: `initial_backoff`, doubled after each, at most `max_backoff`.
@@ -318,12 +599,19 @@ impl Backoff {
     }
 }
 
+/// `e` and its causes, each once: wrappers that show their cause's text (an
+/// `io::Error` around a rustls error) would otherwise repeat it.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
+    let mut last = out.clone();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
         source = s.source();
     }
     out
@@ -407,8 +695,15 @@ struct Session {
     answered: u64,
 }
 
+/// A status and, for one the transport made (not the server), its causes: tonic's
+/// message alone is often just "transport error".
 fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    let mut out = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        out.push_str(": ");
+        out.push_str(&error_chain(source));
+    }
+    out
 }
 
 /// The reply to one server message, and whether the session ends after it.

@@ -50,7 +50,8 @@ pub mod proto {
 }
 
 pub use client::{
-    Client, Config, DEFAULT_MAX_MESSAGE_BYTES, EvaluateOutput, FitOutput, FlowerError,
-    NUMPY_TENSOR_TYPE, Options, Summary, Value, run, run_async,
+    Client, Config, DEFAULT_ANSWER_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_MAX_MESSAGE_BYTES,
+    EvaluateOutput, FitOutput, FlowerError, NUMPY_TENSOR_TYPE, Options, Summary, Value,
+    check_root_certificates, run, run_async,
 };
 pub use npy::{NpyArray, NpyError};

@@ -397,11 +397,160 @@ fn tls_connections_verify_the_server_against_the_given_ca() {
     o.root_certificates = Some(fixture("server.pem"));
     o.tls_domain = Some("localhost".into());
     let err = fibecfed_flower::run(AddOne, &o).unwrap_err();
-    assert!(matches!(err, FlowerError::Unreachable { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            FlowerError::Certificate {
+                name_mismatch: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert!(err.to_string().contains("--root-certificates"), "{err}");
     assert!(
         server.finish().is_empty(),
         "no stream may reach an untrusted server"
     );
+}
+
+#[test]
+fn a_certificate_for_another_name_is_reported_with_the_name() {
+    let tls = Some((fixture("server.pem"), fixture("server.key")));
+    let server = ScriptedServer::start_with(vec![vec![leave()]], tls).unwrap();
+    let mut o = options(&server);
+    o.root_certificates = Some(fixture("ca.pem"));
+    o.tls_domain = Some("flower.example".into());
+    o.initial_backoff = Duration::from_secs(2);
+    let start = Instant::now();
+    let err = fibecfed_flower::run(AddOne, &o).unwrap_err();
+    // Refused at the first handshake: no retries (and no 2 s backoff) for a certificate.
+    assert!(start.elapsed() < Duration::from_secs(1), "{err}");
+    assert!(
+        matches!(
+            err,
+            FlowerError::Certificate {
+                name_mismatch: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    for part in [
+        "not valid for name \"flower.example\"",
+        "only valid for DnsName(\"localhost\")",
+        "--tls-domain",
+    ] {
+        assert!(text.contains(part), "{part} missing from: {text}");
+    }
+    assert!(server.finish().is_empty());
+}
+
+#[test]
+fn root_certificates_without_a_certificate_are_refused_naming_the_file() {
+    let check = fibecfed_flower::check_root_certificates;
+    assert_eq!(check(&fixture("ca.pem"), "ca.pem").unwrap(), 1);
+    let noise: Vec<u8> = (0..2000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    let bad_base64 = b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+    // Valid base64, not a certificate.
+    let not_der = b"-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
+    for (bytes, why) in [
+        (&noise[..], "no PEM certificate"),
+        (&fixture("server.key")[..], "no PEM certificate"),
+        (&bad_base64[..], "certificate 1: bad PEM"),
+        (
+            &not_der[..],
+            "certificate 1 is not a valid X.509 certificate",
+        ),
+    ] {
+        let err = check(bytes, "roots.pem").unwrap_err();
+        assert!(matches!(err, FlowerError::Certificates { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("roots.pem") && text.contains(why), "{text}");
+    }
+    // `run` refuses them before connecting anywhere.
+    let mut o = Options::new("127.0.0.1:9");
+    o.root_certificates = Some(noise);
+    let err = fibecfed_flower::run(AddOne, &o).unwrap_err();
+    assert!(matches!(err, FlowerError::Certificates { .. }), "{err}");
+}
+
+/// Accepts TCP connections and holds them open without ever writing a byte, until
+/// dropped: a frozen server, or a service that is not gRPC.
+struct Mute {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Mute {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Mute {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `run` on another thread, failing the test (not hanging it) past `limit`.
+fn run_within(o: Options, limit: Duration) -> Result<fibecfed_flower::Summary, FlowerError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(fibecfed_flower::run(AddOne, &o));
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the client still waits after {limit:?}"))
+}
+
+#[test]
+fn a_server_that_accepts_but_never_answers_is_reported_after_the_answer_timeout() {
+    let mute = Mute::start();
+    for tls in [false, true] {
+        let mut o = Options::new(mute.addr.to_string());
+        o.attempts = 2;
+        o.initial_backoff = Duration::from_millis(50);
+        o.answer_timeout = Duration::from_secs(1);
+        if tls {
+            // Silent in the TLS handshake rather than in HTTP/2.
+            o.root_certificates = Some(fixture("ca.pem"));
+        }
+        let start = Instant::now();
+        let err = run_within(o, Duration::from_secs(20)).unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(err, FlowerError::Silent { attempts: 2, .. }),
+            "tls {tls}: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&mute.addr.to_string())
+                && text.contains("accepted the connection but did not answer within 1 s"),
+            "{text}"
+        );
+        // Two waits of 1 s and one backoff of 0.05 s; generous above for a slow machine.
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+            "tls {tls}: {took:?}"
+        );
+    }
 }
 
 #[test]
