@@ -7,6 +7,7 @@
 //!   generic over (`f32` in training, `f64` in reference tests), with the `f32`
 //!   activation kernels behind it ([`real`]);
 //! - [`simd`], the run-time AVX2 + FMA dispatch of hot loops;
+//! - [`fsio`], atomic file writes (a unique temporary file, fsync, rename);
 //! - [`blas`], OpenBLAS's thread count, and the link to OpenBLAS itself (ndarray's
 //!   `blas` feature routes matrix products through cblas; this crate names the
 //!   provider, so every crate above gets it by depending on this one).
@@ -35,6 +36,7 @@
 extern crate blas_src;
 
 pub mod blas;
+pub mod fsio;
 pub mod real;
 mod simd;
 

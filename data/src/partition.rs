@@ -97,6 +97,15 @@ pub enum PartitionError {
         "partition.shards_per_client: must be between 1 and 1,000,000, got {shards_per_client}"
     )]
     Shards { shards_per_client: usize },
+    #[error(
+        "partition.shards_per_client = {shards_per_client} with {clients} clients makes {} shards, more than the {examples} training examples: lower shards_per_client or federation.clients",
+        shards_per_client.saturating_mul(*clients)
+    )]
+    TooManyShards {
+        shards_per_client: usize,
+        clients: usize,
+        examples: usize,
+    },
     #[error("Dirichlet concentration {concentration}: {reason}")]
     Concentration { concentration: f64, reason: String },
 }
@@ -148,6 +157,15 @@ pub fn partition(
             Ok(Partition { train, test })
         }
         PartitionConfig::Shards { shards_per_client } => {
+            // Checked before anything is allocated: one piece per shard, and a shard
+            // without an example is no shard.
+            if shards_per_client.saturating_mul(clients) > train_labels.len() {
+                return Err(PartitionError::TooManyShards {
+                    shards_per_client,
+                    clients,
+                    examples: train_labels.len(),
+                });
+            }
             let train = shards(train_labels, clients, shards_per_client, &mut rng);
             // Each client's test part follows its training classes and size.
             let sizes: Vec<f64> = train.iter().map(|c| c.len() as f64).collect();

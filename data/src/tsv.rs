@@ -444,9 +444,10 @@ pub enum DataError {
     NoLabels { path: PathBuf, header: Vec<String> },
     /// The header row is not the one the layout expects.
     #[error(
-        "{}:{line}: header [{}] does not match the {layout} layout (expected {expected})",
+        "{}:{line}: header [{}] does not match the {layout} layout (expected {expected}){}",
         path.display(),
-        found.join(", ")
+        found.join(", "),
+        folder_origin(path, layout)
     )]
     HeaderMismatch {
         path: PathBuf,
@@ -479,7 +480,7 @@ pub enum DataError {
     },
     /// A label outside the label set.
     #[error(
-        "{}:{line}: unknown label {label:?}; valid labels: [{}]",
+        "{}:{line}: unknown label {label:?}; valid labels: [{}]{origin}",
         path.display(),
         valid.join(", ")
     )]
@@ -488,7 +489,16 @@ pub enum DataError {
         line: usize,
         label: String,
         valid: Vec<String>,
+        /// Where the valid labels come from, when that is not obvious (a layout chosen
+        /// by the folder's name); empty otherwise.
+        origin: String,
     },
+    /// A training file whose examples all carry one label.
+    #[error(
+        "{}: every example has the label {label:?}; a classifier needs at least 2 classes to learn from",
+        path.display()
+    )]
+    SingleLabel { path: PathBuf, label: String },
     /// Train and eval files of [`read_train_eval`] have incompatible layouts.
     #[error(
         "train file {} ({train_layout}) and eval file {} ({eval_layout}) have different layouts",
@@ -545,8 +555,35 @@ pub fn read_train_eval(train: &Path, eval: &Path) -> Result<(Dataset, Dataset), 
         });
     }
     let train_set = parse(train, &train_text, &train_layout, None)?;
+    // One class teaches nothing: accuracy 1.0 and loss 0 would look like success.
+    let present: Vec<&String> = train_set
+        .label_counts()
+        .iter()
+        .zip(&train_set.label_names)
+        .filter(|(n, _)| **n > 0)
+        .map(|(_, name)| name)
+        .collect();
+    if present.len() < 2 {
+        return Err(DataError::SingleLabel {
+            path: train.to_path_buf(),
+            label: present.first().map(|s| (*s).clone()).unwrap_or_default(),
+        });
+    }
     let eval_set = parse(eval, &eval_text, &eval_layout, Some(&train_set.label_names))?;
     Ok((train_set, eval_set))
+}
+
+/// A known layout is chosen by the name of the file's folder, which a user may not
+/// expect (a file of 0/1 labels in a folder named `trec`): say so.
+fn folder_origin(path: &Path, layout: &str) -> String {
+    let folder = path
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(
+        "; the {layout} layout was chosen from the folder name `{folder}`: a file of another layout belongs in a folder of another name"
+    )
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
@@ -748,6 +785,7 @@ fn parse(
             path: path.to_path_buf(),
         });
     }
+    let known = spec.fixed_labels.is_some();
     let names: Vec<String> = match (label_names, spec.fixed_labels) {
         (Some(given), _) => given.to_vec(),
         (None, Some(fixed)) => fixed,
@@ -756,11 +794,17 @@ fn parse(
     let mut examples = Vec::with_capacity(raw.len());
     for r in raw {
         let Some(label) = names.iter().position(|n| n == r.label) else {
+            let origin = match (label_names, known) {
+                (Some(_), _) => " (the training file's labels)".to_owned(),
+                (None, true) => folder_origin(path, spec.name),
+                (None, false) => String::new(),
+            };
             return Err(DataError::UnknownLabel {
                 path: path.to_path_buf(),
                 line: r.line,
                 label: r.label.to_string(),
                 valid: names,
+                origin,
             });
         };
         examples.push(Example {

@@ -151,6 +151,35 @@ pub(crate) struct Shapes<'a> {
     pub gamma: f64,
     /// (train, test) sizes per client: a resume on other data is refused.
     pub sizes: Vec<(usize, usize)>,
+    /// [`data_digest`] of the clients' data: a resume on data of the same sizes but
+    /// other contents (say, flipped labels) is refused too.
+    pub digest: String,
+    /// T: a checkpoint cannot be past the run's last round.
+    pub rounds: usize,
+    /// The encoder's layer count: global layers must be among them.
+    pub layers: usize,
+}
+
+/// SHA-256 over every client's training and test samples (token ids, segment ids,
+/// labels), in client order: what the run trains and evaluates on, whatever files and
+/// tokenizer produced it.
+pub(crate) fn data_digest(data: &[crate::state::ClientData]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (k, d) in data.iter().enumerate() {
+        for (part, samples) in [("train", &d.train), ("test", &d.test)] {
+            h.update(format!("client{k}/{part}/{}\n", samples.len()).as_bytes());
+            for s in samples {
+                h.update((s.label as u64).to_le_bytes());
+                h.update((s.encoded.ids.len() as u64).to_le_bytes());
+                for (&id, &ty) in s.encoded.ids.iter().zip(&s.encoded.type_ids) {
+                    h.update(id.to_le_bytes());
+                    h.update(ty.to_le_bytes());
+                }
+            }
+        }
+    }
+    format!("{:x}", h.finalize())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,6 +195,10 @@ struct Meta {
     config: String,
     /// (train, test) sizes per client: a resume on other data is refused.
     sizes: Vec<(usize, usize)>,
+    /// [`data_digest`]; absent in checkpoints of versions before it, which resume
+    /// with the size check alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
     round: usize,
     gal: Vec<usize>,
     clients: Vec<ClientMeta>,
@@ -196,6 +229,7 @@ pub(crate) fn snapshot(
     let meta = Meta {
         config: config_text.to_owned(),
         sizes: shapes.sizes.clone(),
+        digest: Some(shapes.digest.clone()),
         round: state.round,
         gal: state.gal.clone(),
         clients: metas,
@@ -213,11 +247,7 @@ pub(crate) fn restore(
     config_text: &str,
 ) -> Result<(RunState, NamedTensors)> {
     let meta: Meta = serde_json::from_str(&c.state).context("checkpoint state")?;
-    if meta.config != config_text {
-        bail!(
-            "config.toml differs from the config the checkpoint was made with; restore it or start a new run"
-        );
-    }
+    check_config(&meta.config, config_text)?;
     if meta.sizes != shapes.sizes {
         bail!(
             "the data differ from the checkpoint's: clients' (train, test) sizes were {:?}, now {:?}; restore the data files or start a new run",
@@ -225,6 +255,17 @@ pub(crate) fn restore(
             shapes.sizes
         );
     }
+    if let Some(digest) = &meta.digest
+        && *digest != shapes.digest
+    {
+        bail!(
+            "the data differ from the checkpoint's: same sizes, other contents (digest {} then, {} now; changed labels, text, tokenizer or max_len); restore the data files or start a new run",
+            short(digest),
+            short(&shapes.digest)
+        );
+    }
+    check_progress(shapes, &meta)?;
+    check_tensors(c)?;
     if meta.clients.len() != shapes.sizes.len() {
         bail!(
             "checkpoint: {} client states for {} clients",
@@ -249,6 +290,73 @@ pub(crate) fn restore(
         history: meta.history,
     };
     Ok((state, prefixed(c, "aggregator/")))
+}
+
+/// The config a checkpoint was made with must be the config of the folder, compared
+/// as parsed (a comment or key order does not matter, a value does).
+fn check_config(saved: &str, now: &str) -> Result<()> {
+    let canonical = |text: &str| {
+        crate::config::RunConfig::parse(text)
+            .and_then(|c| c.to_toml())
+            .ok()
+    };
+    let same =
+        saved == now || matches!((canonical(saved), canonical(now)), (Some(a), Some(b)) if a == b);
+    if !same {
+        bail!(
+            "config.toml differs from the config the checkpoint was made with; restore it or start a new run"
+        );
+    }
+    Ok(())
+}
+
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
+/// A checkpoint's round, history and global layers must agree with each other and
+/// with the run: round r holds metrics of rounds 0..=r, r ≤ T, layers exist.
+fn check_progress(shapes: &Shapes<'_>, meta: &Meta) -> Result<()> {
+    if meta.round > shapes.rounds {
+        bail!(
+            "round {} is past the run's last round {} (federation.rounds)",
+            meta.round,
+            shapes.rounds
+        );
+    }
+    let rounds: Vec<usize> = meta.history.iter().map(|m| m.round).collect();
+    if rounds.len() != meta.round + 1 || rounds.iter().enumerate().any(|(i, &r)| i != r) {
+        bail!(
+            "round {} does not match its history (metrics of rounds {rounds:?}, expected 0..={})",
+            meta.round,
+            meta.round
+        );
+    }
+    let mut gal = meta.gal.clone();
+    gal.sort_unstable();
+    gal.dedup();
+    if gal.len() != meta.gal.len() || gal.iter().any(|&l| l >= shapes.layers) {
+        bail!(
+            "global layers {:?} are not distinct layers of the model's {}",
+            meta.gal,
+            shapes.layers
+        );
+    }
+    Ok(())
+}
+
+/// Global, aggregator and client parameters must be finite: a run never saves a
+/// diverged state (it rolls diverged clients back), so a NaN means a damaged file.
+fn check_tensors(c: &Contents) -> Result<()> {
+    for (name, a) in &c.f32 {
+        let checked = name.starts_with("global/")
+            || name.starts_with("aggregator/")
+            || name.contains("/params/");
+        if checked && a.iter().any(|v| !v.is_finite()) {
+            bail!("tensor {name} holds NaN or infinite values");
+        }
+    }
+    Ok(())
 }
 
 /// One client's state as checkpoint contents (names prefixed `client{k}/`).

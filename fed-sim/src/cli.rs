@@ -12,8 +12,8 @@ use crate::fisher::{
     Device, FisherOptions, FisherReport, choose_backend, difficulty_jsonl, fisher_pass,
     load_or_init_adapter, perturbation_importance,
 };
-use crate::model::load_model;
-use crate::output::{check_writable_file, write_atomic};
+use crate::model::load_model_as;
+use crate::output::{check_input_file, check_outputs_apart, check_writable_file, write_atomic};
 use crate::participant::{ClientArgs, client_command};
 use crate::registry::Registry;
 use crate::run::{RunArgs, run_command};
@@ -171,7 +171,7 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
             data.label_names
         );
     }
-    let (model, tok) = load_model(&args.model_dir, args.max_len)?;
+    let (model, tok) = load_model_as(&args.model_dir, args.max_len, "--max-len")?;
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let fresh = fibecfed_lora::LoraConfig::new(args.lora_rank, args.lora_alpha, &targets);
     let (lora, params) = load_or_init_adapter(
@@ -241,6 +241,19 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
 
 /// The flag checks of `fibecfed fisher` that need no file.
 fn check_fisher_args(args: &FisherArgs) -> Result<()> {
+    check_input_file("--data", &args.data)?;
+    let mut inputs = vec![
+        ("--data", args.data.as_path()),
+        ("--model-dir", &args.model_dir),
+    ];
+    if let Some(a) = &args.adapter {
+        inputs.push(("--adapter", a));
+    }
+    let mut outputs = vec![("--output", args.output.clone())];
+    if let Some(p) = &args.layer_importance {
+        outputs.push(("--layer-importance", p.clone()));
+    }
+    check_outputs_apart(&inputs, &outputs)?;
     check_writable_file(&args.output)?;
     if let Some(p) = &args.layer_importance {
         check_writable_file(p)?;
@@ -283,13 +296,36 @@ fn write_fisher(
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    match start_threads().and_then(|()| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
+}
+
+/// The most worker threads `RAYON_NUM_THREADS` may ask for: results do not depend on
+/// the count, and beyond this a machine spends its time starting threads (100,000
+/// of them took minutes, then failed).
+const MAX_THREADS: usize = 1024;
+
+/// Starts rayon's pool from `RAYON_NUM_THREADS` up front, so a bad value is an error
+/// naming the variable instead of a panic deep inside the first parallel loop.
+fn start_threads() -> Result<()> {
+    let threads = match std::env::var("RAYON_NUM_THREADS") {
+        Err(_) => 0,
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_THREADS => n,
+            _ => anyhow::bail!(
+                "RAYON_NUM_THREADS = {v:?}: must be a whole number from 0 (one per core) to {MAX_THREADS}"
+            ),
+        },
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .with_context(|| format!("RAYON_NUM_THREADS = {threads}: cannot start the worker threads"))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -308,8 +344,16 @@ fn run(cli: Cli) -> Result<()> {
             max_len,
             batch_size,
         } => {
+            check_input_file("--input", &input)?;
+            check_outputs_apart(
+                &[("--input", &input), ("--model-dir", &model_dir)],
+                &[("--output", output.clone())],
+            )?;
             check_writable_file(&output)?;
-            let (model, tok) = load_model(&model_dir, max_len)?;
+            if batch_size == 0 {
+                anyhow::bail!("--batch-size must be at least 1");
+            }
+            let (model, tok) = load_model_as(&model_dir, max_len, "--max-len")?;
             let start = Instant::now();
             let n = embed_file(&model, &tok, &input, &output, batch_size)?;
             eprintln!(
@@ -339,6 +383,16 @@ fn run_train(args: TrainArgs) -> Result<()> {
         save_adapter,
         metrics_out,
     };
+    check_input_file("--train", &train_file)?;
+    check_input_file("--eval", &eval)?;
+    check_outputs_apart(
+        &[
+            ("--train", &train_file),
+            ("--eval", &eval),
+            ("--model-dir", &model_dir),
+        ],
+        &outputs.files(),
+    )?;
     check_outputs(&outputs)?;
     config.validate()?;
     if limit_train == Some(0) || limit_eval == Some(0) {
@@ -347,7 +401,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let mut lora = config.lora();
     lora.base_model_name_or_path = Some(model_dir.display().to_string());
     let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
-    let (model, tok) = load_model(&model_dir, config.max_len)?;
+    let (model, tok) = load_model_as(&model_dir, config.max_len, "--max-len")?;
     lora.resolve_sites(model.config.num_hidden_layers)?;
     let seed = config.seed;
     let train_samples = limit_samples(tokenize(&tok, &train_set, &train_file)?, limit_train, seed);

@@ -56,6 +56,8 @@ pub struct Engine {
     aggregator: Box<dyn Aggregator>,
     template: LoraParams<f32>,
     observer: Option<Box<dyn RoundObserver>>,
+    /// [`checkpoint::data_digest`] of `data`, computed once.
+    digest: String,
 }
 
 impl std::fmt::Debug for Engine {
@@ -119,6 +121,7 @@ impl Engine {
         let template = fresh_adapter(&model, &lora, classes, &mut rng)
             .context("lora: the adapter does not fit the model")?;
         Ok(Self {
+            digest: checkpoint::data_digest(&data),
             config,
             model,
             data,
@@ -451,6 +454,9 @@ impl Engine {
             template: &self.template,
             adam: self.trainer().adam(),
             gamma: self.config.sparse.gamma,
+            digest: self.digest.clone(),
+            rounds: self.config.federation.rounds,
+            layers: self.model.config.num_hidden_layers,
             sizes: self
                 .data
                 .iter()

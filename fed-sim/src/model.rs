@@ -35,6 +35,26 @@ pub fn fresh_adapter(
     ))
 }
 
+/// Loads a model folder, naming it in errors; `max_len_key` is how the caller spells
+/// the length setting (`--max-len`, `model.max_len`).
+pub fn load_model_as(
+    dir: &Path,
+    max_len: usize,
+    max_len_key: &str,
+) -> Result<(BertModel<f32>, TextEncoder)> {
+    load_model(dir, max_len).map_err(|e| {
+        // The tokenizer refuses a length with no room for text as bad input.
+        if matches!(
+            e.downcast_ref::<fibecfed_transformer::ModelError>(),
+            Some(fibecfed_transformer::ModelError::Input(_))
+        ) {
+            e.context(format!("{max_len_key} = {max_len}"))
+        } else {
+            e
+        }
+    })
+}
+
 /// Loads a model folder, naming it in errors.
 pub fn load_model(dir: &Path, max_len: usize) -> Result<(BertModel<f32>, TextEncoder)> {
     let files = fibecfed_transformer::ModelFiles::locate(dir)?;
@@ -47,5 +67,27 @@ pub fn load_model(dir: &Path, max_len: usize) -> Result<(BertModel<f32>, TextEnc
         );
     }
     let tok = TextEncoder::from_file(&files.tokenizer, max_len)?;
+    check_tokenizer(&files.tokenizer, &tok, &model)?;
     Ok((model, tok))
+}
+
+/// A tokenizer must belong to its model: ids within the embedding table, and the
+/// [CLS] … [SEP] frame the classifier and the pooling expect.
+fn check_tokenizer(path: &Path, tok: &TextEncoder, model: &BertModel<f32>) -> Result<()> {
+    let rows = model.config.vocab_size;
+    if tok.vocab_size() > rows {
+        bail!(
+            "{}: {} tokens, but the model's embedding table has only {rows} rows: this tokenizer belongs to another model",
+            path.display(),
+            tok.vocab_size()
+        );
+    }
+    if tok.special_tokens_single() < 2 {
+        bail!(
+            "{}: the tokenizer adds {} special tokens to a sentence, expected [CLS] and [SEP] (a BERT post-processor): this tokenizer belongs to another model",
+            path.display(),
+            tok.special_tokens_single()
+        );
+    }
+    Ok(())
 }

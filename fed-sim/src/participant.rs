@@ -25,7 +25,7 @@ use ndarray::ArrayD;
 use crate::checkpoint::{self, Contents};
 use crate::config::RunConfig;
 use crate::engine::{ClientState, Engine};
-use crate::output::{check_writable_dir, write_atomic};
+use crate::output::{check_writable_dir, lock_folder, write_atomic};
 use crate::registry::Registry;
 use crate::run::{Prepared, prepare};
 
@@ -105,8 +105,11 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
             config.federation.clients
         );
     }
+    let mut locks = Vec::new();
     for dir in [&args.state_dir, &args.record_dir].into_iter().flatten() {
         check_writable_dir(dir)?;
+        // Held until the participant ends: two participants never share a folder.
+        locks.push(lock_folder(dir)?);
     }
     let root_certificates = args
         .root_certificates
@@ -323,6 +326,7 @@ impl Participant {
             "config": self.config_text,
             "client": self.k,
             "fits": fits,
+            "data": self.engine.data_digest(),
             "client_state": inner,
         })
         .to_string();
@@ -357,6 +361,15 @@ fn restore(
             "{} belongs to client {}, not --client-id {k}",
             path.display(),
             field("client")?
+        );
+    }
+    // Saved states of versions before the digest resume with the size check alone.
+    if let Some(digest) = wrapper.get("data")
+        && digest.as_str() != Some(engine.data_digest())
+    {
+        bail!(
+            "{} was saved on other data (same config, other file contents); restore the data files or move the saved state away",
+            path.display()
         );
     }
     let fits = field("fits")?

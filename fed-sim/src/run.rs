@@ -16,8 +16,11 @@ use serde::Serialize;
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::engine::{ClientData, Engine, RoundMetrics, RoundObserver, RunState};
-use crate::model::load_model;
-use crate::output::{check_writable_dir, write_atomic};
+use crate::model::load_model_as;
+use crate::output::{
+    FolderLock, check_input_file, check_outputs_apart, check_writable_dir, lock_folder,
+    write_atomic,
+};
 use crate::registry::Registry;
 use fibecfed_data::{Sample, limit_samples, partition, read_train_eval, tokenize};
 use fibecfed_transformer::BertModel;
@@ -26,6 +29,7 @@ use std::sync::Arc;
 const CONFIG_FILE: &str = "config.toml";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
+const PARTITION_FILE: &str = "partition.json";
 /// Test hook: hang (to be killed) in this round after the clients trained.
 const HANG_ENV: &str = "FIBECFED_TEST_HANG_ROUND";
 
@@ -61,6 +65,7 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         config,
         text,
         resuming,
+        _lock,
     } = open(args, registry)?;
     let Prepared {
         model,
@@ -90,8 +95,11 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
         engine.set_observer(Box::new(HangAfterTraining { round }));
     }
     let mut state = if resuming {
-        let contents = checkpoint::load(&out.join(CHECKPOINT_FILE))?;
-        let state = engine.restore(&contents, &text)?;
+        let path = out.join(CHECKPOINT_FILE);
+        let contents = checkpoint::load(&path)?;
+        let state = engine
+            .restore(&contents, &text)
+            .with_context(|| format!("checkpoint {}", path.display()))?;
         write_metrics(&out, &state.history)?;
         eprintln!("resuming after round {}", state.round);
         state
@@ -113,32 +121,43 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The run folder, its config and the config's text as it is (to be) saved there.
+/// The run folder (locked), its config and the config's text as it is (to be) saved
+/// there.
 struct Opened {
     out: PathBuf,
     config: RunConfig,
     text: String,
     resuming: bool,
+    /// Held for the whole run: a second `run` or `--resume` of this folder is refused.
+    _lock: FolderLock,
 }
+
+/// The files a run writes into its folder.
+const RUN_FILES: [&str; 4] = [CONFIG_FILE, PARTITION_FILE, METRICS_FILE, CHECKPOINT_FILE];
 
 /// Reads the config of a new run (paths resolved, overrides applied) or of the run
 /// to resume, and checks the folder.
 fn open(args: &RunArgs, registry: &Registry) -> Result<Opened> {
-    let (out, config, text, resuming) = if let Some(dir) = &args.resume {
+    let (out, config, text, resuming, lock) = if let Some(dir) = &args.resume {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!("--resume {}: cannot read {}", dir.display(), path.display())
         })?;
         let config =
             RunConfig::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        check_inputs(&config, None, dir)?;
         check_writable_dir(dir)?;
+        let lock = lock_folder(dir)?;
         if !dir.join(CHECKPOINT_FILE).exists() {
             bail!(
                 "--resume {}: no {CHECKPOINT_FILE} there (the run never finished round 0)",
                 dir.display()
             );
         }
-        (dir.clone(), config, text, true)
+        // The config as parsed, not as typed: a comment or reordered keys in
+        // config.toml do not block a resume; a changed value does.
+        let text = config.to_toml()?;
+        (dir.clone(), config, text, true, lock)
     } else {
         let (Some(config_path), Some(out)) = (&args.config, &args.out) else {
             bail!("give --config FILE and --out DIR, or --resume DIR");
@@ -167,22 +186,57 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<Opened> {
         registry
             .check(&config)
             .with_context(|| format!("config {}", config_path.display()))?;
+        check_inputs(&config, Some(config_path), out)?;
         check_writable_dir(out)?;
-        if out.join(CHECKPOINT_FILE).exists() {
+        let lock = lock_folder(out)?;
+        // Under the lock, so two runs started together cannot both pass this.
+        if let Some(file) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
             bail!(
-                "{} already holds a run; continue it with --resume {0} or choose another --out",
+                "{} already holds {file}: continue a run there with --resume {0}, or choose an empty --out (nothing was changed)",
                 out.display()
             );
         }
         let text = config.to_toml()?;
-        (out.clone(), config, text, false)
+        (out.clone(), config, text, false, lock)
     };
     Ok(Opened {
         out,
         config,
         text,
         resuming,
+        _lock: lock,
     })
+}
+
+/// Before the run folder is touched: the data files must be regular files (a FIFO
+/// would block forever), and no file the run writes may be one of its inputs.
+fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: &Path) -> Result<()> {
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    if let Some(p) = config_path {
+        inputs.push(("--config", p));
+    }
+    for (key, path) in [
+        ("data.train", &config.data.train),
+        ("data.test", &config.data.test),
+    ] {
+        if let Some(p) = path {
+            check_input_file(key, p)?;
+            inputs.push((key, p));
+        }
+    }
+    if let Some(p) = &config.model.dir {
+        inputs.push(("model.dir", p));
+    }
+    let outputs: Vec<(&str, PathBuf)> = RUN_FILES.iter().map(|f| ("--out", out.join(f))).collect();
+    check_outputs_apart(&inputs, &outputs)?;
+    if out.exists() && inputs.iter().any(|(_, p)| same_path(p, out)) {
+        bail!("--out {} is one of the run's inputs", out.display());
+    }
+    Ok(())
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 /// A config's model and its clients' data.
@@ -220,7 +274,7 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared> {
     }
     let (train_set, test_set) = read_train_eval(&train_file, &test_file)?;
     let classes = train_set.label_names.len();
-    let (model, tok) = load_model(&model_dir, config.model.max_len)?;
+    let (model, tok) = load_model_as(&model_dir, config.model.max_len, "model.max_len")?;
     let train = limit_samples(
         tokenize(&tok, &train_set, &train_file)?,
         config.data.limit_train,
@@ -277,8 +331,39 @@ impl RoundObserver for HangAfterTraining {
 }
 
 fn save(engine: &Engine, state: &RunState, out: &Path, text: &str) -> Result<()> {
+    if let Some(m) = state.history.last() {
+        check_finite(m)?;
+    }
     checkpoint::save(&out.join(CHECKPOINT_FILE), &engine.snapshot(state, text)?)?;
     write_metrics(out, &state.history)
+}
+
+/// JSON has no NaN or infinity (serde writes `null`), so a metric that is not finite
+/// would make a run folder that can never resume; stop with the key to change instead.
+fn check_finite(m: &RoundMetrics) -> Result<()> {
+    let fields = [
+        ("accuracy", m.accuracy, "the evaluation"),
+        ("loss", m.loss, "the evaluation"),
+        (
+            "sim_seconds",
+            m.cum_sim_seconds + m.sim_seconds,
+            "simulation.seconds_per_token, simulation.upload_bytes_per_second and simulation.download_bytes_per_second",
+        ),
+        (
+            "train_loss",
+            m.train_loss.unwrap_or(0.0),
+            "federation.lr (training)",
+        ),
+    ];
+    for (name, value, source) in fields {
+        if !value.is_finite() {
+            bail!(
+                "round {}: metric {name} is {value}, which metrics.jsonl cannot hold; check {source}",
+                m.round
+            );
+        }
+    }
+    Ok(())
 }
 
 fn write_metrics(out: &Path, history: &[RoundMetrics]) -> Result<()> {
@@ -318,7 +403,7 @@ fn write_partition(out: &Path, data: &[ClientData], labels: &[String]) -> Result
         .collect();
     let json = serde_json::json!({ "labels": labels, "clients": parts });
     write_atomic(
-        &out.join("partition.json"),
+        &out.join(PARTITION_FILE),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )
 }

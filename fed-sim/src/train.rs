@@ -104,6 +104,25 @@ pub struct TrainOutputs {
     pub metrics_out: Option<PathBuf>,
 }
 
+impl TrainOutputs {
+    /// Every file these outputs write, by flag (an adapter folder as its two files).
+    pub fn files(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut files = Vec::new();
+        if let Some(dir) = &self.save_adapter {
+            for f in [
+                fibecfed_lora::adapter::CONFIG_FILE,
+                fibecfed_lora::adapter::WEIGHTS_FILE,
+            ] {
+                files.push(("--save-adapter", dir.join(f)));
+            }
+        }
+        if let Some(file) = &self.metrics_out {
+            files.push(("--metrics-out", file.clone()));
+        }
+        files
+    }
+}
+
 /// Fails before any training if an output cannot be written.
 pub fn check_outputs(out: &TrainOutputs) -> Result<()> {
     if let Some(dir) = &out.save_adapter {

@@ -1,7 +1,6 @@
 //! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use fibecfed_core::{NamedTensors, Real};
@@ -46,25 +45,17 @@ pub fn write_adapter<F: Real>(
     })?;
     write_safetensors(&dir.join(WEIGHTS_FILE), &params.to_named(), None)?;
     let config_path = dir.join(CONFIG_FILE);
-    let tmp = dir.join(format!("{CONFIG_FILE}.tmp"));
     let text = serde_json::to_string_pretty(&config.to_peft_json()).map_err(|e| {
         LoraError::AdapterConfig {
             path: config_path.clone(),
             problem: e.to_string(),
         }
     })?;
-    let io_err = |e| LoraError::Io {
-        path: tmp.clone(),
-        source: e,
-    };
-    let mut file = fs::File::create(&tmp).map_err(io_err)?;
-    file.write_all(text.as_bytes()).map_err(io_err)?;
-    // Durable before the rename, as the weights file is.
-    file.sync_all().map_err(io_err)?;
-    drop(file);
-    fs::rename(&tmp, &config_path).map_err(|e| LoraError::Io {
-        path: config_path,
-        source: e,
+    fibecfed_core::fsio::write_atomic(&config_path, text.as_bytes()).map_err(|e| {
+        LoraError::Io {
+            path: config_path,
+            source: e,
+        }
     })?;
     Ok(())
 }

@@ -6,8 +6,8 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use fibecfed_core::NamedTensors;
@@ -147,7 +147,8 @@ pub fn read_i64_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i64>)
     Ok((info.shape.clone(), values))
 }
 
-/// Writes F32 tensors (little-endian, safetensors format, names sorted) atomically: write `<path>.tmp` in the same folder, fsync, rename; so an existing file is never left half-written. Metadata optional.
+/// Writes F32 tensors (little-endian, safetensors format, names sorted) atomically (a temporary file of its own in the same folder, fsync, rename:
+/// [`fibecfed_core::fsio::write_atomic`]); so an existing file is never left half-written. Metadata optional.
 ///
 /// Renaming over the target (rather than truncating it) also keeps any live memory map
 /// of the old file valid, since the old inode stays intact until unmapped.
@@ -179,18 +180,7 @@ pub fn write_safetensors(
         source,
     })?;
 
-    let tmp = tmp_path(path);
-    let written = write_synced(&tmp, &bytes).and_then(|()| fs::rename(&tmp, path));
-    if let Err(source) = written {
-        // Best effort: the write error is what the caller needs; a leftover temporary
-        // file is harmless and will be overwritten by the next attempt.
-        let _ = fs::remove_file(&tmp);
-        return Err(TensorIoError::Write {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    sync_parent_dir(path).map_err(|source| TensorIoError::Write {
+    fibecfed_core::fsio::write_atomic(path, &bytes).map_err(|source| TensorIoError::Write {
         path: path.to_path_buf(),
         source,
     })
@@ -347,35 +337,6 @@ impl View for F32View<'_> {
     fn data_len(&self) -> usize {
         self.0.len() * size_of::<f32>()
     }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(bytes)?;
-    // Without this the rename can reach the disk before the data, and a crash
-    // would leave a complete-looking but empty file at the target.
-    file.sync_all()
-}
-
-/// Makes the rename itself durable. Only Unix lets a directory be opened and synced.
-#[cfg(unix)]
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
-}
-
-#[cfg(not(unix))]
-fn sync_parent_dir(_path: &Path) -> io::Result<()> {
-    Ok(())
 }
 
 /// Like [`read_safetensors`], but converts only the tensors whose name `keep`

@@ -68,6 +68,20 @@ impl TextEncoder {
         })
     }
 
+    /// Token ids run below this (added tokens included): every id must be a row of
+    /// the model's embedding table.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Special tokens the post-processor adds around a single sentence ([CLS] and
+    /// [SEP] for BERT): the classifier reads the first position, which must be one.
+    pub fn special_tokens_single(&self) -> usize {
+        self.tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false))
+    }
+
     pub fn max_len(&self) -> usize {
         self.max_len
     }

@@ -81,6 +81,12 @@ impl Engine {
         self.data.get(k).map(|d| (d.train.len(), d.test.len()))
     }
 
+    /// The digest of every client's data ([`checkpoint::data_digest`]): a saved state
+    /// made on other data is refused.
+    pub fn data_digest(&self) -> &str {
+        &self.digest
+    }
+
     /// One client's state as checkpoint contents (names prefixed `client{k}/`).
     pub fn client_snapshot(&self, k: usize, client: &ClientState) -> Result<Contents> {
         checkpoint::client_snapshot(k, client)
