@@ -18,7 +18,7 @@ use crate::config::RunConfig;
 use crate::engine::{ClientData, Engine, RoundMetrics, RoundObserver, RunState};
 use crate::model::load_model_as;
 use crate::output::{
-    FolderLock, check_input_file, check_outputs_apart, check_writable_dir, lock_folder,
+    FolderLock, LOCK_FILE, check_input_file, check_outputs_apart, check_writable_dir, lock_folder,
     write_atomic,
 };
 use crate::registry::Registry;
@@ -58,15 +58,36 @@ pub struct RunArgs {
     pub seed: Option<u64>,
 }
 
-/// Runs (or resumes) to the last round; returns the output folder.
+/// Runs (or resumes) to the last round; returns the output folder. A new run that
+/// fails before its first checkpoint takes back what it wrote (a folder it created
+/// included), so the same command can simply be run again.
 pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
+    let fresh = args.out.as_ref().is_some_and(|o| !o.exists());
+    let (opened, lock) = open(args, registry)?;
+    let out = opened.out.clone();
+    let resuming = opened.resuming;
+    let result = run_opened(opened, registry);
+    // Still holding the lock: no other process can be starting in the folder.
+    if result.is_err() && !resuming && !out.join(CHECKPOINT_FILE).exists() {
+        for f in [CONFIG_FILE, PARTITION_FILE, METRICS_FILE] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+        if fresh {
+            let _ = std::fs::remove_file(out.join(LOCK_FILE));
+            let _ = std::fs::remove_dir(&out);
+        }
+    }
+    drop(lock);
+    result
+}
+
+fn run_opened(opened: Opened, registry: &Registry) -> Result<PathBuf> {
     let Opened {
         out,
         config,
         text,
         resuming,
-        _lock,
-    } = open(args, registry)?;
+    } = opened;
     let Prepared {
         model,
         data,
@@ -121,23 +142,21 @@ pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The run folder (locked), its config and the config's text as it is (to be) saved
-/// there.
+/// The run folder, its config and the config's text as it is (to be) saved there.
 struct Opened {
     out: PathBuf,
     config: RunConfig,
     text: String,
     resuming: bool,
-    /// Held for the whole run: a second `run` or `--resume` of this folder is refused.
-    _lock: FolderLock,
 }
 
 /// The files a run writes into its folder.
 const RUN_FILES: [&str; 4] = [CONFIG_FILE, PARTITION_FILE, METRICS_FILE, CHECKPOINT_FILE];
 
 /// Reads the config of a new run (paths resolved, overrides applied) or of the run
-/// to resume, and checks the folder.
-fn open(args: &RunArgs, registry: &Registry) -> Result<Opened> {
+/// to resume, checks the folder and locks it: the lock is held for the whole run, so
+/// a second `run` or `--resume` of the folder is refused.
+fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
     let (out, config, text, resuming, lock) = if let Some(dir) = &args.resume {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -192,20 +211,22 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<Opened> {
         // Under the lock, so two runs started together cannot both pass this.
         if let Some(file) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
             bail!(
-                "{} already holds {file}: continue a run there with --resume {0}, or choose an empty --out (nothing was changed)",
+                "{} already holds {file}: continue the run there with --resume {0}, or choose an empty --out (nothing was changed)",
                 out.display()
             );
         }
         let text = config.to_toml()?;
         (out.clone(), config, text, false, lock)
     };
-    Ok(Opened {
-        out,
-        config,
-        text,
-        resuming,
-        _lock: lock,
-    })
+    Ok((
+        Opened {
+            out,
+            config,
+            text,
+            resuming,
+        },
+        lock,
+    ))
 }
 
 /// Before the run folder is touched: the data files must be regular files (a FIFO

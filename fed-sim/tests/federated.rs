@@ -262,7 +262,7 @@ fn a_run_killed_mid_round_resumes_to_the_same_metrics() {
     assert_success(&out);
     assert_eq!(metrics(&killed), metrics(&whole));
     let again = command(&su, &cfg, &killed).output().unwrap();
-    assert_refused(&again, &["already holds a run", "--resume"]);
+    assert_refused(&again, &["already holds", "--resume"]);
 
     // Other data under the same file names: the checkpoint's clients no longer fit.
     common::tsv(&su.train, 40);
