@@ -40,7 +40,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_parent_dir(path)
+    // The data is safe once renamed; a file system that cannot sync a folder (EINVAL
+    // on some network mounts) only loses the durability of the rename itself.
+    match sync_parent_dir(path) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Makes the rename itself durable. Only Unix lets a directory be opened and synced.

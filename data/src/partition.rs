@@ -98,7 +98,7 @@ pub enum PartitionError {
     )]
     Shards { shards_per_client: usize },
     #[error(
-        "partition.shards_per_client = {shards_per_client} with {clients} clients makes {} shards, more than the {examples} training examples: lower shards_per_client or federation.clients",
+        "partition.shards_per_client = {shards_per_client} with {clients} clients makes {} shards, more than the {examples} training examples and the limit of 1,000,000: lower shards_per_client or federation.clients",
         shards_per_client.saturating_mul(*clients)
     )]
     TooManyShards {
@@ -111,6 +111,9 @@ pub enum PartitionError {
 }
 
 type Result<T> = std::result::Result<T, PartitionError>;
+
+/// Shards beyond the training examples that a split still makes (empty ones).
+pub const MAX_SHARDS: usize = 1_000_000;
 
 /// Sample indices per client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,9 +160,10 @@ pub fn partition(
             Ok(Partition { train, test })
         }
         PartitionConfig::Shards { shards_per_client } => {
-            // Checked before anything is allocated: one piece per shard, and a shard
-            // without an example is no shard.
-            if shards_per_client.saturating_mul(clients) > train_labels.len() {
+            // Checked before anything is allocated: one piece per shard. More shards
+            // than examples only leaves some clients empty (configs that did so ran
+            // before, and still do), up to a count whose pieces fit in memory.
+            if shards_per_client.saturating_mul(clients) > train_labels.len().max(MAX_SHARDS) {
                 return Err(PartitionError::TooManyShards {
                     shards_per_client,
                     clients,

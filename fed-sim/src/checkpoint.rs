@@ -295,16 +295,19 @@ pub(crate) fn restore(
 /// The config a checkpoint was made with must be the config of the folder, compared
 /// as parsed (a comment or key order does not matter, a value does).
 fn check_config(saved: &str, now: &str) -> Result<()> {
-    let canonical = |text: &str| {
-        crate::config::RunConfig::parse(text)
-            .and_then(|c| c.to_toml())
-            .ok()
+    use crate::config::{RunConfig, changed_keys};
+    if saved == now {
+        return Ok(());
+    }
+    let (saved, now) = (RunConfig::parse(saved), RunConfig::parse(now));
+    let changed = match (&saved, &now) {
+        (Ok(a), Ok(b)) => changed_keys(a, b),
+        _ => vec!["(the saved config no longer parses)".to_owned()],
     };
-    let same =
-        saved == now || matches!((canonical(saved), canonical(now)), (Some(a), Some(b)) if a == b);
-    if !same {
+    if !changed.is_empty() {
         bail!(
-            "config.toml differs from the config the checkpoint was made with; restore it or start a new run"
+            "config.toml differs from the config the checkpoint was made with (changed: {}); restore it or start a new run",
+            changed.join(", ")
         );
     }
     Ok(())

@@ -315,6 +315,8 @@ const MAX_THREADS: usize = 1024;
 fn start_threads() -> Result<()> {
     let threads = match std::env::var("RAYON_NUM_THREADS") {
         Err(_) => 0,
+        // Set but empty reads as unset, as rayon itself reads it.
+        Ok(v) if v.trim().is_empty() => 0,
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if n <= MAX_THREADS => n,
             _ => anyhow::bail!(

@@ -325,8 +325,11 @@ impl RunConfig {
         if self.method.trim().is_empty() {
             bail!("method: must name the method");
         }
-        if f.clients == 0 {
-            bail!("federation.clients: must be at least 1");
+        if f.clients == 0 || f.clients > 1_000_000 {
+            bail!(
+                "federation.clients: must be between 1 and 1,000,000, got {}",
+                f.clients
+            );
         }
         if !(f.fraction > 0.0 && f.fraction <= 1.0) {
             bail!("federation.fraction: must be in (0, 1], got {}", f.fraction);
@@ -372,22 +375,15 @@ impl RunConfig {
             bail!("sharing.perturbation_sigma: must be positive");
         }
         let sim = &self.simulation;
-        // Bounded, not only finite: the cost model multiplies these by token and byte
-        // counts, and a product that overflows to infinity cannot be saved.
         for (key, v) in [
             ("seconds_per_token", sim.seconds_per_token),
             ("upload_bytes_per_second", sim.upload_bytes_per_second),
             ("download_bytes_per_second", sim.download_bytes_per_second),
         ] {
-            if !(v.is_finite() && (1e-12..=1e12).contains(&v)) {
-                bail!("simulation.{key}: must be a number between 1e-12 and 1e12, got {v}");
+            if !(v.is_finite() && v > 0.0) {
+                bail!("simulation.{key}: must be a positive number, got {v}");
             }
         }
-        self.check_paths_and_lora()
-    }
-
-    /// Path keys that are set must not be empty; LoRA must leave something to train.
-    fn check_paths_and_lora(&self) -> Result<()> {
         for (key, path) in [
             ("model.dir", &self.model.dir),
             ("data.train", &self.data.train),
@@ -397,12 +393,37 @@ impl RunConfig {
                 bail!("{key}: is empty; give a path or leave the key out");
             }
         }
+        Ok(())
+    }
+
+    /// The checks a new run (or a new Flower participant) adds to [`Self::validate`]:
+    /// settings that are accepted in a saved `config.toml`, so that run folders made
+    /// before these checks keep resuming, but that a new run refuses because they
+    /// could only fail later, far from their cause, or waste the run.
+    pub fn check_new_run(&self) -> Result<()> {
+        let sim = &self.simulation;
+        // Bounded, not only finite: the cost model multiplies these by token and byte
+        // counts, and a product that overflows to infinity cannot be saved.
+        for (key, v) in [
+            ("seconds_per_token", sim.seconds_per_token),
+            ("upload_bytes_per_second", sim.upload_bytes_per_second),
+            ("download_bytes_per_second", sim.download_bytes_per_second),
+        ] {
+            if !(1e-12..=1e12).contains(&v) {
+                bail!(
+                    "simulation.{key}: must be a number between 1e-12 and 1e12, got {}",
+                    readable(v)
+                );
+            }
+        }
+        check_alpha(self.lora.alpha, HyperNames::CONFIG.alpha)?;
         let mut frozen = self.lora.frozen.clone();
         frozen.sort_unstable();
         frozen.dedup();
-        if frozen.len() == 2 {
+        if frozen.len() == 2 && !self.sharing.factors.is_empty() {
             bail!(
-                "lora.frozen: freezing both A and B leaves no LoRA parameter to train; freeze at most one factor"
+                "lora.frozen: with both A and B frozen only the head trains, yet sharing.factors = {:?} uploads LoRA tensors that never change; for head-only training set sharing.factors = []",
+                self.sharing.factors
             );
         }
         if self.federation.clients > MAX_CLIENTS {
@@ -427,6 +448,59 @@ impl RunConfig {
         lora.dropout = self.lora.dropout;
         lora
     }
+}
+
+/// α/r scales every LoRA update; a negative or huge α turns the model's outputs into
+/// NaN a few steps in, far from the setting that caused it.
+pub(crate) fn check_alpha(alpha: f32, name: &str) -> Result<()> {
+    if !(alpha > 0.0 && alpha <= 1e4) {
+        bail!(
+            "{name}: must be a positive number up to 1e4, got {}",
+            readable(f64::from(alpha))
+        );
+    }
+    Ok(())
+}
+
+/// A number as a user would write it: 1e308, not 309 digits.
+pub(crate) fn readable(v: f64) -> String {
+    if v == 0.0 || (1e-4..1e6).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
+/// The dotted keys whose values differ between two configs (`federation.lr`, ...),
+/// for messages that say what changed.
+pub fn changed_keys(a: &RunConfig, b: &RunConfig) -> Vec<String> {
+    fn walk(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    match (x.get(k), y.get(k)) {
+                        (Some(p), Some(q)) => walk(&path, p, q, out),
+                        _ => out.push(path),
+                    }
+                }
+            }
+            _ if a != b => out.push(prefix.to_owned()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    match (toml::Value::try_from(a), toml::Value::try_from(b)) {
+        (Ok(x), Ok(y)) => walk("", &x, &y, &mut out),
+        // Fail closed: what cannot be compared counts as changed.
+        _ => out.push("(the configs could not be compared)".to_owned()),
+    }
+    out
 }
 
 /// The optimiser and LoRA settings that a federated run (config keys) and centralised
@@ -499,14 +573,8 @@ impl Hyper {
         if self.rank == 0 {
             bail!("{}: must be at least 1", n.rank);
         }
-        // α/r scales every LoRA update; a negative or huge α turns the model's outputs
-        // into NaN a few steps in, far from the setting that caused it.
-        if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= 1e4) {
-            bail!(
-                "{}: must be a positive number up to 1e4, got {}",
-                n.alpha,
-                self.alpha
-            );
+        if !self.alpha.is_finite() {
+            bail!("{}: must be finite, got {}", n.alpha, self.alpha);
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("{}: must be in [0, 1), got {}", n.dropout, self.dropout);

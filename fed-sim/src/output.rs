@@ -87,8 +87,8 @@ fn same_inode(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Refuses a command whose outputs would replace one of its inputs, lie inside an
-/// input folder, or collide with each other. `inputs` and `outputs` are (flag, path);
+/// Refuses a command whose outputs would replace one of its inputs, replace a file of
+/// an input folder, or collide with each other. `inputs` and `outputs` are (flag, path);
 /// an output folder is given as the files the command writes into it.
 pub fn check_outputs_apart(inputs: &[(&str, &Path)], outputs: &[(&str, PathBuf)]) -> Result<()> {
     for (i, (out_flag, out)) in outputs.iter().enumerate() {
@@ -101,9 +101,11 @@ pub fn check_outputs_apart(inputs: &[(&str, &Path)], outputs: &[(&str, PathBuf)]
                     out.display()
                 );
             }
-            if input.is_dir() && out_r.starts_with(&in_r) {
+            // A new file inside an input folder harms nothing (a run folder under the
+            // model's is fine); replacing one of the folder's files does.
+            if input.is_dir() && out_r.starts_with(&in_r) && out.exists() {
                 bail!(
-                    "{out_flag} {} lies inside the input folder {in_flag} {}; write outputs elsewhere",
+                    "{out_flag} {} would replace a file of the input folder {in_flag} {}; write outputs elsewhere",
                     out.display(),
                     input.display()
                 );
@@ -163,7 +165,13 @@ pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
             );
         }
         Err(fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            // Some network and FUSE file systems have no locks (ENOLCK, EOPNOTSUPP):
+            // runs there worked before the lock existed and still do, unguarded.
+            eprintln!(
+                "warning: cannot lock {} ({e}); nothing stops a second process from writing there",
+                path.display()
+            );
+            return Ok(FolderLock { _file: file });
         }
     }
     // Only the holder writes its pid, for the message above.
@@ -233,13 +241,17 @@ mod tests {
         fs::hard_link(&data, &link).unwrap();
         let model = dir.path().join("model");
         fs::create_dir(&model).unwrap();
+        fs::write(model.join("config.json"), b"{}").unwrap();
         let inputs = [("--data", data.as_path()), ("--model-dir", model.as_path())];
         let same = dir.path().join("sub/../data.tsv");
         fs::create_dir(dir.path().join("sub")).unwrap();
         for (out, needle) in [
             (same, "--data"),
             (link, "--data"),
-            (model.join("out.json"), "inside the input folder"),
+            (
+                model.join("config.json"),
+                "would replace a file of the input folder",
+            ),
         ] {
             let err = check_outputs_apart(&inputs, &[("--output", out)])
                 .unwrap_err()
@@ -255,5 +267,7 @@ mod tests {
             "{err}"
         );
         check_outputs_apart(&inputs, &[("--x", a)]).unwrap();
+        // A new file in an input folder is fine.
+        check_outputs_apart(&inputs, &[("--x", model.join("new.json"))]).unwrap();
     }
 }

@@ -96,6 +96,7 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
     );
     registry
         .check(&config)
+        .and_then(|()| config.check_new_run())
         .with_context(|| format!("config {}", args.config.display()))?;
     if args.client_id >= config.federation.clients {
         bail!(
@@ -106,10 +107,16 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
         );
     }
     let mut locks = Vec::new();
+    let mut locked = Vec::new();
     for dir in [&args.state_dir, &args.record_dir].into_iter().flatten() {
         check_writable_dir(dir)?;
-        // Held until the participant ends: two participants never share a folder.
-        locks.push(lock_folder(dir)?);
+        // One lock per folder (--state-dir and --record-dir may be one), held until the
+        // participant ends: two participants never share a folder.
+        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        if !locked.contains(&canonical) {
+            locks.push(lock_folder(dir)?);
+            locked.push(canonical);
+        }
     }
     let root_certificates = args
         .root_certificates

@@ -164,7 +164,7 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
         })?;
         let config =
             RunConfig::parse(&text).with_context(|| format!("config {}", path.display()))?;
-        check_inputs(&config, None, dir)?;
+        check_inputs(&config, None, None)?;
         check_writable_dir(dir)?;
         let lock = lock_folder(dir)?;
         if !dir.join(CHECKPOINT_FILE).exists() {
@@ -204,14 +204,21 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
         }
         registry
             .check(&config)
+            .and_then(|()| config.check_new_run())
             .with_context(|| format!("config {}", config_path.display()))?;
-        check_inputs(&config, Some(config_path), out)?;
+        check_inputs(&config, Some(config_path), Some(out))?;
         check_writable_dir(out)?;
         let lock = lock_folder(out)?;
         // Under the lock, so two runs started together cannot both pass this.
+        if out.join(CHECKPOINT_FILE).exists() {
+            bail!(
+                "{} already holds a run: continue it with --resume {0}, or choose an empty --out (nothing was changed)",
+                out.display()
+            );
+        }
         if let Some(file) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
             bail!(
-                "{} already holds {file}: continue the run there with --resume {0}, or choose an empty --out (nothing was changed)",
+                "{} already holds {file} but no checkpoint (a run that never finished round 0, or a file of yours): remove it or choose an empty --out (nothing was changed)",
                 out.display()
             );
         }
@@ -230,8 +237,9 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
 }
 
 /// Before the run folder is touched: the data files must be regular files (a FIFO
-/// would block forever), and no file the run writes may be one of its inputs.
-fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: &Path) -> Result<()> {
+/// would block forever), and no file a new run (into `out`) writes may be one of its
+/// inputs. A resume writes only its own folder's files.
+fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: Option<&Path>) -> Result<()> {
     let mut inputs: Vec<(&str, &Path)> = Vec::new();
     if let Some(p) = config_path {
         inputs.push(("--config", p));
@@ -248,6 +256,7 @@ fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: &Path) -> R
     if let Some(p) = &config.model.dir {
         inputs.push(("model.dir", p));
     }
+    let Some(out) = out else { return Ok(()) };
     let outputs: Vec<(&str, PathBuf)> = RUN_FILES.iter().map(|f| ("--out", out.join(f))).collect();
     check_outputs_apart(&inputs, &outputs)?;
     if out.exists() && inputs.iter().any(|(_, p)| same_path(p, out)) {
@@ -354,6 +363,17 @@ impl RoundObserver for HangAfterTraining {
 fn save(engine: &Engine, state: &RunState, out: &Path, text: &str) -> Result<()> {
     if let Some(m) = state.history.last() {
         check_finite(m)?;
+    }
+    // A resume refuses a checkpoint with a non-finite global tensor; never save one.
+    if let Some((name, _)) = state
+        .global
+        .iter()
+        .find(|(_, a)| a.iter().any(|v| !v.is_finite()))
+    {
+        bail!(
+            "round {}: the global tensor {name} is not finite after aggregation; lower federation.lr",
+            state.round
+        );
     }
     checkpoint::save(&out.join(CHECKPOINT_FILE), &engine.snapshot(state, text)?)?;
     write_metrics(out, &state.history)

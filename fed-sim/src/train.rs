@@ -60,7 +60,8 @@ impl TrainConfig {
             alpha: self.lora_alpha,
             dropout: self.lora_dropout,
         }
-        .check(&HyperNames::FLAGS)
+        .check(&HyperNames::FLAGS)?;
+        crate::config::check_alpha(self.lora_alpha, HyperNames::FLAGS.alpha)
     }
 
     /// The LoRA configuration these flags describe.

@@ -121,7 +121,11 @@ fn check(root: &Path, case: &Case) -> Option<String> {
     let err = String::from_utf8_lossy(&out.stderr);
     // `HOSTILE_SHOW=1 cargo test --test hostile -- --nocapture` lists every message.
     if std::env::var_os("HOSTILE_SHOW").is_some() {
-        println!("{}:\n    {}", case.name, err.trim().lines().last().unwrap_or(""));
+        println!(
+            "{}:\n    {}",
+            case.name,
+            err.trim().lines().last().unwrap_or("")
+        );
     }
     let mut problems = String::new();
     match &case.expect {
@@ -160,7 +164,7 @@ fn check(root: &Path, case: &Case) -> Option<String> {
 
 /// Runs every case, each in a fresh copy of the fixture, and reports all failures
 /// together.
-fn run_all(cases: Vec<(Setup, Case)>) {
+fn run_all(cases: &[(Setup, Case)]) {
     let total = cases.len();
     let failures: Vec<String> = cases
         .iter()
@@ -309,10 +313,11 @@ fn outputs_never_replace_inputs_or_user_files() {
     let config = run_config(&su, "");
     let inside = su.model.join("run");
     let case = Case::new(
-        "run --out inside the model folder",
+        "run --out inside the model folder (success: new files harm no input)",
         &["run", "--config", s(&config), "--out", s(&inside)],
-        refused(&["inside the input folder", "model.dir"]),
-    );
+        Expect::Success,
+    )
+    .writes(&inside);
     cases.push((su, case));
 
     let su = setup();
@@ -371,11 +376,11 @@ fn outputs_never_replace_inputs_or_user_files() {
     cases.push((su, case));
 
     let su = setup();
-    let (data, out) = (su.train.clone(), su.model.join("scores.jsonl"));
+    let (data, out) = (su.train.clone(), su.model.join("config.json"));
     let case = Case::new(
-        "fisher --output inside the model folder",
+        "fisher --output = the model's config.json",
         &fisher_args(&su, &data, &out),
-        refused(&["inside the input folder", "--model-dir"]),
+        refused(&["would replace a file of the input folder", "--model-dir"]),
     );
     cases.push((su, case));
 
@@ -462,7 +467,7 @@ fn outputs_never_replace_inputs_or_user_files() {
     .writes(&out);
     cases.push((su, case));
 
-    run_all(cases);
+    run_all(&cases);
 }
 
 /// A finished two-round run in `su.root/run`.
@@ -483,6 +488,9 @@ fn finished_run(su: &Setup) -> PathBuf {
     common::assert_success(&o);
     out
 }
+
+/// An edit of a checkpoint's JSON state and f32 tensors.
+type Edit = dyn Fn(&mut Value, &mut BTreeMap<String, Vec<f32>>);
 
 /// Rewrites a checkpoint with `edit` applied to its JSON state and its tensors.
 fn edit_checkpoint(path: &Path, edit: impl FnOnce(&mut Value, &mut BTreeMap<String, Vec<f32>>)) {
@@ -538,11 +546,7 @@ fn resume_case(name: &'static str, run: &Path, expect: Expect) -> Case {
 #[test]
 fn resume_refuses_checkpoints_that_do_not_match() {
     let mut cases = Vec::new();
-    let checkpoint_edits: Vec<(
-        &'static str,
-        Box<dyn Fn(&mut Value, &mut BTreeMap<String, Vec<f32>>)>,
-        Vec<&'static str>,
-    )> = vec![
+    let checkpoint_edits: Vec<(&'static str, Box<Edit>, Vec<&'static str>)> = vec![
         (
             "round 1 with the history of rounds 0..=2",
             Box::new(|v, _| v["round"] = 1.into()),
@@ -609,6 +613,38 @@ fn resume_refuses_checkpoints_that_do_not_match() {
         cases.push((su, case));
     }
 
+    // Run folders of earlier versions keep resuming.
+    let su = setup();
+    let run = finished_run(&su);
+    edit_checkpoint(&run.join("checkpoint.safetensors"), |v, _| {
+        v.as_object_mut().unwrap().remove("digest").unwrap();
+    });
+    let case = resume_case(
+        "a checkpoint of an earlier version, without a data digest (success)",
+        &run,
+        Expect::Success,
+    )
+    .writes(&run.join("metrics.jsonl"));
+    cases.push((su, case));
+
+    let su = setup();
+    let run = finished_run(&su);
+    let old = |text: &str| text.replace("alpha = 16.0", "alpha = 0.0");
+    let path = run.join("config.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.contains("alpha = 16.0"), "{text}");
+    fs::write(&path, old(&text)).unwrap();
+    edit_checkpoint(&run.join("checkpoint.safetensors"), |v, _| {
+        v["config"] = old(v["config"].as_str().unwrap()).into();
+    });
+    let case = resume_case(
+        "a folder made before lora.alpha had to be positive (success: new bounds apply to new runs)",
+        &run,
+        Expect::Success,
+    )
+    .writes(&run.join("metrics.jsonl"));
+    cases.push((su, case));
+
     let su = setup();
     let run = finished_run(&su);
     // Every training label flipped: same sizes, other data.
@@ -656,7 +692,7 @@ fn resume_refuses_checkpoints_that_do_not_match() {
     let case = resume_case(
         "another seed in config.toml",
         &run,
-        refused(&["config.toml differs"]),
+        refused(&["config.toml differs", "changed: seed"]),
     );
     cases.push((su, case));
 
@@ -714,7 +750,7 @@ fn resume_refuses_checkpoints_that_do_not_match() {
     .writes(&run.join(".fibecfed.lock"));
     cases.push((su, case));
 
-    run_all(cases);
+    run_all(&cases);
 }
 
 #[test]
@@ -741,6 +777,16 @@ fn bad_data_and_settings_never_succeed_silently() {
     );
     cases.push((case, su));
 
+    let su = setup();
+    cases.push((
+        run_case(
+            "lora.frozen = [a, b] with sharing.factors = [] (success: head-only training)",
+            &su,
+            "[lora]\nfrozen = [\"a\", \"b\"]\n[sharing]\nfactors = []\n",
+            Expect::Success,
+        ),
+        su,
+    ));
     let su = setup();
     cases.push((
         run_case(
@@ -887,7 +933,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     );
     cases.push((case, su));
 
-    run_all(cases.into_iter().map(|(c, su)| (su, c)).collect());
+    run_all(&cases.into_iter().map(|(c, su)| (su, c)).collect::<Vec<_>>());
 }
 
 #[test]
@@ -993,10 +1039,10 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
 
     let su = setup();
     let case = run_case(
-        "more shards than training examples",
+        "more shards than training examples (success: some clients are empty, as before)",
         &su,
         "[partition]\nkind = \"shards\"\nshards_per_client = 20\n",
-        refused(&["partition.shards_per_client", "training examples"]),
+        Expect::Success,
     );
     cases.push((su, case));
 
@@ -1017,6 +1063,15 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
 
     let su = setup();
     let case = Case::new(
+        "RAYON_NUM_THREADS set but empty (success: read as unset, as rayon does)",
+        &train_args(&su),
+        Expect::Success,
+    )
+    .env("RAYON_NUM_THREADS", "");
+    cases.push((su, case));
+
+    let su = setup();
+    let case = Case::new(
         "RAYON_NUM_THREADS=3 (success: any count up to 1024 gives the same results)",
         &train_args(&su),
         Expect::Success,
@@ -1024,7 +1079,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
     .env("RAYON_NUM_THREADS", "3");
     cases.push((su, case));
 
-    run_all(cases);
+    run_all(&cases);
 }
 
 #[test]
@@ -1245,7 +1300,7 @@ fn every_bad_setting_is_named() {
     );
     cases.push((su, case));
 
-    run_all(cases);
+    run_all(&cases);
 }
 
 /// Waits until the child's stderr shows `needle`, keeping the rest of stderr.
