@@ -961,29 +961,19 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
     );
     cases.push((su, case));
 
-    let su = setup();
-    let fifo = su.root.join("fifo.tsv");
-    mkfifo(&fifo);
-    let mut args = train_args(&su);
-    args[4] = s(&fifo);
-    let case = Case::new(
-        "train --train FIFO",
-        &args,
-        refused(&["--train", "not a regular file"]),
-    );
-    cases.push((su, case));
-
-    let su = setup();
-    let fifo = su.root.join("fifo.tsv");
-    mkfifo(&fifo);
-    let mut args = train_args(&su);
-    args[6] = s(&fifo);
-    let case = Case::new(
-        "train --eval FIFO",
-        &args,
-        refused(&["--eval", "not a regular file"]),
-    );
-    cases.push((su, case));
+    // The value after `--train` (slot 4) or `--eval` (slot 6) of `train_args`.
+    for (name, slot, flag) in [
+        ("train --train FIFO", 4, "--train"),
+        ("train --eval FIFO", 6, "--eval"),
+    ] {
+        let su = setup();
+        let fifo = su.root.join("fifo.tsv");
+        mkfifo(&fifo);
+        let mut args = train_args(&su);
+        args[slot] = s(&fifo);
+        let case = Case::new(name, &args, refused(&[flag, "not a regular file"]));
+        cases.push((su, case));
+    }
 
     let su = setup();
     let fifo = su.root.join("fifo.txt");
