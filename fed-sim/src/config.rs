@@ -112,6 +112,11 @@ pub struct Federation {
     /// Each selected client fails before uploading with this probability (simulated
     /// failures); the round goes on without it.
     pub dropout_probability: f64,
+    /// Clip every local step's gradient to this global L2 norm (torch's
+    /// `clip_grad_norm_`; the authors' code uses 1.0). Absent: no clipping, as
+    /// before the key existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
 }
 
 impl Default for Federation {
@@ -125,6 +130,7 @@ impl Default for Federation {
             lr: 5e-4,
             weight_decay: 0.01,
             dropout_probability: 0.0,
+            max_grad_norm: None,
         }
     }
 }
@@ -343,6 +349,7 @@ impl RunConfig {
                 f.dropout_probability
             );
         }
+        check_max_grad_norm(f.max_grad_norm, "federation.max_grad_norm")?;
         if self.model.max_len < 3 {
             bail!("model.max_len: must be at least 3 ([CLS], a token, [SEP])");
         }
@@ -447,6 +454,16 @@ impl RunConfig {
         let mut lora = fibecfed_lora::LoraConfig::new(self.lora.rank, self.lora.alpha, &targets);
         lora.dropout = self.lora.dropout;
         lora
+    }
+}
+
+/// A clipping norm must be a positive number.
+pub(crate) fn check_max_grad_norm(v: Option<f64>, name: &str) -> Result<()> {
+    match v {
+        Some(v) if !(v.is_finite() && v > 0.0) => {
+            bail!("{name}: must be a positive number, got {v}")
+        }
+        _ => Ok(()),
     }
 }
 

@@ -235,6 +235,7 @@ impl LocalTrainer<'_> {
             scale: self.lora.scale(),
             dropout: self.lora.dropout,
             reduction: Reduction::Sum,
+            max_grad_norm: self.config.federation.max_grad_norm,
         };
         let collect_fisher = state.momentum.is_some();
         let mut fresh: DiagFisher<SiteId> = DiagFisher::new();

@@ -46,6 +46,10 @@ pub struct TrainConfig {
     pub max_len: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Clip each step's gradient to this global L2 norm (torch's clip_grad_norm_).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
 }
 
 impl TrainConfig {
@@ -61,6 +65,7 @@ impl TrainConfig {
             dropout: self.lora_dropout,
         }
         .check(&HyperNames::FLAGS)?;
+        crate::config::check_max_grad_norm(self.max_grad_norm, "--max-grad-norm")?;
         crate::config::check_alpha(self.lora_alpha, HyperNames::FLAGS.alpha)
     }
 
@@ -167,6 +172,7 @@ pub fn train(
         scale,
         dropout: lora.dropout,
         reduction: Reduction::Mean,
+        max_grad_norm: config.max_grad_norm,
     };
     let mut history = Vec::new();
     for epoch in 1..=config.epochs {

@@ -488,3 +488,29 @@ fn cmd_with_program(cmd: &mut Command, program: &Path) {
     other.args(cmd.get_args());
     *cmd = other;
 }
+
+#[test]
+fn gradient_clipping_is_opt_in_and_takes_effect() {
+    let su = setup();
+    let fib = configs_dir().join("fibecfed.toml");
+    let mut runs = Vec::new();
+    for (name, extra) in [
+        ("none", ""),
+        // A limit no gradient reaches: the factor is never below 1, nothing changes.
+        ("huge", "[federation]\nmax_grad_norm = 1e30\n"),
+        ("tight", "[federation]\nmax_grad_norm = 1e-3\n"),
+    ] {
+        let out = su.root.join(format!("clip-{name}"));
+        run_ok(command(&su, &config_text(&fib, extra), &out));
+        runs.push(metrics(&out));
+    }
+    assert_eq!(runs[0], runs[1], "an unreached limit changed the metrics");
+    // Training losses are the one metric every step feeds: clipping to 1e-3 slows it.
+    let train = |m: &[Value]| -> Vec<Value> { m.iter().map(|l| l["train_loss"].clone()).collect() };
+    assert_ne!(train(&runs[0]), train(&runs[2]), "clipping had no effect");
+    let cfg = fs::read_to_string(su.root.join("clip-none").join("config.toml")).unwrap();
+    assert!(
+        !cfg.contains("max_grad_norm"),
+        "the key appears in old configs: {cfg}"
+    );
+}

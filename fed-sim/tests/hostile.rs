@@ -1177,6 +1177,11 @@ fn every_bad_setting_is_named() {
         ),
         ("lora.rank = 0", "[lora]\nrank = 0\n", vec!["lora.rank"]),
         (
+            "federation.max_grad_norm = 0",
+            "[federation]\nmax_grad_norm = 0.0\n",
+            vec!["federation.max_grad_norm"],
+        ),
+        (
             "lora.dropout = 1",
             "[lora]\ndropout = 1.0\n",
             vec!["lora.dropout"],
@@ -1206,6 +1211,7 @@ fn every_bad_setting_is_named() {
         ("train --lora-alpha 1e30", "--lora-alpha", "1e30"),
         ("train --max-len 3", "--max-len", "3"),
         ("train --lr inf", "--lr", "inf"),
+        ("train --max-grad-norm=-1", "--max-grad-norm", "-1"),
     ] {
         let su = setup();
         let joined;
