@@ -220,8 +220,59 @@ pub struct Sharing {
     /// The LoRA factors of global layers that travel and are aggregated (FedSA-LoRA
     /// shares only A); the rest stays on the client.
     pub factors: Vec<Factor>,
-    /// Whether the classification head travels.
-    pub head: bool,
+    /// What the classification head does: `true` or `"shared"` (trained and
+    /// aggregated), `false` or `"local"` (trained, never leaves the client),
+    /// `"frozen"` (kept at its seeded initialisation, identical on every client).
+    pub head: HeadMode,
+}
+
+/// What the classification head does in a federated run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadMode {
+    /// Trained on each client and aggregated with the global layers.
+    Shared,
+    /// Trained on each client, never sent.
+    Local,
+    /// Never trained: every client keeps the seeded initial head (the closest analogue
+    /// of the authors' frozen verbalizer, FIBECFED.md §7).
+    Frozen,
+}
+
+/// How `head` is written: the booleans of configs made before the modes existed stay
+/// booleans, so their `config.toml` reads exactly as before.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum HeadRepr {
+    Flag(bool),
+    Name(String),
+}
+
+impl Serialize for HeadMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Shared => HeadRepr::Flag(true),
+            Self::Local => HeadRepr::Flag(false),
+            Self::Frozen => HeadRepr::Name("frozen".into()),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for HeadMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match HeadRepr::deserialize(d)? {
+            HeadRepr::Flag(true) => Ok(Self::Shared),
+            HeadRepr::Flag(false) => Ok(Self::Local),
+            HeadRepr::Name(n) => match n.as_str() {
+                "shared" => Ok(Self::Shared),
+                "local" => Ok(Self::Local),
+                "frozen" => Ok(Self::Frozen),
+                other => Err(serde::de::Error::custom(format!(
+                    "sharing.head: unknown mode {other:?}; expected \"shared\", \"local\", \"frozen\" (or true/false)"
+                ))),
+            },
+        }
+    }
 }
 
 impl Default for Sharing {
@@ -233,7 +284,7 @@ impl Default for Sharing {
             importance: ImportanceKind::Fisher,
             perturbation_sigma: 0.01,
             factors: vec![Factor::A, Factor::B],
-            head: true,
+            head: HeadMode::Shared,
         }
     }
 }

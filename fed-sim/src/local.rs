@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-use crate::config::{Factor, ImportanceKind, RunConfig};
+use crate::config::{Factor, HeadMode, ImportanceKind, RunConfig};
 use crate::fisher::{FisherHook, FisherOptions, cpu_backend, fisher_pass, perturbation_importance};
 use crate::state::ClientState;
 use crate::step::{ProxAnchor, Step, StepOutcome};
@@ -123,7 +123,7 @@ impl LocalTrainer<'_> {
                 }
             }
         }
-        if self.config.sharing.head {
+        if self.config.sharing.head == HeadMode::Shared {
             names.push(PEFT_HEAD_WEIGHT.to_owned());
             names.push(PEFT_HEAD_BIAS.to_owned());
         }
@@ -382,8 +382,8 @@ impl LocalTrainer<'_> {
     }
 
     /// Keep-masks in [`LoraParams::slices`] order: frozen factors never move; sites of
-    /// the client's own layers keep the top-ρ units by Fisher momentum; the rest and
-    /// the head update densely.
+    /// the client's own layers keep the top-ρ units by Fisher momentum; the rest update
+    /// densely, and so does the head unless it is frozen.
     fn masks(&self, state: &ClientState, gal: &[usize]) -> Result<Vec<Option<Vec<bool>>>> {
         let frozen = &self.config.lora.frozen;
         let freeze = |f: Factor| frozen.contains(&f);
@@ -413,8 +413,14 @@ impl LocalTrainer<'_> {
                 Some(m.b.iter().copied().collect())
             });
         }
-        out.push(None);
-        out.push(None);
+        if self.config.sharing.head == HeadMode::Frozen {
+            let head = &state.params.head;
+            out.push(Some(vec![false; head.weight.len()]));
+            out.push(Some(vec![false; head.bias.len()]));
+        } else {
+            out.push(None);
+            out.push(None);
+        }
         Ok(out)
     }
 }

@@ -241,7 +241,7 @@ impl Registry {
         self.selector(&config.sharing.selector, config.seed)?;
         self.aggregator(&config.aggregator)?;
         if config.sharing.factors.is_empty()
-            && !config.sharing.head
+            && config.sharing.head != crate::config::HeadMode::Shared
             && kind_of(&config.sharing.selector, "sharing.selector")? != "none"
         {
             bail!(

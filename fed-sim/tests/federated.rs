@@ -514,3 +514,84 @@ fn gradient_clipping_is_opt_in_and_takes_effect() {
         "the key appears in old configs: {cfg}"
     );
 }
+
+/// The f32 tensors of a run's checkpoint, by name.
+fn checkpoint_tensors(out: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let bytes = fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+#[test]
+fn head_modes_behave_as_named() {
+    let su = setup();
+    let fib = configs_dir().join("fibecfed.toml");
+    // One client a round for two rounds: at least two of the four are never selected
+    // and hold the seeded initial head.
+    let base = "[federation]\nfraction = 0.25\nrounds = 2\n";
+    let mut runs = Vec::new();
+    for mode in ["true", "\"local\"", "\"frozen\""] {
+        let out = su.root.join(format!("head-{}", mode.trim_matches('"')));
+        let cfg = config_text(&fib, &format!("{base}[sharing]\nhead = {mode}\n"));
+        run_ok(command(&su, &cfg, &out));
+        runs.push(out);
+    }
+    let head = "base_model.model.classifier.weight";
+    let bias = "base_model.model.classifier.bias";
+
+    // Frozen: every client's head is bitwise the one never-selected clients keep, and
+    // it never travels.
+    let frozen = checkpoint_tensors(&runs[2]);
+    for name in [head, bias] {
+        let heads: Vec<&Vec<u8>> = (0..4)
+            .map(|k| &frozen[&format!("client{k}/params/{name}")].1)
+            .collect();
+        assert!(heads.iter().all(|h| *h == heads[0]), "{name} moved");
+        assert!(!frozen.contains_key(&format!("global/{name}")));
+    }
+    // Training still happened: some client's LoRA tensors left the initial values.
+    let lora_a = frozen
+        .keys()
+        .find(|n| n.starts_with("client0/params/") && n.contains("lora_B"))
+        .unwrap()
+        .trim_start_matches("client0/params/")
+        .to_owned();
+    let bs: Vec<&Vec<u8>> = (0..4)
+        .map(|k| &frozen[&format!("client{k}/params/{lora_a}")].1)
+        .collect();
+    assert!(bs.iter().any(|b| *b != bs[0]), "nothing trained");
+
+    // Local: the head never leaves the client: each upload is lighter by the head's
+    // data plus its two safetensors header entries, the same for every upload.
+    let shared = metrics(&runs[0]);
+    let local = metrics(&runs[1]);
+    let local_t = checkpoint_tensors(&runs[1]);
+    assert!(!local_t.contains_key(&format!("global/{head}")));
+    let (shape_w, _) = &local_t[&format!("client0/params/{head}")];
+    let (shape_b, _) = &local_t[&format!("client0/params/{bias}")];
+    let head_bytes = 4 * (shape_w.iter().product::<usize>() + shape_b.iter().product::<usize>());
+    let mut per_upload = Vec::new();
+    for (s, l) in shared.iter().zip(&local).skip(1) {
+        let uploads = s["selected"].as_array().unwrap().len()
+            - s["dropped"].as_array().unwrap().len()
+            - s["empty"].as_array().unwrap().len()
+            - s["diverged"].as_array().unwrap().len();
+        let diff = (s["bytes_up"].as_u64().unwrap() - l["bytes_up"].as_u64().unwrap()) as usize;
+        assert!(
+            uploads > 0 && diff.is_multiple_of(uploads),
+            "round {}: {diff}",
+            s["round"]
+        );
+        per_upload.push(diff / uploads);
+    }
+    for d in &per_upload {
+        assert_eq!(*d, per_upload[0]);
+        assert!(
+            *d > head_bytes && *d <= head_bytes + 256,
+            "{d} vs {head_bytes}"
+        );
+    }
+}

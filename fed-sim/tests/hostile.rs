@@ -1177,6 +1177,11 @@ fn every_bad_setting_is_named() {
         ),
         ("lora.rank = 0", "[lora]\nrank = 0\n", vec!["lora.rank"]),
         (
+            "sharing.head = \"frozn\"",
+            "[sharing]\nhead = \"frozn\"\n",
+            vec!["sharing.head", "frozn"],
+        ),
+        (
             "federation.max_grad_norm = 0",
             "[federation]\nmax_grad_norm = 0.0\n",
             vec!["federation.max_grad_norm"],
