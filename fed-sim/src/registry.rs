@@ -30,7 +30,7 @@ use fibecfed_aggregation::{Aggregator, FedAdam, FedAvg, FedYogi};
 use fibecfed_curriculum::{EasyFirst, HardFirst, Ordering, Pacing, PacingConfig, RandomOrder};
 use fibecfed_fisher::{
     AllLayers, ConsensusTopK, DifficultyScorer, FisherTrace, FixedLayers, LayerSelector, LossScore,
-    NoLayers, RandomLayers,
+    NoLayers, RandomLayers, ReportWeighting, SelectEnd,
 };
 use serde::Deserialize;
 
@@ -68,6 +68,36 @@ impl std::fmt::Debug for Registry {
 #[serde(deny_unknown_fields)]
 struct LayersSection {
     layers: Vec<usize>,
+}
+
+/// Settings of `consensus_top_k`: the fraction g, which end of the ranking travels
+/// (`"most"`, the default, or `"least"`), and how reports are weighted (`"samples"`,
+/// the default, or `"equal"`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsensusSection {
+    #[serde(default = "half")]
+    fraction: f64,
+    #[serde(default)]
+    end: EndName,
+    #[serde(default)]
+    weighting: WeightingName,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+enum EndName {
+    #[default]
+    Most,
+    Least,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+enum WeightingName {
+    #[default]
+    Samples,
+    Equal,
 }
 
 /// Settings of the selectors that keep a fraction g of the layers.
@@ -151,9 +181,17 @@ impl Registry {
         r.selectors.insert(
             "consensus_top_k".into(),
             Box::new(|t, _| {
-                let s: FractionSection = parse(t, "sharing.selector")?;
+                let s: ConsensusSection = parse(t, "sharing.selector")?;
                 Ok(Box::new(ConsensusTopK {
                     fraction: s.fraction,
+                    end: match s.end {
+                        EndName::Most => SelectEnd::Most,
+                        EndName::Least => SelectEnd::Least,
+                    },
+                    weighting: match s.weighting {
+                        WeightingName::Samples => ReportWeighting::Samples,
+                        WeightingName::Equal => ReportWeighting::Equal,
+                    },
                 }))
             }),
         );

@@ -595,3 +595,23 @@ fn head_modes_behave_as_named() {
         );
     }
 }
+
+#[test]
+fn the_least_important_layers_travel_when_asked() {
+    let su = setup();
+    let fib = configs_dir().join("fibecfed.toml");
+    let mut gals = Vec::new();
+    for end in ["most", "least"] {
+        let out = su.root.join(format!("end-{end}"));
+        let extra = format!(
+            "[federation]\nrounds = 1\n[sharing.selector]\nkind = \"consensus_top_k\"\nfraction = 0.5\nend = \"{end}\"\n"
+        );
+        run_ok(command(&su, &config_text(&fib, &extra), &out));
+        let m = metrics(&out);
+        gals.push(m[0]["gal"].clone());
+    }
+    // The tiny model has 2 layers: each end keeps one, and they are not the same.
+    assert_eq!(gals[0].as_array().unwrap().len(), 1, "{gals:?}");
+    assert_eq!(gals[1].as_array().unwrap().len(), 1, "{gals:?}");
+    assert_ne!(gals[0], gals[1], "{gals:?}");
+}

@@ -1182,6 +1182,11 @@ fn every_bad_setting_is_named() {
             vec!["sharing.head", "frozn"],
         ),
         (
+            "an unknown end of the layer ranking",
+            "[sharing.selector]\nkind = \"consensus_top_k\"\nend = \"middle\"\n",
+            vec!["sharing.selector", "middle"],
+        ),
+        (
             "federation.max_grad_norm = 0",
             "[federation]\nmax_grad_norm = 0.0\n",
             vec!["federation.max_grad_norm"],

@@ -239,10 +239,55 @@ pub trait LayerSelector: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// FibecFed's rule: the top ⌈g·L⌉ layers of the n_k-weighted consensus.
+/// The k lowest scores' indices, ascending (ties: the lower index first, as in
+/// [`top_k`]).
+pub fn bottom_k(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+/// Which end of the consensus ranking travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectEnd {
+    /// The highest scores (the paper's text: the most important layers are global).
+    #[default]
+    Most,
+    /// The lowest scores (the authors' code: the layers least sensitive to an
+    /// adversarial nudge are shared, the most sensitive stay local; FIBECFED.md §7).
+    Least,
+}
+
+/// How clients' reports are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReportWeighting {
+    /// Σ_k (n_k/n)·I_l^k.
+    #[default]
+    Samples,
+    /// Every report counts alike (the authors' code sums the reports; the ranking is
+    /// that of the plain mean).
+    Equal,
+}
+
+/// FibecFed's rule: ⌈g·L⌉ layers from one end of the clients' consensus.
 #[derive(Debug, Clone, Copy)]
 pub struct ConsensusTopK {
     pub fraction: f64,
+    pub end: SelectEnd,
+    pub weighting: ReportWeighting,
+}
+
+impl ConsensusTopK {
+    /// The highest ⌈g·L⌉ layers of the n_k-weighted consensus (the default settings).
+    pub fn most(fraction: f64) -> Self {
+        Self {
+            fraction,
+            end: SelectEnd::Most,
+            weighting: ReportWeighting::Samples,
+        }
+    }
 }
 
 impl LayerSelector for ConsensusTopK {
@@ -252,7 +297,23 @@ impl LayerSelector for ConsensusTopK {
         n_layers: usize,
     ) -> Result<Vec<usize>, FisherError> {
         let n = gal_count(self.fraction, n_layers)?;
-        Ok(top_k(&consensus(reports, n_layers)?, n))
+        let scores = match self.weighting {
+            ReportWeighting::Samples => consensus(reports, n_layers)?,
+            ReportWeighting::Equal => {
+                let equal: Vec<ImportanceReport> = reports
+                    .iter()
+                    .map(|r| ImportanceReport {
+                        samples: 1,
+                        importance: r.importance.clone(),
+                    })
+                    .collect();
+                consensus(&equal, n_layers)?
+            }
+        };
+        Ok(match self.end {
+            SelectEnd::Most => top_k(&scores, n),
+            SelectEnd::Least => bottom_k(&scores, n),
+        })
     }
 }
 

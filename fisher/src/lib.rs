@@ -66,7 +66,8 @@ pub use diag::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
 pub use fibecfed_kernels::{KernelError, Mode as GpuMode, ShapeError as KernelShapeError};
 pub use importance::{
     AllLayers, ConsensusTopK, FixedLayers, ImportanceReport, LayerSelector, NoLayers,
-    PerturbationImportance, RandomLayers, ceil_fraction, consensus, gal_count, normalise, top_k,
+    PerturbationImportance, RandomLayers, ReportWeighting, SelectEnd, bottom_k, ceil_fraction,
+    consensus, gal_count, normalise, top_k,
 };
 pub use mask::{Granularity, SiteMask, neuron_scores, site_mask};
 pub use score::{

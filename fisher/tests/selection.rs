@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use fibecfed_fisher::{
     AllLayers, ConsensusTopK, DiagFisher, DifficultyScorer, FisherError, FisherMomentum,
     FisherTrace, Granularity, HeadDiag, ImportanceReport, LayerSelector, LossScore, NonFinite,
-    RandomLayers, SampleStats, Setting, SiteDiag, ceil_fraction, consensus, gal_count,
-    neuron_scores, normalise, sample_labels, scores, site_mask,
+    RandomLayers, ReportWeighting, SampleStats, SelectEnd, Setting, SiteDiag, ceil_fraction,
+    consensus, gal_count, neuron_scores, normalise, sample_labels, scores, site_mask,
 };
 use ndarray::{Array1, Array2};
 use proptest::prelude::*;
@@ -358,6 +358,32 @@ fn check_layers(layers: &[usize], n_layers: usize, count: usize) -> Result<(), T
 proptest! {
     #![proptest_config(config())]
 
+    /// `end = "least"` with `weighting = "equal"` (the authors' rule) against an f64
+    /// plain mean of the reports: the kept layers are the lowest, ties to the lower index.
+    #[test]
+    fn consensus_least_equal_keeps_the_lowest_plain_mean(rs in reports(), g in gal_fraction()) {
+        let n_layers = rs.n_layers;
+        let mut mean = vec![0.0f64; n_layers];
+        for r in &rs.reports {
+            for (l, v) in r.importance.iter().enumerate() {
+                mean[l] += v / rs.reports.len() as f64;
+            }
+        }
+        let selector = ConsensusTopK {
+            fraction: g.value,
+            end: SelectEnd::Least,
+            weighting: ReportWeighting::Equal,
+        };
+        let layers = selector.select(&rs.reports, n_layers).unwrap();
+        let count = g.ceil_of(n_layers);
+        check_layers(&layers, n_layers, count)?;
+        let same = |i: usize, j: usize| {
+            rs.reports.iter().all(|r| r.importance[i].to_bits() == r.importance[j].to_bits())
+        };
+        let negated: Vec<f64> = mean.iter().map(|v| -v).collect();
+        check_top(&negated, &layers, count, same)?;
+    }
+
     #[test]
     fn consensus_top_k_picks_the_weighted_top_layers(rs in reports(), g in gal_fraction()) {
         let n_layers = rs.n_layers;
@@ -367,7 +393,7 @@ proptest! {
         for (a, b) in got.iter().zip(&want) {
             prop_assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
         }
-        let selector = ConsensusTopK { fraction: g.value };
+        let selector = ConsensusTopK::most(g.value);
         let layers = selector.select(&rs.reports, n_layers).unwrap();
         let count = g.ceil_of(n_layers);
         check_layers(&layers, n_layers, count)?;
@@ -400,7 +426,7 @@ proptest! {
     #[test]
     fn bad_reports_are_refused(rs in reports(), at in any::<prop::sample::Index>(), layer in any::<prop::sample::Index>()) {
         let n_layers = rs.n_layers;
-        let selector = ConsensusTopK { fraction: 0.5 };
+        let selector = ConsensusTopK::most(0.5);
         let k = at.index(rs.reports.len());
 
         let report = format!("client report {k}'s importance");
@@ -458,7 +484,7 @@ proptest! {
                 Err(FisherError::Config { setting: Setting::GlobalFraction, value })
                     if value.to_bits() == g.to_bits()
             );
-            let top = ConsensusTopK { fraction: g }.select(&rs.reports, n_layers);
+            let top = ConsensusTopK::most(g).select(&rs.reports, n_layers);
             prop_assert!(refused(&top), "g = {}: {:?}", g, top);
             let random = RandomLayers { fraction: g, seed: 1 }.select(&rs.reports, n_layers);
             prop_assert!(refused(&random), "g = {}: {:?}", g, random);
@@ -527,7 +553,7 @@ fn counts_of_decimal_fractions_are_integer_ceilings() {
                 samples: 1,
                 importance: (0..n).map(|l| l as f64).collect(),
             };
-            let top = ConsensusTopK { fraction: f }
+            let top = ConsensusTopK::most(f)
                 .select(std::slice::from_ref(&report), n)
                 .unwrap();
             // Importance grows with the index: the top layers are the last ones.
@@ -568,7 +594,7 @@ fn consensus_by_hand() {
         },
     ];
     assert_eq!(consensus(&reports, 3).unwrap(), [0.25, 0.75, 0.5]);
-    let pick = |g| ConsensusTopK { fraction: g }.select(&reports, 3).unwrap();
+    let pick = |g| ConsensusTopK::most(g).select(&reports, 3).unwrap();
     assert_eq!(pick(0.0), Vec::<usize>::new());
     assert_eq!(pick(0.2), [1]);
     assert_eq!(pick(0.5), [1, 2]);
