@@ -236,6 +236,8 @@ pub(crate) fn snapshot(
         history: state.history.clone(),
     };
     c.state = serde_json::to_string(&meta)?;
+    // What restore would refuse is never written: a folder must always resume.
+    check_tensors(&c).context("the state is not finite and cannot be saved")?;
     Ok(c)
 }
 
@@ -349,7 +351,8 @@ fn check_progress(shapes: &Shapes<'_>, meta: &Meta) -> Result<()> {
 }
 
 /// Global, aggregator and client parameters must be finite: a run never saves a
-/// diverged state (it rolls diverged clients back), so a NaN means a damaged file.
+/// diverged state (it rolls diverged clients back, and [`snapshot`] refuses the rest),
+/// so on restore a NaN means a damaged file.
 fn check_tensors(c: &Contents) -> Result<()> {
     for (name, a) in &c.f32 {
         let checked = name.starts_with("global/")

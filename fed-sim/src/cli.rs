@@ -12,7 +12,7 @@ use crate::fisher::{
     Device, FisherOptions, FisherReport, choose_backend, difficulty_jsonl, fisher_pass,
     load_or_init_adapter, perturbation_importance,
 };
-use crate::model::load_model_as;
+use crate::model::load_model;
 use crate::output::{check_input_file, check_outputs_apart, check_writable_file, write_atomic};
 use crate::participant::{ClientArgs, client_command};
 use crate::registry::Registry;
@@ -171,7 +171,7 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
             data.label_names
         );
     }
-    let (model, tok) = load_model_as(&args.model_dir, args.max_len, "--max-len")?;
+    let (model, tok) = load_model(&args.model_dir, args.max_len, "--max-len")?;
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let fresh = fibecfed_lora::LoraConfig::new(args.lora_rank, args.lora_alpha, &targets);
     let (lora, params) = load_or_init_adapter(
@@ -355,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             if batch_size == 0 {
                 anyhow::bail!("--batch-size must be at least 1");
             }
-            let (model, tok) = load_model_as(&model_dir, max_len, "--max-len")?;
+            let (model, tok) = load_model(&model_dir, max_len, "--max-len")?;
             let start = Instant::now();
             let n = embed_file(&model, &tok, &input, &output, batch_size)?;
             eprintln!(
@@ -403,7 +403,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let mut lora = config.lora();
     lora.base_model_name_or_path = Some(model_dir.display().to_string());
     let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
-    let (model, tok) = load_model_as(&model_dir, config.max_len, "--max-len")?;
+    let (model, tok) = load_model(&model_dir, config.max_len, "--max-len")?;
     lora.resolve_sites(model.config.num_hidden_layers)?;
     let seed = config.seed;
     let train_samples = limit_samples(tokenize(&tok, &train_set, &train_file)?, limit_train, seed);

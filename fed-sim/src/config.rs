@@ -339,6 +339,17 @@ impl Default for Simulation {
     }
 }
 
+impl Simulation {
+    /// Every rate with its key under `simulation.`.
+    fn rates(&self) -> [(&'static str, f64); 3] {
+        [
+            ("seconds_per_token", self.seconds_per_token),
+            ("upload_bytes_per_second", self.upload_bytes_per_second),
+            ("download_bytes_per_second", self.download_bytes_per_second),
+        ]
+    }
+}
+
 impl RunConfig {
     /// Reads and checks a config file; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Self> {
@@ -432,12 +443,7 @@ impl RunConfig {
         if !(self.sharing.perturbation_sigma > 0.0 && self.sharing.perturbation_sigma.is_finite()) {
             bail!("sharing.perturbation_sigma: must be positive");
         }
-        let sim = &self.simulation;
-        for (key, v) in [
-            ("seconds_per_token", sim.seconds_per_token),
-            ("upload_bytes_per_second", sim.upload_bytes_per_second),
-            ("download_bytes_per_second", sim.download_bytes_per_second),
-        ] {
+        for (key, v) in self.simulation.rates() {
             if !(v.is_finite() && v > 0.0) {
                 bail!("simulation.{key}: must be a positive number, got {v}");
             }
@@ -459,14 +465,9 @@ impl RunConfig {
     /// before these checks keep resuming, but that a new run refuses because they
     /// could only fail later, far from their cause, or waste the run.
     pub fn check_new_run(&self) -> Result<()> {
-        let sim = &self.simulation;
         // Bounded, not only finite: the cost model multiplies these by token and byte
         // counts, and a product that overflows to infinity cannot be saved.
-        for (key, v) in [
-            ("seconds_per_token", sim.seconds_per_token),
-            ("upload_bytes_per_second", sim.upload_bytes_per_second),
-            ("download_bytes_per_second", sim.download_bytes_per_second),
-        ] {
+        for (key, v) in self.simulation.rates() {
             if !(1e-12..=1e12).contains(&v) {
                 bail!(
                     "simulation.{key}: must be a number between 1e-12 and 1e12, got {}",
@@ -475,10 +476,11 @@ impl RunConfig {
             }
         }
         check_alpha(self.lora.alpha, HyperNames::CONFIG.alpha)?;
-        let mut frozen = self.lora.frozen.clone();
-        frozen.sort_unstable();
-        frozen.dedup();
-        if frozen.len() == 2 && !self.sharing.factors.is_empty() {
+        let frozen = &self.lora.frozen;
+        if frozen.contains(&Factor::A)
+            && frozen.contains(&Factor::B)
+            && !self.sharing.factors.is_empty()
+        {
             bail!(
                 "lora.frozen: with both A and B frozen only the head trains, yet sharing.factors = {:?} uploads LoRA tensors that never change; for head-only training set sharing.factors = []",
                 self.sharing.factors

@@ -37,36 +37,27 @@ pub fn fresh_adapter(
 
 /// Loads a model folder, naming it in errors; `max_len_key` is how the caller spells
 /// the length setting (`--max-len`, `model.max_len`).
-pub fn load_model_as(
+pub fn load_model(
     dir: &Path,
     max_len: usize,
     max_len_key: &str,
 ) -> Result<(BertModel<f32>, TextEncoder)> {
-    load_model(dir, max_len).map_err(|e| {
-        // The tokenizer refuses a length with no room for text as bad input.
-        if matches!(
-            e.downcast_ref::<fibecfed_transformer::ModelError>(),
-            Some(fibecfed_transformer::ModelError::Input(_))
-        ) {
-            e.context(format!("{max_len_key} = {max_len}"))
-        } else {
-            e
-        }
-    })
-}
-
-/// Loads a model folder, naming it in errors.
-pub fn load_model(dir: &Path, max_len: usize) -> Result<(BertModel<f32>, TextEncoder)> {
     let files = fibecfed_transformer::ModelFiles::locate(dir)?;
     let model = BertModel::<f32>::load(dir)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     if max_len > model.config.max_position_embeddings {
         bail!(
-            "--max-len {max_len} exceeds the model's max_position_embeddings {}",
+            "{max_len_key} {max_len} exceeds the model's max_position_embeddings {}",
             model.config.max_position_embeddings
         );
     }
-    let tok = TextEncoder::from_file(&files.tokenizer, max_len)?;
+    // The tokenizer refuses a length with no room for text as bad input.
+    let tok = TextEncoder::from_file(&files.tokenizer, max_len).map_err(|e| match e {
+        fibecfed_transformer::ModelError::Input(_) => {
+            anyhow::Error::new(e).context(format!("{max_len_key} = {max_len}"))
+        }
+        other => other.into(),
+    })?;
     check_tokenizer(&files.tokenizer, &tok, &model)?;
     Ok((model, tok))
 }

@@ -78,13 +78,13 @@ fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// Whether two existing paths are one file (hard links included).
-fn same_inode(a: &Path, b: &Path) -> bool {
+/// Whether two paths name one file or folder: equal once resolved, or (for paths
+/// that exist) one inode, hard links included.
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    resolved(a) == resolved(b)
+        || matches!((fs::metadata(a), fs::metadata(b)),
+            (Ok(x), Ok(y)) if x.dev() == y.dev() && x.ino() == y.ino())
 }
 
 /// Refuses a command whose outputs would replace one of its inputs, replace a file of
@@ -94,8 +94,7 @@ pub fn check_outputs_apart(inputs: &[(&str, &Path)], outputs: &[(&str, PathBuf)]
     for (i, (out_flag, out)) in outputs.iter().enumerate() {
         let out_r = resolved(out);
         for (in_flag, input) in inputs {
-            let in_r = resolved(input);
-            if out_r == in_r || same_inode(out, input) {
+            if same_file(out, input) {
                 bail!(
                     "{out_flag} {} is the input given by {in_flag}: writing it would destroy the input; choose another output",
                     out.display()
@@ -103,7 +102,7 @@ pub fn check_outputs_apart(inputs: &[(&str, &Path)], outputs: &[(&str, PathBuf)]
             }
             // A new file inside an input folder harms nothing (a run folder under the
             // model's is fine); replacing one of the folder's files does.
-            if input.is_dir() && out_r.starts_with(&in_r) && out.exists() {
+            if input.is_dir() && out_r.starts_with(resolved(input)) && out.exists() {
                 bail!(
                     "{out_flag} {} would replace a file of the input folder {in_flag} {}; write outputs elsewhere",
                     out.display(),
@@ -112,7 +111,7 @@ pub fn check_outputs_apart(inputs: &[(&str, &Path)], outputs: &[(&str, PathBuf)]
             }
         }
         for (other_flag, other) in &outputs[..i] {
-            if resolved(other) == out_r {
+            if same_file(other, out) {
                 bail!(
                     "{out_flag} and {other_flag} both write {}: give them different paths",
                     out.display()

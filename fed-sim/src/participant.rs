@@ -25,7 +25,7 @@ use ndarray::ArrayD;
 use crate::checkpoint::{self, Contents};
 use crate::config::RunConfig;
 use crate::engine::{ClientState, Engine};
-use crate::output::{check_writable_dir, lock_folder, write_atomic};
+use crate::output::{FolderLock, check_writable_dir, lock_folder, same_file, write_atomic};
 use crate::registry::Registry;
 use crate::run::{Prepared, prepare};
 
@@ -106,16 +106,13 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
             config.federation.clients
         );
     }
-    let mut locks = Vec::new();
-    let mut locked = Vec::new();
+    // One lock per folder (--state-dir and --record-dir may be one), held until the
+    // participant ends: two participants never share a folder.
+    let mut locks: Vec<(&PathBuf, FolderLock)> = Vec::new();
     for dir in [&args.state_dir, &args.record_dir].into_iter().flatten() {
         check_writable_dir(dir)?;
-        // One lock per folder (--state-dir and --record-dir may be one), held until the
-        // participant ends: two participants never share a folder.
-        let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-        if !locked.contains(&canonical) {
-            locks.push(lock_folder(dir)?);
-            locked.push(canonical);
+        if !locks.iter().any(|(held, _)| same_file(held, dir)) {
+            locks.push((dir, lock_folder(dir)?));
         }
     }
     let root_certificates = args

@@ -79,25 +79,9 @@ struct ConsensusSection {
     #[serde(default = "half")]
     fraction: f64,
     #[serde(default)]
-    end: EndName,
+    end: SelectEnd,
     #[serde(default)]
-    weighting: WeightingName,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-enum EndName {
-    #[default]
-    Most,
-    Least,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-enum WeightingName {
-    #[default]
-    Samples,
-    Equal,
+    weighting: ReportWeighting,
 }
 
 /// Settings of the selectors that keep a fraction g of the layers.
@@ -184,14 +168,8 @@ impl Registry {
                 let s: ConsensusSection = parse(t, "sharing.selector")?;
                 Ok(Box::new(ConsensusTopK {
                     fraction: s.fraction,
-                    end: match s.end {
-                        EndName::Most => SelectEnd::Most,
-                        EndName::Least => SelectEnd::Least,
-                    },
-                    weighting: match s.weighting {
-                        WeightingName::Samples => ReportWeighting::Samples,
-                        WeightingName::Equal => ReportWeighting::Equal,
-                    },
+                    end: s.end,
+                    weighting: s.weighting,
                 }))
             }),
         );

@@ -16,10 +16,10 @@ use serde::Serialize;
 use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::engine::{ClientData, Engine, RoundMetrics, RoundObserver, RunState};
-use crate::model::load_model_as;
+use crate::model::load_model;
 use crate::output::{
     FolderLock, LOCK_FILE, check_input_file, check_outputs_apart, check_writable_dir, lock_folder,
-    write_atomic,
+    same_file, write_atomic,
 };
 use crate::registry::Registry;
 use fibecfed_data::{Sample, limit_samples, partition, read_train_eval, tokenize};
@@ -259,14 +259,10 @@ fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: Option<&Pat
     let Some(out) = out else { return Ok(()) };
     let outputs: Vec<(&str, PathBuf)> = RUN_FILES.iter().map(|f| ("--out", out.join(f))).collect();
     check_outputs_apart(&inputs, &outputs)?;
-    if out.exists() && inputs.iter().any(|(_, p)| same_path(p, out)) {
+    if out.exists() && inputs.iter().any(|(_, p)| same_file(p, out)) {
         bail!("--out {} is one of the run's inputs", out.display());
     }
     Ok(())
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y)
 }
 
 /// A config's model and its clients' data.
@@ -304,7 +300,7 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared> {
     }
     let (train_set, test_set) = read_train_eval(&train_file, &test_file)?;
     let classes = train_set.label_names.len();
-    let (model, tok) = load_model_as(&model_dir, config.model.max_len, "model.max_len")?;
+    let (model, tok) = load_model(&model_dir, config.model.max_len, "model.max_len")?;
     let train = limit_samples(
         tokenize(&tok, &train_set, &train_file)?,
         config.data.limit_train,
@@ -364,18 +360,10 @@ fn save(engine: &Engine, state: &RunState, out: &Path, text: &str) -> Result<()>
     if let Some(m) = state.history.last() {
         check_finite(m)?;
     }
-    // A resume refuses a checkpoint with a non-finite global tensor; never save one.
-    if let Some((name, _)) = state
-        .global
-        .iter()
-        .find(|(_, a)| a.iter().any(|v| !v.is_finite()))
-    {
-        bail!(
-            "round {}: the global tensor {name} is not finite after aggregation; lower federation.lr",
-            state.round
-        );
-    }
-    checkpoint::save(&out.join(CHECKPOINT_FILE), &engine.snapshot(state, text)?)?;
+    let contents = engine
+        .snapshot(state, text)
+        .with_context(|| format!("round {}: lower federation.lr", state.round))?;
+    checkpoint::save(&out.join(CHECKPOINT_FILE), &contents)?;
     write_metrics(out, &state.history)
 }
 
@@ -386,8 +374,9 @@ fn check_finite(m: &RoundMetrics) -> Result<()> {
         ("accuracy", m.accuracy, "the evaluation"),
         ("loss", m.loss, "the evaluation"),
         (
-            "sim_seconds",
-            m.cum_sim_seconds + m.sim_seconds,
+            // The running total includes this round's time.
+            "cum_sim_seconds",
+            m.cum_sim_seconds,
             "simulation.seconds_per_token, simulation.upload_bytes_per_second and simulation.download_bytes_per_second",
         ),
         (

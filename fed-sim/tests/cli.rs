@@ -111,19 +111,7 @@ fn setup() -> Setup {
 }
 
 fn train_with(su: &Setup, model: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "train",
-        "--model-dir",
-        s(model),
-        "--train",
-        s(&su.train),
-        "--eval",
-        s(&su.eval),
-        "--batch-size",
-        "8",
-        "--max-len",
-        "32",
-    ];
+    let mut args = common::train_args(su, model);
     args.extend_from_slice(extra);
     fibecfed(&args)
 }

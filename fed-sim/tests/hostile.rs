@@ -237,22 +237,6 @@ fn fisher_args<'a>(su: &'a Setup, data: &'a Path, output: &'a Path) -> Vec<&'a s
     ]
 }
 
-fn train_args(su: &Setup) -> Vec<&str> {
-    vec![
-        "train",
-        "--model-dir",
-        s(&su.model),
-        "--train",
-        s(&su.train),
-        "--eval",
-        s(&su.eval),
-        "--max-len",
-        "32",
-        "--batch-size",
-        "8",
-    ]
-}
-
 fn embed_args<'a>(su: &'a Setup, input: &'a Path, output: &'a Path) -> Vec<&'a str> {
     vec![
         "embed",
@@ -409,7 +393,7 @@ fn outputs_never_replace_inputs_or_user_files() {
     let adapter = su.root.join("adapter");
     let metrics = adapter.join("adapter_config.json");
     let args = with(
-        train_args(&su),
+        common::train_args(&su, &su.model),
         &["--save-adapter", s(&adapter), "--metrics-out", s(&metrics)],
     );
     let case = Case::new(
@@ -429,7 +413,10 @@ fn outputs_never_replace_inputs_or_user_files() {
         } else {
             su.eval.clone()
         };
-        let args = with(train_args(&su), &["--metrics-out", s(&target)]);
+        let args = with(
+            common::train_args(&su, &su.model),
+            &["--metrics-out", s(&target)],
+        );
         let flag = if which == "train" {
             "--train"
         } else {
@@ -772,7 +759,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     fs::write(&su.train, "sentence\tlabel\ngood movie\t1\ngreat plot\t1\n").unwrap();
     let case = Case::new(
         "train on single-class training data",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["train.tsv", "at least 2 classes"]),
     );
     cases.push((case, su));
@@ -814,7 +801,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     fs::write(su.model.join("tokenizer.json"), tok.to_string()).unwrap();
     let case = Case::new(
         "a tokenizer without [CLS] and [SEP]",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["tokenizer.json", "[CLS]", "another model"]),
     );
     cases.push((case, su));
@@ -830,7 +817,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     fs::write(&path, tok.to_string()).unwrap();
     let case = Case::new(
         "a tokenizer with more tokens than embedding rows",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["tokenizer.json", "embedding table"]),
     );
     cases.push((case, su));
@@ -859,7 +846,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     let su = setup();
     let case = Case::new(
         "train --limit-train 0",
-        &with(train_args(&su), &["--limit-train", "0"]),
+        &with(common::train_args(&su, &su.model), &["--limit-train", "0"]),
         refused(&["--limit-train"]),
     );
     cases.push((case, su));
@@ -868,7 +855,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     fs::write(&su.train, "").unwrap();
     let case = Case::new(
         "an empty training file",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["train.tsv", "empty"]),
     );
     cases.push((case, su));
@@ -881,7 +868,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     .unwrap();
     let case = Case::new(
         "a line with an empty sentence",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["train.tsv:3", "empty sentence"]),
     );
     cases.push((case, su));
@@ -894,7 +881,7 @@ fn bad_data_and_settings_never_succeed_silently() {
     .unwrap();
     let case = Case::new(
         "empty and blank lines between examples (success: skipped, as documented)",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         Expect::Success,
     );
     cases.push((case, su));
@@ -969,7 +956,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
         let su = setup();
         let fifo = su.root.join("fifo.tsv");
         mkfifo(&fifo);
-        let mut args = train_args(&su);
+        let mut args = common::train_args(&su, &su.model);
         args[slot] = s(&fifo);
         let case = Case::new(name, &args, refused(&[flag, "not a regular file"]));
         cases.push((su, case));
@@ -1001,7 +988,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
     let case = Case::new(
         "train --train a folder",
         &{
-            let mut a = train_args(&su);
+            let mut a = common::train_args(&su, &su.model);
             a[4] = s(&su.model);
             a
         },
@@ -1044,7 +1031,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
                 "many" => "RAYON_NUM_THREADS=many",
                 _ => "RAYON_NUM_THREADS=-1",
             },
-            &train_args(&su),
+            &common::train_args(&su, &su.model),
             refused(&["RAYON_NUM_THREADS"]),
         )
         .env("RAYON_NUM_THREADS", value);
@@ -1054,7 +1041,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
     let su = setup();
     let case = Case::new(
         "RAYON_NUM_THREADS set but empty (success: read as unset, as rayon does)",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         Expect::Success,
     )
     .env("RAYON_NUM_THREADS", "");
@@ -1063,7 +1050,7 @@ fn inputs_that_would_hang_or_exhaust_memory_are_refused() {
     let su = setup();
     let case = Case::new(
         "RAYON_NUM_THREADS=3 (success: any count up to 1024 gives the same results)",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         Expect::Success,
     )
     .env("RAYON_NUM_THREADS", "3");
@@ -1225,7 +1212,7 @@ fn every_bad_setting_is_named() {
     ] {
         let su = setup();
         let joined;
-        let mut args = train_args(&su);
+        let mut args = common::train_args(&su, &su.model);
         if flag == "--max-len" {
             args[8] = value;
         } else {
@@ -1283,7 +1270,7 @@ fn every_bad_setting_is_named() {
     fs::remove_file(su.model.join("config.json")).unwrap();
     let case = Case::new(
         "a model folder without config.json",
-        &train_args(&su),
+        &common::train_args(&su, &su.model),
         refused(&["config.json"]),
     );
     cases.push((su, case));

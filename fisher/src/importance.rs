@@ -7,6 +7,7 @@ use ndarray::ArrayView2;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use std::cmp::Ordering;
 
 use crate::{FisherError, NonFinite, Setting};
 
@@ -216,8 +217,14 @@ pub fn consensus(reports: &[ImportanceReport], n_layers: usize) -> Result<Vec<f6
 /// Indices of the k largest scores (all of them when k ≥ n), ties to the lower index,
 /// returned ascending.
 pub fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
+    first_k(scores, k, |a, b| b.total_cmp(a))
+}
+
+/// The indices of the first k scores in `order` (ties: the lower index first),
+/// ascending.
+fn first_k(scores: &[f64], k: usize, order: impl Fn(&f64, &f64) -> Ordering) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| order(&scores[a], &scores[b]).then(a.cmp(&b)));
     idx.truncate(k);
     idx.sort_unstable();
     idx
@@ -242,15 +249,12 @@ pub trait LayerSelector: std::fmt::Debug + Send + Sync {
 /// The k lowest scores' indices, ascending (ties: the lower index first, as in
 /// [`top_k`]).
 pub fn bottom_k(scores: &[f64], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
+    first_k(scores, k, f64::total_cmp)
 }
 
-/// Which end of the consensus ranking travels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which end of the consensus ranking travels (`end = "most" | "least"` in a config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SelectEnd {
     /// The highest scores (the paper's text: the most important layers are global).
     #[default]
@@ -260,8 +264,9 @@ pub enum SelectEnd {
     Least,
 }
 
-/// How clients' reports are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How clients' reports are combined (`weighting = "samples" | "equal"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReportWeighting {
     /// Σ_k (n_k/n)·I_l^k.
     #[default]

@@ -92,6 +92,24 @@ pub fn assert_refused(out: &Output, needles: &[&str]) {
     }
 }
 
+/// `fibecfed train` on the setup's data with `model`: batch 8, max length 32. The
+/// values of `--train`, `--eval` and `--max-len` sit at indices 4, 6 and 8.
+pub fn train_args<'a>(su: &'a Setup, model: &'a Path) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model-dir",
+        s(model),
+        "--train",
+        s(&su.train),
+        "--eval",
+        s(&su.eval),
+        "--max-len",
+        "32",
+        "--batch-size",
+        "8",
+    ]
+}
+
 /// A temporary folder with the tiny model, `train.tsv` and `dev.tsv`.
 pub struct Setup {
     pub _dir: tempfile::TempDir,
