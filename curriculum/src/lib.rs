@@ -370,3 +370,153 @@ impl Schedule {
         &self.order[..self.count_at(round)]
     }
 }
+
+/// A batch-level curriculum (the unit of the authors' code, FIBECFED.md §7): the
+/// samples are grouped once into batches by a seeded draw, the batches are ordered by
+/// their mean difficulty, and the pacing counts batches. Batches stay intact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOrder {
+    /// The batches, easy → hard; each holds sample ids.
+    pub batches: Vec<Vec<usize>>,
+}
+
+impl BatchOrder {
+    /// Draws batches of `batch_size` from a seeded shuffle of `0..scores.len()` (the
+    /// last may be shorter), scores each by the mean of its samples' scores, and
+    /// orders them with `ordering` (`seed` is passed on to orderings that draw).
+    pub fn new(
+        scores: &[f64],
+        batch_size: usize,
+        ordering: &dyn Ordering,
+        draw_seed: u64,
+        order_seed: u64,
+    ) -> Result<Self, CurriculumError> {
+        check_scores(scores)?;
+        if batch_size == 0 {
+            return Err(CurriculumError::Config(
+                "the curriculum batch size must be at least 1".into(),
+            ));
+        }
+        let mut ids: Vec<usize> = (0..scores.len()).collect();
+        ids.shuffle(&mut ChaCha8Rng::seed_from_u64(draw_seed));
+        let drawn: Vec<Vec<usize>> = ids.chunks(batch_size).map(<[usize]>::to_vec).collect();
+        // Summed in f64 in the batch's own order, then divided: the mean the authors'
+        // code forms (a sum over the batch divided by its size).
+        let means: Vec<f64> = drawn
+            .iter()
+            .map(|b| b.iter().map(|&i| scores[i]).sum::<f64>() / b.len() as f64)
+            .collect();
+        let order = ordering.order(&means, order_seed)?;
+        let mut slots: Vec<Option<Vec<usize>>> = drawn.into_iter().map(Some).collect();
+        let mut batches = Vec::with_capacity(slots.len());
+        for i in order {
+            let batch = slots.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                CurriculumError::Config(format!(
+                    "the ordering returned batch {i} twice or out of range"
+                ))
+            })?;
+            batches.push(batch);
+        }
+        if batches.len() != slots.len() {
+            return Err(CurriculumError::Config(
+                "the ordering did not return every batch".into(),
+            ));
+        }
+        Ok(Self { batches })
+    }
+
+    /// Rebuilds the batches from a flat easy → hard order and the batch lengths (what
+    /// a checkpoint keeps).
+    pub fn from_parts(order: &[usize], lens: &[usize]) -> Result<Self, CurriculumError> {
+        if lens.iter().sum::<usize>() != order.len() || lens.contains(&0) {
+            return Err(CurriculumError::Config(format!(
+                "batch lengths {lens:?} do not cut an order of {} samples into non-empty batches",
+                order.len()
+            )));
+        }
+        let mut rest = order;
+        let mut batches = Vec::with_capacity(lens.len());
+        for &n in lens {
+            let (head, tail) = rest.split_at(n);
+            batches.push(head.to_vec());
+            rest = tail;
+        }
+        Ok(Self { batches })
+    }
+
+    /// The flat easy → hard sample order and the batch lengths.
+    pub fn to_parts(&self) -> (Vec<usize>, Vec<usize>) {
+        (
+            self.batches.concat(),
+            self.batches.iter().map(Vec::len).collect(),
+        )
+    }
+
+    /// Batches in use at pacing fraction c: the ⌈c·n_batches⌉ easiest (at least one).
+    /// Nested: a larger c keeps every batch of a smaller one, in the same order.
+    pub fn count_at(&self, fraction: f64) -> usize {
+        sample_count(fraction, self.batches.len())
+    }
+
+    /// The batches in use at pacing fraction c.
+    pub fn batches_at(&self, fraction: f64) -> &[Vec<usize>] {
+        &self.batches[..self.count_at(fraction)]
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    /// Brute force: every batch's mean recomputed, and the order checked pairwise.
+    #[test]
+    fn batches_are_ordered_by_mean_difficulty_and_nested() {
+        let scores: Vec<f64> = (0..23)
+            .map(|i| ((i * 37) % 23) as f64 * 0.5 + 0.1)
+            .collect();
+        let order = BatchOrder::new(&scores, 4, &EasyFirst, 7, 0).unwrap();
+        assert_eq!(order.batches.len(), 6);
+        let mut seen: Vec<usize> = order.batches.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..23).collect::<Vec<_>>());
+        assert_eq!(
+            order.batches.iter().filter(|b| b.len() == 4).count(),
+            5,
+            "five full batches and one of 3"
+        );
+        let mean = |b: &Vec<usize>| b.iter().map(|&i| scores[i]).sum::<f64>() / b.len() as f64;
+        for w in order.batches.windows(2) {
+            assert!(mean(&w[0]) <= mean(&w[1]), "{w:?}");
+        }
+        let linear = Linear::new(0.3, 0.6).unwrap();
+        let mut prev: Vec<Vec<usize>> = Vec::new();
+        for t in 0..10 {
+            let c = linear.fraction(t, 10);
+            let now = order.batches_at(c).to_vec();
+            assert_eq!(now.len(), (c * 6.0 - 1e-9).ceil().max(1.0) as usize);
+            assert_eq!(
+                &now[..prev.len()],
+                &prev[..],
+                "round {t} keeps earlier batches"
+            );
+            prev = now;
+        }
+        assert_eq!(prev.len(), 6);
+        let (flat, lens) = order.to_parts();
+        assert_eq!(BatchOrder::from_parts(&flat, &lens).unwrap(), order);
+        assert!(BatchOrder::from_parts(&flat, &[4, 4]).is_err());
+        // The draw is seeded: the same seed, the same batches; another seed, others.
+        assert_eq!(
+            BatchOrder::new(&scores, 4, &EasyFirst, 7, 0).unwrap(),
+            order
+        );
+        assert_ne!(
+            BatchOrder::new(&scores, 4, &EasyFirst, 8, 0).unwrap(),
+            order
+        );
+        let hard = BatchOrder::new(&scores, 4, &HardFirst, 7, 0).unwrap();
+        for w in hard.batches.windows(2) {
+            assert!(mean(&w[0]) >= mean(&w[1]));
+        }
+    }
+}

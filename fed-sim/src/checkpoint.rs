@@ -188,6 +188,12 @@ struct ClientMeta {
     order: Option<Vec<usize>>,
     last_scored: Option<usize>,
     momentum: bool,
+    /// Absent in checkpoints of versions before the batch curriculum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch_lens: Option<Vec<usize>>,
+    /// Absent in checkpoints of versions before pruning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pruned: Option<Vec<Vec<usize>>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -406,6 +412,8 @@ fn client_contents(k: usize, client: &ClientState, c: &mut Contents) -> ClientMe
         order: client.order.clone(),
         last_scored: client.last_scored,
         momentum: client.momentum.is_some(),
+        batch_lens: client.batch_lens.clone(),
+        pruned: client.pruned.clone(),
     }
 }
 
@@ -425,6 +433,32 @@ fn check_order(shapes: &Shapes<'_>, k: usize, cm: &ClientMeta) -> Result<()> {
         if !permutation {
             bail!(
                 "checkpoint: client {k}'s curriculum order is not a permutation of its {n} samples"
+            );
+        }
+    }
+    if let Some(lens) = &cm.batch_lens {
+        let n = cm.order.as_ref().map_or(0, Vec::len);
+        if cm.order.is_none() || lens.contains(&0) || lens.iter().sum::<usize>() != n {
+            bail!(
+                "checkpoint: client {k}'s curriculum batch lengths do not cut its order of {n} samples into non-empty batches"
+            );
+        }
+    }
+    if let Some(pruned) = &cm.pruned {
+        let sites: Vec<usize> = shapes
+            .template
+            .sites
+            .values()
+            .map(|w| w.b.nrows())
+            .collect();
+        let fits = pruned.len() == sites.len()
+            && pruned.iter().zip(&sites).all(|(p, &d_out)| {
+                p.windows(2).all(|w| w[0] < w[1]) && p.iter().all(|&j| j < d_out)
+            });
+        if !fits {
+            bail!(
+                "checkpoint: client {k}'s pruned neurons do not fit the adapter's {} sites (ascending neuron ids below each site's output size)",
+                sites.len()
             );
         }
     }
@@ -472,6 +506,8 @@ fn client_from(
         momentum,
         order: cm.order.clone(),
         last_scored: cm.last_scored,
+        batch_lens: cm.batch_lens.clone(),
+        pruned: cm.pruned.clone(),
     })
 }
 

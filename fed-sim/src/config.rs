@@ -181,6 +181,28 @@ pub struct CurriculumSection {
     pub rescore_every: usize,
     /// Gradient at the true label (empirical Fisher) or a label drawn from the model.
     pub sampled_labels: bool,
+    /// What the pacing counts: `"sample"` (the ⌈c·n⌉ easiest samples, reshuffled into
+    /// batches each epoch) or `"batch"` (the authors' unit, FIBECFED.md §7: batches of
+    /// `federation.batch_size` drawn once, ordered by mean difficulty, the ⌈c·n_b⌉
+    /// easiest trained intact in that order).
+    #[serde(skip_serializing_if = "CurriculumUnit::is_sample")]
+    pub unit: CurriculumUnit,
+}
+
+/// The unit the curriculum orders and the pacing counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CurriculumUnit {
+    #[default]
+    Sample,
+    Batch,
+}
+
+impl CurriculumUnit {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+    fn is_sample(&self) -> bool {
+        *self == Self::Sample
+    }
 }
 
 impl Default for CurriculumSection {
@@ -194,6 +216,7 @@ impl Default for CurriculumSection {
             pacing,
             rescore_every: 0,
             sampled_labels: false,
+            unit: CurriculumUnit::Sample,
         }
     }
 }
@@ -206,6 +229,9 @@ pub enum ImportanceKind {
     Fisher,
     /// Output sensitivity to noise on the input embeddings.
     Perturbation,
+    /// Sensitivity of each layer's output to an adversarial nudge of the input
+    /// embeddings (FIBECFED.md §7): raw scores, meant for `end = "least"`.
+    Adversarial,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +243,12 @@ pub struct Sharing {
     pub importance: ImportanceKind,
     /// σ of the embedding noise for `importance = "perturbation"`.
     pub perturbation_sigma: f32,
+    /// The length of the nudge ε = step·g/‖g‖ for `importance = "adversarial"`.
+    #[serde(skip_serializing_if = "is_default_step")]
+    pub adversarial_step: f64,
+    /// The samples of the one batch each client nudges (a seeded draw).
+    #[serde(skip_serializing_if = "is_default_samples")]
+    pub adversarial_samples: usize,
     /// The LoRA factors of global layers that travel and are aggregated (FedSA-LoRA
     /// shares only A); the rest stays on the client.
     pub factors: Vec<Factor>,
@@ -283,10 +315,25 @@ impl Default for Sharing {
             selector,
             importance: ImportanceKind::Fisher,
             perturbation_sigma: 0.01,
+            adversarial_step: DEFAULT_ADVERSARIAL_STEP,
+            adversarial_samples: DEFAULT_ADVERSARIAL_SAMPLES,
             factors: vec![Factor::A, Factor::B],
             head: HeadMode::Shared,
         }
     }
+}
+
+const DEFAULT_ADVERSARIAL_STEP: f64 = 0.5;
+const DEFAULT_ADVERSARIAL_SAMPLES: usize = 10;
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+fn is_default_step(v: &f64) -> bool {
+    *v == DEFAULT_ADVERSARIAL_STEP
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+fn is_default_samples(v: &usize) -> bool {
+    *v == DEFAULT_ADVERSARIAL_SAMPLES
 }
 
 /// Sparse local update of the layers that stay on the client.
@@ -298,6 +345,37 @@ pub struct Sparse {
     /// γ of the Fisher momentum.
     pub gamma: f64,
     pub granularity: fibecfed_fisher::Granularity,
+    /// The one-time pruning mask of the authors' code (FIBECFED.md §7); absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prune: Option<Prune>,
+}
+
+/// `[sparse.prune]`: once per client, before its first round, `epochs` local epochs
+/// from the initial adapter score every output neuron of the LoRA sites in the
+/// client's own layers by its Fisher proxy mean_i (ΔW_eff[j,i]/lr)² per epoch, with
+/// momentum m ← (1−μ)·m + μ·score; the ⌈ratio·n⌉ lowest neurons are pruned for good
+/// (their LoRA output is zero, they never train). The mask epochs' training is then
+/// discarded, as the authors' code does: the client starts round 1 from the initial
+/// adapter and a fresh optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prune {
+    /// Fraction of the client's local neurons pruned.
+    pub ratio: f64,
+    /// Local epochs over the client's data that form the scores.
+    pub epochs: usize,
+    /// μ, the weight of each epoch's new score.
+    pub momentum: f64,
+}
+
+impl Default for Prune {
+    fn default() -> Self {
+        Self {
+            ratio: 0.05,
+            epochs: 3,
+            momentum: 0.5,
+        }
+    }
 }
 
 impl Default for Sparse {
@@ -306,6 +384,7 @@ impl Default for Sparse {
             rho: 0.25,
             gamma: 0.9,
             granularity: fibecfed_fisher::Granularity::Neuron,
+            prune: None,
         }
     }
 }
@@ -436,6 +515,36 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&s.gamma) {
             bail!("sparse.gamma: must be in [0, 1], got {}", s.gamma);
+        }
+        if let Some(p) = &s.prune {
+            if !(p.ratio > 0.0 && p.ratio < 1.0) {
+                bail!("sparse.prune.ratio: must be in (0, 1), got {}", p.ratio);
+            }
+            if p.epochs == 0 || p.epochs > 1000 {
+                bail!(
+                    "sparse.prune.epochs: must be between 1 and 1000, got {}",
+                    p.epochs
+                );
+            }
+            if !(0.0..=1.0).contains(&p.momentum) {
+                bail!(
+                    "sparse.prune.momentum: must be in [0, 1], got {}",
+                    p.momentum
+                );
+            }
+        }
+        let sh = &self.sharing;
+        if !(sh.adversarial_step.is_finite() && sh.adversarial_step > 0.0) {
+            bail!(
+                "sharing.adversarial_step: must be a positive number, got {}",
+                sh.adversarial_step
+            );
+        }
+        if sh.adversarial_samples == 0 || sh.adversarial_samples > 100_000 {
+            bail!(
+                "sharing.adversarial_samples: must be between 1 and 100,000, got {}",
+                sh.adversarial_samples
+            );
         }
         if !(self.client.prox_mu.is_finite() && self.client.prox_mu >= 0.0) {
             bail!("client.prox_mu: must be ≥ 0, got {}", self.client.prox_mu);

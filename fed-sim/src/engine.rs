@@ -11,6 +11,7 @@
 //! results do not depend on the thread count), aggregate, evaluate every client's
 //! personalised model on its own test part, and checkpoint.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::checkpoint::{self, Contents, Shapes};
-use crate::config::RunConfig;
+use crate::config::{CurriculumUnit, RunConfig};
 use crate::eval::{EvalCounts, evaluate_counts};
 use crate::local::{Curriculum, FirstState, LocalTrainer, Outcome, overlay};
 use crate::model::fresh_adapter;
@@ -90,6 +91,8 @@ struct Gathered {
     tokens: u64,
     up: u64,
     sim: f64,
+    /// Client → curriculum batches per epoch, for the clients that trained.
+    batches: BTreeMap<usize, usize>,
 }
 
 impl Engine {
@@ -173,30 +176,53 @@ impl Engine {
             .collect();
         let mut clients = Vec::with_capacity(results.len());
         let mut reports = Vec::new();
-        let (mut sim, mut tokens, mut up) = (0.0f64, 0u64, 0u64);
+        // Per client: the padded tokens of its passes and the bytes of its report.
+        let mut spent = Vec::with_capacity(results.len());
+        let (mut tokens, mut up) = (0u64, 0u64);
         let sim_cfg = self.config.simulation;
         for (k, r) in results.into_iter().enumerate() {
-            let (state, importance, spent) =
+            let (state, importance, passes) =
                 r.with_context(|| format!("client {k}: scoring pass"))?;
-            let mut time = spent as f64 * sim_cfg.seconds_per_token;
+            let mut bytes = 0;
             if let Some(importance) = importance {
                 // n_k and one f64 per layer.
-                let bytes = 8 * (importance.len() as u64 + 1);
+                bytes = 8 * (importance.len() as u64 + 1);
                 up += bytes;
-                time += bytes as f64 / sim_cfg.upload_bytes_per_second;
                 reports.push(ImportanceReport {
                     samples: self.data[k].train.len(),
                     importance,
                 });
             }
-            sim = sim.max(time);
-            tokens += spent;
+            spent.push((passes, bytes));
             clients.push(state);
         }
         let gal = self
             .selector
             .select(&reports, self.layers())
             .context("sharing.selector")?;
+        if self.config.sparse.prune.is_some() {
+            let pruned: Vec<Result<u64>> = clients
+                .par_iter_mut()
+                .enumerate()
+                .map(|(k, state)| {
+                    self.trainer()
+                        .prune(k, &self.data[k].train, state, &gal)
+                        .with_context(|| format!("client {k}: pruning mask"))
+                })
+                .collect();
+            for (s, r) in spent.iter_mut().zip(pruned) {
+                s.0 += r?;
+            }
+        }
+        let mut sim = 0.0f64;
+        for &(passes, bytes) in &spent {
+            let mut time = passes as f64 * sim_cfg.seconds_per_token;
+            if bytes > 0 {
+                time += bytes as f64 / sim_cfg.upload_bytes_per_second;
+            }
+            sim = sim.max(time);
+            tokens += passes;
+        }
         let down = if needs_reports {
             8 * gal.len() as u64 * clients.len() as u64
         } else {
@@ -226,6 +252,8 @@ impl Engine {
             diverged: Vec::new(),
             empty: Vec::new(),
             gal: gal.clone(),
+            pruned_neurons: self.pruned_neurons(&clients),
+            curriculum_batches: None,
         };
         Ok(RunState {
             round: 0,
@@ -233,6 +261,18 @@ impl Engine {
             global,
             clients,
             history: vec![metrics],
+        })
+    }
+
+    /// With `[sparse.prune]`: the neurons each client pruned (the most over clients;
+    /// every client prunes the same count).
+    fn pruned_neurons(&self, clients: &[ClientState]) -> Option<usize> {
+        self.config.sparse.prune.map(|_| {
+            clients
+                .iter()
+                .map(ClientState::pruned_count)
+                .max()
+                .unwrap_or(0)
         })
     }
 
@@ -308,6 +348,14 @@ impl Engine {
             .history
             .last()
             .ok_or_else(|| anyhow!("run state without round 0"))?;
+        let curriculum_batches = (self.config.curriculum.unit == CurriculumUnit::Batch
+            && self.trainer().uses_curriculum())
+        .then(|| {
+            draw.selected
+                .iter()
+                .map(|k| g.batches.get(k).copied().unwrap_or(0))
+                .collect()
+        });
         let metrics = RoundMetrics {
             round: t,
             method: self.config.method.clone(),
@@ -328,8 +376,10 @@ impl Engine {
             selected: draw.selected,
             dropped: draw.dropped,
             diverged: g.diverged,
+            curriculum_batches,
             empty: draw.empty,
             gal: state.gal.clone(),
+            pruned_neurons: self.pruned_neurons(&state.clients),
         };
         state.history.push(metrics);
         state.round = t;
@@ -409,6 +459,9 @@ impl Engine {
                     g.loss_sum += tr.loss_sum;
                     g.samples += tr.samples;
                     g.tokens += tr.tokens;
+                    if let Some(b) = tr.batches {
+                        g.batches.insert(k, b);
+                    }
                     clients[k] = tr.state;
                 }
             }

@@ -14,7 +14,9 @@ use fibecfed_fisher::{
     Products, SampleStats, SiteRows, head_fisher, normalise, sample_labels,
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
-use fibecfed_transformer::{Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy};
+use fibecfed_transformer::{
+    Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy, mean_pool,
+};
 use ndarray::{Array1, Array2, ArrayView2};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -294,6 +296,78 @@ pub fn perturbation_importance(
         }
     }
     Ok(acc.finish()?)
+}
+
+/// Layer sensitivity to an adversarial nudge of the input embeddings (the layer
+/// score of the authors' code, FIBECFED.md §7), on one batch of `samples`, dropout
+/// off: g is the gradient of the batch's mean cross-entropy with respect to the
+/// embeddings the first layer reads, ε = step·g/‖g‖ with one L2 norm over the whole
+/// batch, and per layer l, with H_l the batch's mean-pooled output of layer l (what
+/// our head reads, the analogue of the authors' hidden state at the classification
+/// position), s_l = |‖H_l(x+ε)‖_F − ‖H_l(x)‖_F| / ‖H_l(x)‖_F. Norms in f64. Returns
+/// the L raw scores (not normalised: the authors sum them over clients) and the
+/// padded tokens of the batch.
+pub fn adversarial_sensitivity(
+    model: &BertModel<f32>,
+    adapter: Adapter<'_, f32>,
+    samples: &[Sample],
+    step: f64,
+) -> Result<(Vec<f64>, u64)> {
+    if samples.is_empty() {
+        bail!("no samples to score: the data is empty");
+    }
+    if !(step.is_finite() && step > 0.0) {
+        bail!("the adversarial step must be positive and finite, got {step}");
+    }
+    check_pass(samples, 1, adapter.params.num_labels())?;
+    let ids: Vec<usize> = (0..samples.len()).collect();
+    let batch = batch_of(samples, &ids, model.config.pad_token_id)?;
+    let labels: Vec<usize> = samples.iter().map(|s| s.label).collect();
+    let fwd = model.forward(&batch, adapter, None)?;
+    if fwd.logits.iter().any(|v| !v.is_finite()) {
+        bail!("the logits are not finite, so the loss is NaN: check the model and adapter weights");
+    }
+    let (_, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean)?;
+    let mut g = model.embedding_gradient(&batch, adapter, &fwd, &dlogits)?;
+    // Padding never reaches a real token, so its rows are zero already; zeroing them
+    // states it, as the perturbation noise does.
+    for (mut row, &real) in g.rows_mut().into_iter().zip(&batch.mask) {
+        if !real {
+            row.fill(0.0);
+        }
+    }
+    let norm = g
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    if !(norm.is_finite() && norm > 0.0) {
+        bail!(
+            "the loss gradient at the input embeddings has norm {norm}: no adversarial direction to nudge along"
+        );
+    }
+    let factor = step / norm;
+    let eps = g.mapv(|v| (f64::from(v) * factor) as f32);
+    let clean = model.layer_outputs(&batch, Some(adapter), None)?;
+    let nudged = model.layer_outputs(&batch, Some(adapter), Some(&eps))?;
+    let frobenius = |h: &Array2<f32>| {
+        mean_pool(h, &batch)
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let mut scores = Vec::with_capacity(clean.len());
+    for (l, (c, n)) in clean.iter().zip(&nudged).enumerate() {
+        let (a, b) = (frobenius(c), frobenius(n));
+        if !(a.is_finite() && b.is_finite() && a > 0.0) {
+            bail!(
+                "layer {l}: the pooled output's norm is {a} (nudged {b}): cannot form a relative change"
+            );
+        }
+        scores.push((b - a).abs() / a);
+    }
+    Ok((scores, (batch.batch * batch.seq_len) as u64))
 }
 
 /// The adapter to score: a PEFT folder, checked against the model, or a fresh

@@ -10,11 +10,11 @@
 
 use anyhow::{Result, anyhow, bail};
 use fibecfed_aggregation::{FedProx, Tensors, restrict};
-use fibecfed_curriculum::{Ordering, Pacing, sample_count};
+use fibecfed_curriculum::{BatchOrder, Ordering, Pacing, sample_count};
 use fibecfed_data::{Sample, batch_of, padded_tokens};
 use fibecfed_fisher::{
-    DiagFisher, DifficultyScorer, FisherMomentum, LabelMode, SampleStats, SiteMask, scores,
-    site_mask,
+    DiagFisher, DifficultyScorer, FisherMomentum, LabelMode, PruneScores, SampleStats, SiteMask,
+    delta_scores, prune_lowest, scores, site_mask,
 };
 use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, SiteId};
@@ -24,8 +24,11 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-use crate::config::{Factor, HeadMode, ImportanceKind, RunConfig};
-use crate::fisher::{FisherHook, FisherOptions, cpu_backend, fisher_pass, perturbation_importance};
+use crate::config::{CurriculumUnit, Factor, HeadMode, ImportanceKind, Prune, RunConfig};
+use crate::fisher::{
+    FisherHook, FisherOptions, adversarial_sensitivity, cpu_backend, fisher_pass,
+    perturbation_importance,
+};
 use crate::state::ClientState;
 use crate::step::{ProxAnchor, Step, StepOutcome};
 
@@ -33,6 +36,9 @@ use crate::step::{ProxAnchor, Step, StepOutcome};
 const CLIENT_DOMAIN: u64 = 0xC11E_4700_0000_0002;
 const ORDER_DOMAIN: u64 = 0x0D0E_4000_0000_0003;
 const SCORE_DOMAIN: u64 = 0x5C0E_0000_0000_0004;
+const BATCH_DOMAIN: u64 = 0xBA7C_4000_0000_0005;
+const ADVERSARIAL_DOMAIN: u64 = 0xAD7E_5000_0000_0006;
+const PRUNE_DOMAIN: u64 = 0x9E0E_0000_0000_0007;
 
 /// The curriculum's parts a config names.
 #[derive(Debug)]
@@ -64,6 +70,8 @@ pub(crate) struct Trained {
     pub loss_sum: f64,
     pub samples: usize,
     pub tokens: u64,
+    /// With a batch curriculum: the batches trained on (per epoch).
+    pub batches: Option<usize>,
 }
 
 /// How a client's round ended.
@@ -78,9 +86,24 @@ pub(crate) enum Outcome {
 /// padded tokens its scoring pass cost.
 pub(crate) type FirstState = (ClientState, Option<Vec<f64>>, u64);
 
+/// What the mask epochs of one client yield.
+struct MaskEpochs {
+    /// Per local site, a score per output neuron.
+    scores: Vec<Vec<f64>>,
+    local: Vec<SiteId>,
+    tokens: u64,
+    /// The adapter after the epochs: discarded by `prune`, read by the test that
+    /// recomputes the scores from it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    trained: LoraParams<f32>,
+}
+
 /// What a client trains with in round t, fixed before its first step.
 struct RoundPlan {
     subset: Vec<usize>,
+    /// With a batch curriculum: the round's batches, trained intact in this order
+    /// every epoch (the authors' code never reshuffles them).
+    batches: Option<Vec<Vec<usize>>>,
     masks: Vec<Option<Vec<bool>>>,
     prox: Option<FedProx>,
     names: Vec<String>,
@@ -140,6 +163,8 @@ impl LocalTrainer<'_> {
             momentum: None,
             order: None,
             last_scored: None,
+            batch_lens: None,
+            pruned: None,
         };
         let needs_pass = self.uses_curriculum() || self.uses_sparse() || importance;
         if !needs_pass || data.is_empty() {
@@ -173,26 +198,59 @@ impl LocalTrainer<'_> {
             },
             seed: mix(self.config.seed, SCORE_DOMAIN, round as u64, k as u64),
         };
-        let report = fisher_pass(self.model, adapter, samples, options, cpu_backend())?;
+        let kind = self.config.sharing.importance;
+        // The adversarial importance needs no Fisher pass of its own.
+        let needs_pass = self.uses_curriculum()
+            || self.uses_sparse()
+            || (importance && kind != ImportanceKind::Adversarial);
         let pass_tokens = padded_tokens(samples, options.batch_size);
-        let mut tokens = pass_tokens;
-        if self.uses_curriculum() {
-            let s = scores(self.curriculum.scorer.as_ref(), &report.samples)?;
-            let seed = mix(self.config.seed, ORDER_DOMAIN, round as u64, k as u64);
-            state.order = Some(self.curriculum.ordering.order(&s, seed)?);
-        }
-        // The momentum is seeded once; a later rescoring leaves it to the recurrence
-        // F_t = γ·F_{t−1} + (1−γ)·F̂_t that training keeps up.
-        if self.uses_sparse() && state.momentum.is_none() {
-            state.momentum = Some(FisherMomentum::seeded(
-                self.config.sparse.gamma,
-                &report.diag,
-            )?);
+        let mut tokens = 0;
+        let mut layer_importance = Vec::new();
+        if needs_pass {
+            let report = fisher_pass(self.model, adapter, samples, options, cpu_backend())?;
+            tokens += pass_tokens;
+            if self.uses_curriculum() {
+                let s = scores(self.curriculum.scorer.as_ref(), &report.samples)?;
+                let seed = mix(self.config.seed, ORDER_DOMAIN, round as u64, k as u64);
+                match self.config.curriculum.unit {
+                    CurriculumUnit::Sample => {
+                        state.order = Some(self.curriculum.ordering.order(&s, seed)?);
+                    }
+                    CurriculumUnit::Batch => {
+                        let draw = mix(self.config.seed, BATCH_DOMAIN, round as u64, k as u64);
+                        let batches = BatchOrder::new(
+                            &s,
+                            self.config.federation.batch_size,
+                            self.curriculum.ordering.as_ref(),
+                            draw,
+                            seed,
+                        )?;
+                        let (order, lens) = batches.to_parts();
+                        state.order = Some(order);
+                        state.batch_lens = Some(lens);
+                    }
+                }
+            }
+            // The momentum is seeded once; a later rescoring leaves it to the recurrence
+            // F_t = γ·F_{t−1} + (1−γ)·F̂_t that training keeps up.
+            if self.uses_sparse() && state.momentum.is_none() {
+                state.momentum = Some(FisherMomentum::seeded(
+                    self.config.sparse.gamma,
+                    &report.diag,
+                )?);
+            }
+            layer_importance = report.layer_importance;
         }
         state.last_scored = Some(round);
-        let importance = match (importance, self.config.sharing.importance) {
+        let importance = match (importance, kind) {
             (false, _) => None,
-            (true, ImportanceKind::Fisher) => Some(report.layer_importance),
+            (true, ImportanceKind::Fisher) => Some(layer_importance),
+            (true, ImportanceKind::Adversarial) => {
+                let (scores, batch_tokens) = self.adversarial(k, samples, adapter)?;
+                // A forward+backward, then two forwards (a third of one each).
+                tokens += batch_tokens + 2 * batch_tokens / 3;
+                Some(scores)
+            }
             (true, ImportanceKind::Perturbation) => {
                 // Two forward passes, a third of a forward+backward each.
                 tokens += 2 * pass_tokens / 3;
@@ -207,6 +265,165 @@ impl LocalTrainer<'_> {
             }
         };
         Ok((importance, tokens))
+    }
+
+    /// Client k's adversarial layer sensitivity on one seeded draw of
+    /// `sharing.adversarial_samples` of its samples (all of them when it has fewer).
+    fn adversarial(
+        &self,
+        k: usize,
+        samples: &[Sample],
+        adapter: Adapter<'_, f32>,
+    ) -> Result<(Vec<f64>, u64)> {
+        let mut ids: Vec<usize> = (0..samples.len()).collect();
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(mix(self.config.seed, ADVERSARIAL_DOMAIN, 0, k as u64));
+        ids.shuffle(&mut rng);
+        ids.truncate(self.config.sharing.adversarial_samples);
+        let drawn: Vec<Sample> = ids.iter().map(|&i| samples[i].clone()).collect();
+        adversarial_sensitivity(
+            self.model,
+            adapter,
+            &drawn,
+            self.config.sharing.adversarial_step,
+        )
+    }
+
+    /// The one-time pruning mask of `[sparse.prune]` for client k, whose own layers
+    /// are those outside `gal`: `epochs` local epochs from the initial adapter with a
+    /// fresh optimiser over its data (in curriculum order, all of it, the same batches
+    /// each epoch), each output neuron of its local sites scored per epoch, and the
+    /// lowest pruned (`fibecfed_fisher::prune_lowest`). The epochs' training is then
+    /// discarded, as the authors' code does; `state` keeps its parameters (the initial
+    /// ones) with the pruned rows of B zeroed, and the pruned neurons. Returns the
+    /// padded tokens the epochs cost.
+    pub fn prune(
+        &self,
+        k: usize,
+        data: &[Sample],
+        state: &mut ClientState,
+        gal: &[usize],
+    ) -> Result<u64> {
+        let Some(prune) = self.config.sparse.prune else {
+            return Ok(0);
+        };
+        let epochs = self.mask_epochs(k, data, state, gal, prune)?;
+        let pruned_local = if epochs.local.is_empty() {
+            Vec::new()
+        } else {
+            prune_lowest(&epochs.scores, prune.ratio)?
+        };
+        let mut pruned = Vec::with_capacity(state.params.sites.len());
+        let mut next = pruned_local.into_iter();
+        for (site, w) in &mut state.params.sites {
+            let neurons = if gal.contains(&site.layer) {
+                Vec::new()
+            } else {
+                next.next().unwrap_or_default()
+            };
+            // A zero row of B is a zero LoRA output for that neuron, and its keep-mask
+            // ([`Self::masks`]) keeps it zero: the neuron neither acts nor learns.
+            for &j in &neurons {
+                w.b.row_mut(j).fill(0.0);
+            }
+            pruned.push(neurons);
+        }
+        state.pruned = Some(pruned);
+        Ok(epochs.tokens)
+    }
+
+    /// The mask epochs of [`Self::prune`]: the neuron scores (with momentum) of the
+    /// local sites, the sites, the padded tokens, and the adapter they trained (which
+    /// `prune` discards).
+    fn mask_epochs(
+        &self,
+        k: usize,
+        data: &[Sample],
+        state: &ClientState,
+        gal: &[usize],
+        prune: Prune,
+    ) -> Result<MaskEpochs> {
+        let mut params = self.template.clone();
+        let mut opt = AdamW::new(self.adam(), self.template);
+        let blank = ClientState {
+            params: self.template.clone(),
+            opt: AdamW::new(self.adam(), self.template),
+            momentum: None,
+            order: None,
+            last_scored: None,
+            batch_lens: None,
+            pruned: None,
+        };
+        // Frozen factors and a frozen head stay frozen; nothing is sparse yet.
+        let masks = self.masks(&blank, gal)?;
+        let mask_refs: Vec<Option<&[bool]>> = masks.iter().map(|m| m.as_deref()).collect();
+        let batches: Vec<Vec<usize>> = match (&state.order, &state.batch_lens) {
+            (Some(order), Some(lens)) => BatchOrder::from_parts(order, lens)?.batches,
+            (Some(order), None) => order
+                .chunks(self.config.federation.batch_size)
+                .map(<[usize]>::to_vec)
+                .collect(),
+            (None, _) => (0..data.len())
+                .collect::<Vec<_>>()
+                .chunks(self.config.federation.batch_size)
+                .map(<[usize]>::to_vec)
+                .collect(),
+        };
+        let local: Vec<SiteId> = params
+            .sites
+            .keys()
+            .copied()
+            .filter(|s| !gal.contains(&s.layer))
+            .collect();
+        let step = Step {
+            model: self.model,
+            scale: self.lora.scale(),
+            dropout: self.lora.dropout,
+            reduction: Reduction::Sum,
+            max_grad_norm: self.config.federation.max_grad_norm,
+        };
+        let scale = f64::from(self.lora.scale());
+        let lr = self.config.federation.lr;
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed, PRUNE_DOMAIN, 0, k as u64));
+        let mut scores = PruneScores::new(prune.momentum)?;
+        let mut tokens = 0u64;
+        for epoch in 0..prune.epochs {
+            let before = effective_weights(&params, &local, scale);
+            for chunk in &batches {
+                let batch = batch_of(data, chunk, self.model.config.pad_token_id)?;
+                tokens += (batch.batch * batch.seq_len) as u64;
+                let labels: Vec<usize> = chunk.iter().map(|&i| data[i].label).collect();
+                let outcome = step.run(
+                    &batch,
+                    &labels,
+                    &mut params,
+                    &mut opt,
+                    &mask_refs,
+                    &mut rng,
+                    &mut NoHook,
+                    None,
+                )?;
+                if let StepOutcome::Diverged(why) = outcome {
+                    bail!(
+                        "sparse.prune: client {k}'s mask epoch {} diverged ({why}); lower federation.lr",
+                        epoch + 1
+                    );
+                }
+            }
+            let after = effective_weights(&params, &local, scale);
+            let epoch_scores = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| delta_scores(&(a - b).view(), lr))
+                .collect();
+            scores.add_epoch(epoch_scores)?;
+        }
+        Ok(MaskEpochs {
+            scores: scores.scores().to_vec(),
+            local,
+            tokens,
+            trained: params,
+        })
     }
 
     /// Client k's local work in round t (1-based) on `data`: download `global`,
@@ -244,9 +461,15 @@ impl LocalTrainer<'_> {
         let (mut loss_sum, mut seen) = (0.0f64, 0usize);
         let mut subset = plan.subset;
         let mut no_hook = NoHook;
+        let curriculum_batches = plan.batches.as_ref().map(Vec::len);
         for _ in 0..self.config.federation.local_epochs {
-            subset.shuffle(&mut rng);
-            for chunk in subset.chunks(self.config.federation.batch_size) {
+            let shuffled: Vec<&[usize]> = if let Some(batches) = &plan.batches {
+                batches.iter().map(Vec::as_slice).collect()
+            } else {
+                subset.shuffle(&mut rng);
+                subset.chunks(self.config.federation.batch_size).collect()
+            };
+            for chunk in shuffled {
                 let batch = batch_of(data, chunk, self.model.config.pad_token_id)?;
                 tokens += (batch.batch * batch.seq_len) as u64;
                 let labels: Vec<usize> = chunk.iter().map(|&i| data[i].label).collect();
@@ -289,7 +512,14 @@ impl LocalTrainer<'_> {
                 }
             }
         }
-        Self::finish(t, state, &fresh, &plan.shared, loss_sum, seen, tokens)
+        let outcome = Self::finish(t, state, &fresh, &plan.shared, loss_sum, seen, tokens)?;
+        Ok(match outcome {
+            Outcome::Trained(mut tr) => {
+                tr.batches = curriculum_batches;
+                Outcome::Trained(tr)
+            }
+            other @ Outcome::Diverged(..) => other,
+        })
     }
 
     /// A rescoring pass when `curriculum.rescore_every` rounds have passed since the
@@ -320,15 +550,22 @@ impl LocalTrainer<'_> {
             .pacing
             .fraction(t - 1, self.config.federation.rounds);
         let count = sample_count(fraction, n);
-        let subset: Vec<usize> = match &state.order {
-            Some(order) => order[..count].to_vec(),
-            None => (0..n).collect(),
+        let (subset, batches) = match (&state.order, &state.batch_lens) {
+            (Some(order), Some(lens)) => {
+                let batches = BatchOrder::from_parts(order, lens)?
+                    .batches_at(fraction)
+                    .to_vec();
+                (batches.concat(), Some(batches))
+            }
+            (Some(order), None) => (order[..count].to_vec(), None),
+            (None, _) => ((0..n).collect(), None),
         };
         let prox = (self.config.client.prox_mu > 0.0)
             .then(|| FedProx::new(self.config.client.prox_mu))
             .transpose()?;
         Ok(RoundPlan {
             subset,
+            batches,
             masks: self.masks(state, gal)?,
             prox,
             names: tensor_names(&state.params),
@@ -378,6 +615,7 @@ impl LocalTrainer<'_> {
             loss_sum,
             samples,
             tokens,
+            batches: None,
         })))
     }
 
@@ -388,7 +626,7 @@ impl LocalTrainer<'_> {
         let frozen = &self.config.lora.frozen;
         let freeze = |f: Factor| frozen.contains(&f);
         let mut out = Vec::new();
-        for (site, w) in &state.params.sites {
+        for (i, (site, w)) in state.params.sites.iter().enumerate() {
             let (r, d_in, d_out) = (w.a.nrows(), w.a.ncols(), w.b.nrows());
             let mut mask: Option<SiteMask> = None;
             if !gal.contains(&site.layer)
@@ -407,11 +645,20 @@ impl LocalTrainer<'_> {
             } else {
                 Some(m.a.iter().copied().collect())
             });
-            out.push(if freeze(Factor::B) {
-                Some(vec![false; d_out * r])
+            let mut b: Vec<bool> = if freeze(Factor::B) {
+                vec![false; d_out * r]
             } else {
-                Some(m.b.iter().copied().collect())
-            });
+                m.b.iter().copied().collect()
+            };
+            // A pruned neuron's row of B (d_out × r, row-major) never moves.
+            if let Some(neurons) = state.pruned.as_ref().and_then(|p| p.get(i)) {
+                for &j in neurons {
+                    if let Some(row) = b.get_mut(j * r..(j + 1) * r) {
+                        row.fill(false);
+                    }
+                }
+            }
+            out.push(Some(b));
         }
         if self.config.sharing.head == HeadMode::Frozen {
             let head = &state.params.head;
@@ -472,6 +719,23 @@ pub(crate) fn overlay(params: &mut LoraParams<f32>, tensors: &Tensors) -> Result
     Ok(())
 }
 
+/// scale·B·A in f64 for each of `sites` (d_out × d_in): the site's effective weight.
+fn effective_weights(
+    params: &LoraParams<f32>,
+    sites: &[SiteId],
+    scale: f64,
+) -> Vec<ndarray::Array2<f64>> {
+    sites
+        .iter()
+        .filter_map(|s| params.sites.get(s))
+        .map(|w| {
+            let b = w.b.mapv(f64::from);
+            let a = w.a.mapv(f64::from);
+            b.dot(&a) * scale
+        })
+        .collect()
+}
+
 /// A seed for stream (a, b) of domain `domain`.
 pub(crate) fn mix(seed: u64, domain: u64, a: u64, b: u64) -> u64 {
     // SplitMix64 finaliser over the combined words: distinct inputs give unrelated seeds.
@@ -482,4 +746,122 @@ pub(crate) fn mix(seed: u64, domain: u64, a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use fibecfed_transformer::Encoded;
+    use rand::Rng;
+
+    /// The mask epochs against a recomputation: with one epoch the score of neuron j is
+    /// mean_i (ΔW_eff[j,i]/lr)², ΔW_eff = scale·(B₁A₁ − B₀A₀) formed here from the
+    /// initial and the trained adapters in f64; the pruned neurons are exactly the
+    /// ⌈ratio·n⌉ lowest scores (brute force over all local neurons), and their rows of
+    /// B are zero.
+    #[test]
+    fn the_mask_prunes_the_lowest_scores_of_the_mask_epochs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../transformer/tests/fixtures/tiny-bert");
+        let model = BertModel::<f32>::load(&dir).unwrap();
+        let config = RunConfig::parse(
+            "method = \"t\"\n[federation]\nbatch_size = 4\nlr = 1e-2\n[lora]\nrank = 4\n[sparse]\nrho = 1.0\n[sparse.prune]\nratio = 0.1\nepochs = 1\n",
+        )
+        .unwrap();
+        let registry = Registry::builtin();
+        let curriculum = Curriculum {
+            scorer: registry.scorer(&config.curriculum.scorer).unwrap(),
+            ordering: registry.ordering(&config.curriculum.ordering).unwrap(),
+            pacing: registry.pacing(&config.curriculum.pacing).unwrap(),
+        };
+        let lora = config.lora_config();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let template = crate::model::fresh_adapter(&model, &lora, 2, &mut rng).unwrap();
+        let trainer = LocalTrainer {
+            model: &model,
+            config: &config,
+            lora: &lora,
+            curriculum: &curriculum,
+            template: &template,
+        };
+        let data: Vec<Sample> = (0..18)
+            .map(|_| {
+                let len = rng.random_range(2..12);
+                Sample {
+                    encoded: Encoded {
+                        ids: (0..len).map(|_| rng.random_range(1..60)).collect(),
+                        type_ids: vec![0; len],
+                    },
+                    label: rng.random_range(0..2),
+                }
+            })
+            .collect();
+        let gal = [0usize];
+        let (mut state, _, _) = trainer.first_state(0, &data, false).unwrap();
+        let prune = config.sparse.prune.unwrap();
+        let epochs = trainer.mask_epochs(0, &data, &state, &gal, prune).unwrap();
+        assert_eq!(epochs.local.len(), 2, "query and value of layer 1");
+        let scale = f64::from(lora.scale());
+        let lr = config.federation.lr;
+        for (site, scores) in epochs.local.iter().zip(&epochs.scores) {
+            let (w0, w1) = (&template.sites[site], &epochs.trained.sites[site]);
+            let (d_out, d_in) = (w0.b.nrows(), w0.a.ncols());
+            assert_eq!(scores.len(), d_out);
+            for (j, &got) in scores.iter().enumerate() {
+                let mut want = 0.0f64;
+                for i in 0..d_in {
+                    let mut delta = 0.0f64;
+                    for r in 0..w0.a.nrows() {
+                        delta += f64::from(w1.b[[j, r]]) * f64::from(w1.a[[r, i]])
+                            - f64::from(w0.b[[j, r]]) * f64::from(w0.a[[r, i]]);
+                    }
+                    want += (scale * delta / lr).powi(2);
+                }
+                want /= d_in as f64;
+                assert!(
+                    (got - want).abs() <= 1e-9 * want.max(1e-12),
+                    "{site} {j}: {got} vs {want}"
+                );
+            }
+        }
+        trainer.prune(0, &data, &mut state, &gal).unwrap();
+        let pruned = state.pruned.clone().unwrap();
+        let mut all: Vec<(f64, usize, usize)> = Vec::new();
+        for (s, scores) in epochs.scores.iter().enumerate() {
+            for (j, &v) in scores.iter().enumerate() {
+                all.push((v, s, j));
+            }
+        }
+        let k = (0.1 * all.len() as f64).ceil() as usize;
+        let count: usize = pruned.iter().map(Vec::len).sum();
+        assert_eq!(count, k);
+        // Every pruned score is at most every kept score.
+        let is_pruned = |s: usize, j: usize| pruned[2 + s].contains(&j);
+        let worst_pruned = all
+            .iter()
+            .filter(|a| is_pruned(a.1, a.2))
+            .map(|a| a.0)
+            .fold(f64::MIN, f64::max);
+        let best_kept = all
+            .iter()
+            .filter(|a| !is_pruned(a.1, a.2))
+            .map(|a| a.0)
+            .fold(f64::MAX, f64::min);
+        assert!(worst_pruned <= best_kept, "{worst_pruned} > {best_kept}");
+        assert!(
+            pruned[0].is_empty() && pruned[1].is_empty(),
+            "layer 0 is global"
+        );
+        for (i, (site, w)) in state.params.sites.iter().enumerate() {
+            for &j in &pruned[i] {
+                assert!(w.b.row(j).iter().all(|&v| v == 0.0), "{site} row {j}");
+            }
+        }
+        // The mask epochs' training is discarded: the state is the initial adapter but
+        // for the zeroed rows.
+        for (site, w) in &state.params.sites {
+            assert_eq!(w.a, template.sites[site].a);
+        }
+    }
 }

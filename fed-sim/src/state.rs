@@ -46,6 +46,14 @@ pub struct RoundMetrics {
     pub empty: Vec<usize>,
     /// The global layers.
     pub gal: Vec<usize>,
+    /// With `[sparse.prune]`: the LoRA output neurons pruned on each client (the same
+    /// count on every client: ⌈ratio·n⌉ of the n neurons of its own layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_neurons: Option<usize>,
+    /// With a batch curriculum: per selected client (in `selected` order), the
+    /// curriculum batches it trained on in each epoch; 0 when it did not train.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curriculum_batches: Option<Vec<usize>>,
 }
 
 /// A client's data.
@@ -66,6 +74,21 @@ pub struct ClientState {
     /// Easy → hard order of its training samples, when a curriculum is in use.
     pub order: Option<Vec<usize>>,
     pub last_scored: Option<usize>,
+    /// With a batch curriculum: the lengths of the consecutive batches `order` is cut
+    /// into (easy → hard).
+    pub batch_lens: Option<Vec<usize>>,
+    /// With `[sparse.prune]`: per LoRA site, in `params.sites` order, its pruned
+    /// output neurons (ascending); empty for the global layers' sites.
+    pub pruned: Option<Vec<Vec<usize>>>,
+}
+
+impl ClientState {
+    /// The neurons pruned on this client (0 without pruning).
+    pub fn pruned_count(&self) -> usize {
+        self.pruned
+            .as_ref()
+            .map_or(0, |p| p.iter().map(Vec::len).sum())
+    }
 }
 
 /// Everything a checkpoint restores.

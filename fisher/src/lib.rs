@@ -24,7 +24,9 @@
 //!   [`LabelMode`] and [`sample_labels`] for the sampled-label Fisher;
 //! - layer importance ([`normalise`]d Fisher sums, or [`PerturbationImportance`]) and
 //!   the server's [`LayerSelector`] ([`ConsensusTopK`], [`RandomLayers`], [`AllLayers`]);
-//! - sparse update masks ([`site_mask`], [`Granularity`]) keeping the top ⌈ρ·n⌉ units.
+//! - sparse update masks ([`site_mask`], [`Granularity`]) keeping the top ⌈ρ·n⌉ units,
+//!   and the one-time pruning of the authors' code ([`PruneScores`], [`prune_lowest`]):
+//!   the ⌈ratio·n⌉ output neurons with the lowest Fisher proxy (ΔW/lr)².
 //!
 //! Site squares run on the CPU ([`CpuBackend`]) or, through the fused CUDA kernels of
 //! `fibecfed-kernels`, on a GPU ([`CudaBackend`]); both implement [`FisherBackend`] with
@@ -56,6 +58,7 @@ mod cuda;
 mod diag;
 mod importance;
 mod mask;
+mod prune;
 mod score;
 mod squares;
 
@@ -70,6 +73,7 @@ pub use importance::{
     consensus, gal_count, normalise, top_k,
 };
 pub use mask::{Granularity, SiteMask, neuron_scores, site_mask};
+pub use prune::{PruneScores, delta_scores, prune_lowest};
 pub use score::{
     DifficultyScorer, FisherTrace, LabelMode, LossScore, SampleStats, sample_labels, scores,
 };
@@ -135,6 +139,8 @@ pub enum Setting {
     Momentum,
     /// ρ, the fraction of a site's units a sparse mask keeps: (0, 1].
     KeptFraction,
+    /// The fraction of a client's local neurons pruned: (0, 1).
+    PruneRatio,
 }
 
 impl Setting {
@@ -143,6 +149,7 @@ impl Setting {
         match self {
             Self::GlobalFraction | Self::Momentum => "[0, 1]",
             Self::KeptFraction => "(0, 1]",
+            Self::PruneRatio => "(0, 1)",
         }
     }
 }
@@ -153,6 +160,7 @@ impl std::fmt::Display for Setting {
             Self::GlobalFraction => "the global-layer fraction g",
             Self::Momentum => "Fisher momentum γ",
             Self::KeptFraction => "the kept fraction ρ",
+            Self::PruneRatio => "the pruned fraction",
         })
     }
 }
@@ -187,6 +195,14 @@ pub enum NonFinite {
     /// drawn from them.
     #[error("sample {sample}: logits {logits:?} cannot be sampled from")]
     Logits { sample: usize, logits: Vec<f64> },
+    /// Output neuron `neuron` of site `site` (in the caller's order) of a pruning
+    /// score.
+    #[error("pruning: neuron {neuron} of site {site} has score {value}")]
+    PruneScore {
+        site: usize,
+        neuron: usize,
+        value: f64,
+    },
     /// The Fisher entry `at` (row, column) of factor `factor` ("A" or "B") of the site a
     /// mask was asked for.
     #[error("cannot build a mask from a Fisher entry of {value} (factor {factor} at {at:?})")]

@@ -566,6 +566,36 @@ impl<F: Real> BertModel<F> {
         dlogits: &Array2<F>,
         hook: &mut dyn SiteHook<F>,
     ) -> Result<LoraParams<F>, ModelError> {
+        Ok(self
+            .backward_through(batch, adapter, fwd, dlogits, hook, false)?
+            .0)
+    }
+
+    /// The gradient of the loss whose ∂/∂logits is `dlogits` with respect to the
+    /// embeddings the first layer reads (B·T × H: the point where
+    /// [`BertModel::layer_outputs`] adds its noise), with the adapter in place.
+    pub fn embedding_gradient(
+        &self,
+        batch: &Batch,
+        adapter: Adapter<'_, F>,
+        fwd: &Forward<F>,
+        dlogits: &Array2<F>,
+    ) -> Result<Array2<F>, ModelError> {
+        let (_, dx) = self.backward_through(batch, adapter, fwd, dlogits, &mut NoHook, true)?;
+        dx.ok_or_else(|| ModelError::Input("the backward pass did not reach the embeddings".into()))
+    }
+
+    /// [`BertModel::backward`], and with `to_input` on through every layer down to the
+    /// embeddings, whose gradient it then returns as well.
+    fn backward_through(
+        &self,
+        batch: &Batch,
+        adapter: Adapter<'_, F>,
+        fwd: &Forward<F>,
+        dlogits: &Array2<F>,
+        hook: &mut dyn SiteHook<F>,
+        to_input: bool,
+    ) -> Result<(LoraParams<F>, Option<Array2<F>>), ModelError> {
         let params = adapter.params;
         if dlogits.dim() != fwd.logits.dim() || fwd.layers.len() != self.layers.len() {
             return Err(ModelError::Input(format!(
@@ -595,8 +625,10 @@ impl<F: Real> BertModel<F> {
         );
         grads.head.bias = dlogits.sum_axis(Axis(0));
         hook.head(fwd.pooled.view(), dlogits.view());
-        let Some(lowest) = params.sites.keys().map(|s| s.layer).min() else {
-            return Ok(grads);
+        let lowest = match params.sites.keys().map(|s| s.layer).min() {
+            _ if to_input => 0,
+            Some(l) => l,
+            None => return Ok((grads, None)),
         };
         let mask: Array1<F> = batch
             .mask
@@ -613,7 +645,7 @@ impl<F: Real> BertModel<F> {
         for l in (lowest..self.layers.len()).rev() {
             let layer = &self.layers[l];
             let cache = &fwd.layers[l];
-            let need = if l > lowest {
+            let need = if l > lowest || to_input {
                 4
             } else {
                 params
@@ -709,7 +741,9 @@ impl<F: Real> BertModel<F> {
                 None => break,
             }
         }
-        Ok(grads)
+        // Below the lowest site `dh` is the gradient at layer `lowest`'s input, which
+        // is the embeddings' when the pass went down to layer 0.
+        Ok((grads, to_input.then_some(dh)))
     }
 }
 

@@ -252,3 +252,76 @@ fn hook_sees_what_the_gradients_are_made_of() {
         assert!(ea < 1e-12 && eb < 1e-12, "{site}: {ea:e} {eb:e}");
     }
 }
+
+/// The mean loss with `noise` added to the embeddings the first layer reads, through
+/// `layer_outputs` (no dropout): the function whose gradient `embedding_gradient` is.
+fn loss_at_embeddings(
+    model: &BertModel<f64>,
+    batch: &Batch,
+    labels: &[usize],
+    params: &LoraParams<f64>,
+    scale: f64,
+    noise: &Array2<f64>,
+) -> f64 {
+    let outs = model
+        .layer_outputs(batch, Some(Adapter { params, scale }), Some(noise))
+        .expect("layer outputs");
+    let pooled = fibecfed_transformer::mean_pool(outs.last().expect("a layer"), batch);
+    let logits = pooled.dot(&params.head.weight.t()) + &params.head.bias;
+    let (losses, _) = cross_entropy(&logits, labels, Reduction::Mean).expect("loss");
+    losses.mean().expect("batch")
+}
+
+/// ∂L/∂(embeddings) against central differences, with adapters in both layers and with
+/// one in the top layer only (the pass must still go down to the embeddings); padding
+/// rows get exactly zero.
+#[test]
+fn the_embedding_gradient_matches_finite_differences() {
+    for targets in [
+        &["query", "value"][..],
+        &["encoder.layer.1.attention.self.key"][..],
+    ] {
+        let model = tiny_f64(Activation::Gelu);
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let (batch, labels) = random_batch(&mut rng, model.config.vocab_size as u32);
+        let config = LoraConfig::new(3, 6.0, targets);
+        let params = random_params(&model, &config, &mut rng);
+        let scale = f64::from(config.scale());
+        let adapter = Adapter {
+            params: &params,
+            scale,
+        };
+        let fwd = model.forward(&batch, adapter, None).expect("forward");
+        let (_, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean).expect("loss");
+        let g = model
+            .embedding_gradient(&batch, adapter, &fwd, &dlogits)
+            .expect("gradient");
+        let rows = batch.batch * batch.seq_len;
+        assert_eq!(g.dim(), (rows, model.config.hidden_size));
+        for (r, &real) in batch.mask.iter().enumerate() {
+            if !real {
+                assert!(g.row(r).iter().all(|&v| v == 0.0), "padding row {r}");
+            }
+        }
+        let h = 1e-5;
+        let (mut worst, mut biggest) = (0.0_f64, 0.0_f64);
+        for _ in 0..40 {
+            let r = rng.random_range(0..rows);
+            let c = rng.random_range(0..model.config.hidden_size);
+            let mut plus = Array2::zeros(g.dim());
+            plus[[r, c]] = h;
+            let minus = -&plus;
+            let fd = (loss_at_embeddings(&model, &batch, &labels, &params, scale, &plus)
+                - loss_at_embeddings(&model, &batch, &labels, &params, scale, &minus))
+                / (2.0 * h);
+            worst = worst.max((fd - g[[r, c]]).abs());
+            biggest = biggest.max(g[[r, c]].abs());
+        }
+        assert!(biggest > 0.0);
+        assert!(
+            worst / biggest < 1e-6,
+            "{targets:?}: finite-difference rel err {:e}",
+            worst / biggest
+        );
+    }
+}

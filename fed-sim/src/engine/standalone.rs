@@ -27,17 +27,24 @@ impl Engine {
 
     /// Client k's state before its first round: the initial adapter and, where the
     /// config uses them, its curriculum order and Fisher momentum from one scoring
-    /// pass. Returns the padded tokens the pass cost.
+    /// pass, and its pruning mask. Returns the padded tokens they cost.
     pub fn start_client(&self, k: usize) -> Result<(ClientState, u64)> {
         let data = &self
             .data
             .get(k)
             .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
             .train;
-        let (state, _, tokens) = self
+        let (mut state, _, mut tokens) = self
             .trainer()
             .first_state(k, data, false)
             .with_context(|| format!("client {k}: scoring pass"))?;
+        if self.config.sparse.prune.is_some() {
+            let gal = self.standalone_gal()?;
+            tokens += self
+                .trainer()
+                .prune(k, data, &mut state, &gal)
+                .with_context(|| format!("client {k}: pruning mask"))?;
+        }
         Ok((state, tokens))
     }
 
