@@ -30,7 +30,13 @@ use crate::common::{absolute, user_error};
 pub const DEFAULT: &str = "default";
 
 /// The keys of the `[preset]` table; anything else there is a typo worth stopping for.
-const KEYS: [&str; 4] = ["description", "methods", "baseline", "target_fraction"];
+const KEYS: [&str; 5] = [
+    "description",
+    "methods",
+    "baseline",
+    "target_fraction",
+    "datasets",
+];
 
 /// A preset file, read and checked.
 #[derive(Debug, Clone)]
@@ -51,6 +57,10 @@ pub struct Preset {
     pub target_fraction: f64,
     /// Everything but `[preset]`: the settings each method's file is merged over.
     settings: toml::Table,
+    /// `[preset.datasets.<name>]`: settings for one dataset (a folder name such as
+    /// `mrpc`), merged over `settings` before the method's file, for the protocols
+    /// that differ by dataset (rounds, label skew).
+    per_dataset: std::collections::BTreeMap<String, toml::Table>,
     /// Whether the person asked for this preset (see [`Source`]).
     user_named: bool,
 }
@@ -211,6 +221,29 @@ impl Preset {
             Some(other) => return Err(source.wrong_type("target_fraction", "a number", other)),
             None => return Err(source.missing("target_fraction", "a number in (0, 1]")),
         };
+        let mut per_dataset = std::collections::BTreeMap::new();
+        match own.get("datasets") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    match v {
+                        toml::Value::Table(settings) => {
+                            per_dataset.insert(name.clone(), settings.clone());
+                        }
+                        other => {
+                            return Err(source.wrong_type(
+                                &format!("datasets.{name}"),
+                                "a table of run settings",
+                                other,
+                            ));
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(source.wrong_type("datasets", "a table of dataset tables", other));
+            }
+        }
         let preset = Self {
             label,
             file,
@@ -219,6 +252,7 @@ impl Preset {
             baseline,
             target_fraction,
             settings: doc,
+            per_dataset,
             user_named,
         };
         preset.check(root)?;
@@ -272,13 +306,25 @@ impl Preset {
         Ok(())
     }
 
+    /// The datasets with settings of their own.
+    pub fn dataset_names(&self) -> impl Iterator<Item = &str> {
+        self.per_dataset.keys().map(String::as_str)
+    }
+
     /// Every method merged, in the preset's order, and the baseline's metrics name.
     /// Done before anything runs, so that a bad method file stops the job in its
     /// first second rather than hours in.
     pub fn plan(&self, root: &Path) -> Result<Plan> {
+        self.plan_for(root, None)
+    }
+
+    /// [`Self::plan`] on one dataset: its `[preset.datasets.<name>]` settings, when the
+    /// preset has them, merged over the shared ones.
+    pub fn plan_for(&self, root: &Path, dataset: Option<&str>) -> Result<Plan> {
+        let own = dataset.and_then(|d| self.per_dataset.get(d).map(|t| (d, t)));
         let mut configs: Vec<MethodConfig> = Vec::with_capacity(self.methods.len());
         for entry in &self.methods {
-            let merged = self.merged_table(root, entry)?;
+            let merged = self.merged_table(root, entry, own.map(|o| o.1))?;
             let method = match merged.get("method") {
                 Some(toml::Value::String(m)) => m.clone(),
                 _ => bail!(
@@ -299,7 +345,7 @@ impl Preset {
                 entry: entry.clone(),
                 name: last_component(entry).to_owned(),
                 method,
-                text: render(entry, &self.label, &merged)?,
+                text: render(entry, &self.label, own.map(|o| o.0), &merged)?,
             });
         }
         let baseline_method = configs
@@ -314,13 +360,21 @@ impl Preset {
     }
 
     /// The preset's shared settings with `configs/<method>.toml` merged over them.
-    fn merged_table(&self, root: &Path, method: &str) -> Result<toml::Table> {
+    fn merged_table(
+        &self,
+        root: &Path,
+        method: &str,
+        dataset: Option<&toml::Table>,
+    ) -> Result<toml::Table> {
         let path = root.join("configs").join(format!("{method}.toml"));
         let text =
             fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let own: toml::Table = toml::from_str(&text)
             .with_context(|| format!("{} is not valid TOML", path.display()))?;
         let mut merged = self.settings.clone();
+        if let Some(d) = dataset {
+            merge(&mut merged, d.clone());
+        }
         merge(&mut merged, own);
         Ok(merged)
     }
@@ -337,9 +391,15 @@ impl Preset {
 /// The config text `reproduce` writes for one method: a line saying where it came
 /// from, then the merged table. Checkpoints compare it byte for byte on `--resume`, so
 /// neither the line nor the rendering may change.
-fn render(method: &str, label: &str, merged: &toml::Table) -> Result<String> {
+fn render(
+    method: &str,
+    label: &str,
+    dataset: Option<&str>,
+    merged: &toml::Table,
+) -> Result<String> {
+    let own = dataset.map_or(String::new(), |d| format!(" and its `{d}` settings"));
     Ok(format!(
-        "# {method}: configs/{method}.toml over the `{label}` preset's shared settings.\n{}",
+        "# {method}: configs/{method}.toml over the `{label}` preset's shared settings{own}.\n{}",
         toml::to_string(merged)?
     ))
 }
@@ -441,7 +501,7 @@ mod tests {
     use super::*;
     use crate::common::{UserError, workspace_root};
 
-    const BUILT_IN: [&str; 3] = ["smoke", "default", "paper"];
+    const BUILT_IN: [&str; 4] = ["smoke", "default", "paper", "heads"];
 
     /// The message of a `UserError` (exit 2), or a failure naming what came instead.
     fn user_message<T: std::fmt::Debug>(result: Result<T>) -> String {
@@ -468,7 +528,7 @@ mod tests {
         let root = workspace_root()?;
         assert_eq!(
             available(&presets_dir(&root)),
-            ["default", "paper", "smoke"]
+            ["default", "heads", "paper", "smoke"]
         );
         for name in BUILT_IN {
             let preset = Preset::load(&root, Some(name))?;
@@ -503,57 +563,20 @@ mod tests {
     /// in their config.toml and `--resume` compares it byte for byte. The merged text is
     /// a function of the preset's label, its shared settings and the method's own file,
     /// so the files must give the very tables and lists the code held. Changing a
-    /// built-in preset breaks resuming its old runs: a deliberate edit here too.
+    /// built-in preset breaks resuming its old runs through `reproduce`: a deliberate
+    /// edit here too. `default` and `paper` changed in issue 14 (the authors' training
+    /// settings for every method, FIBECFED.md §7); their old run folders still resume
+    /// with `fibecfed run --resume`, which reads the folder's own config.toml.
     #[test]
     fn built_in_presets_match_the_former_literals() -> Result<()> {
         let root = workspace_root()?;
-        let former: [(&str, &str, &[&str]); 3] = [
-            (
-                "smoke",
-                "[model]\nmax_len = 48\n\n\
-                 [data]\nlimit_train = 240\nlimit_test = 120\n\n\
-                 [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nbatch_size = 8\nlr = 2e-3\n",
-                &["fibecfed", "fedavg-lora"],
-            ),
-            (
-                "default",
-                "[model]\nmax_len = 48\n\n\
-                 [data]\nlimit_train = 600\nlimit_test = 160\n\n\
-                 [federation]\nclients = 10\nfraction = 0.2\nrounds = 12\nlocal_epochs = 2\n\
-                 batch_size = 8\nlr = 2e-3\n",
-                &[
-                    "fibecfed",
-                    "fedavg-lora",
-                    "fedprox-lora",
-                    "fedadam-lora",
-                    "ffa-lora",
-                    "local-only",
-                ],
-            ),
-            (
-                "paper",
-                "[federation]\nclients = 100\nfraction = 0.1\nrounds = 100\nbatch_size = 8\nlr = 2e-3\n",
-                &[
-                    "fibecfed",
-                    "fedavg-lora",
-                    "fedprox-lora",
-                    "fedadam-lora",
-                    "fedyogi-lora",
-                    "ffa-lora",
-                    "fedsa-lora",
-                    "random-gal",
-                    "local-only",
-                    "centralised",
-                    "ablations/no-curriculum",
-                    "ablations/loss-curriculum",
-                    "ablations/random-curriculum",
-                    "ablations/anti-curriculum",
-                    "ablations/dense",
-                    "ablations/all-layers",
-                    "ablations/perturbation",
-                ],
-            ),
-        ];
+        let former: [(&str, &str, &[&str]); 1] = [(
+            "smoke",
+            "[model]\nmax_len = 48\n\n\
+             [data]\nlimit_train = 240\nlimit_test = 120\n\n\
+             [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nbatch_size = 8\nlr = 2e-3\n",
+            &["fibecfed", "fedavg-lora"],
+        )];
         for (name, settings, methods) in former {
             let preset = Preset::load(&root, Some(name))?;
             assert_eq!(preset.label, name);
@@ -566,6 +589,55 @@ mod tests {
                 toml::to_string(&settings)?
             );
         }
+        Ok(())
+    }
+
+    /// `[preset.datasets.<name>]` settings go over the shared ones for that dataset
+    /// only, before the method's file; a dataset without them gets the shared text
+    /// exactly as before.
+    #[test]
+    fn per_dataset_settings_merge_for_their_dataset_only() -> Result<()> {
+        let root = workspace_root()?;
+        let paper = Preset::load(&root, Some("paper"))?;
+        let fib = |d: Option<&str>| -> Result<(String, toml::Table)> {
+            let plan = paper.plan_for(&root, d)?;
+            let text = plan.configs[0].text.clone();
+            let table: toml::Table = toml::from_str(&text)?;
+            Ok((text, table))
+        };
+        let get = |t: &toml::Table, a: &str, b: &str| t[a][b].clone();
+        let (mrpc_text, mrpc) = fib(Some("mrpc"))?;
+        assert_eq!(get(&mrpc, "federation", "rounds").as_integer(), Some(50));
+        assert_eq!(get(&mrpc, "partition", "alpha").as_float(), Some(1.0));
+        assert_eq!(get(&mrpc, "federation", "clients").as_integer(), Some(100));
+        assert!(
+            mrpc_text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .contains("its `mrpc` settings")
+        );
+        let (_, sst) = fib(Some("sst-2"))?;
+        assert_eq!(get(&sst, "federation", "rounds").as_integer(), Some(20));
+        assert_eq!(get(&sst, "partition", "alpha").as_float(), Some(5.0));
+        let (rte_text, rte) = fib(Some("rte"))?;
+        assert_eq!(get(&rte, "federation", "rounds").as_integer(), Some(100));
+        assert_eq!(rte_text, fib(None)?.0);
+        // The method's own file still wins over a dataset's settings.
+        let plan = paper.plan_for(&root, Some("mrpc"))?;
+        let central = plan.configs.iter().find(|c| c.entry == "centralised");
+        if let Some(c) = central {
+            let t: toml::Table = toml::from_str(&c.text)?;
+            assert_eq!(t["federation"]["clients"].as_integer(), Some(1));
+        }
+        let dir = tempfile::tempdir()?;
+        let bad = write_preset(
+            dir.path(),
+            "bad.toml",
+            "[preset]\nmethods = [\"fibecfed\"]\nbaseline = \"fibecfed\"\ntarget_fraction = 0.9\ndatasets = { mr = 3 }\n",
+        )?;
+        let msg = user_message(Preset::load(&root, Some(bad.to_str().unwrap_or(""))));
+        assert!(msg.contains("datasets.mr"), "{msg}");
         Ok(())
     }
 
@@ -622,7 +694,10 @@ mod tests {
         let root = workspace_root()?;
         let message = user_message(Preset::load(&root, Some("fast")));
         assert!(message.contains("\"fast\""), "{message}");
-        assert!(message.contains("default, paper, smoke"), "{message}");
+        assert!(
+            message.contains("default, heads, paper, smoke"),
+            "{message}"
+        );
         Ok(())
     }
 

@@ -49,6 +49,9 @@ pub fn run(options: &Options) -> Result<()> {
     // the job before the downloads and the build, not after.
     let preset = Preset::load(&root, options.preset.as_deref())?;
     let plan = preset.plan(&root)?;
+    for name in preset.dataset_names() {
+        preset.plan_for(&root, Some(name))?;
+    }
     eprintln!(
         "preset {} ({}): {}",
         preset.label,
@@ -76,6 +79,7 @@ pub fn run(options: &Options) -> Result<()> {
     let mut commands = Vec::new();
     for ds in &datasets {
         let mut runs = Vec::new();
+        let plan = preset.plan_for(&root, Some(&ds.name))?;
         for config in &plan.configs {
             let name = &config.name;
             let config_path = results
