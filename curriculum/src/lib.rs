@@ -5,10 +5,11 @@
 //! scores ([`Ordering`]: [`EasyFirst`], [`HardFirst`], [`RandomOrder`]), the pacing
 //! function c(t) giving the fraction of data in use at round t ([`Pacing`]:
 //! [`Linear`], [`Root`], [`Geometric`], [`Step`], [`Constant`]), and the per-client
-//! [`Schedule`] that combines them: at round t the ⌈c(t)·n⌉ easiest samples. It knows
-//! nothing about models or Fisher: scores arrive as `&[f64]` (the `fibecfed-fisher`
-//! crate computes them), and [`PacingConfig`] holds the config-file names of the
-//! pacing functions (`[pacing] kind = "root"`).
+//! [`Schedule`] that combines them: at round t the ⌈c(t)·n⌉ easiest samples; or, at the
+//! authors' unit, [`BatchOrder`]: batches drawn once, ordered by mean difficulty, the
+//! ⌈c(t)·n_b⌉ easiest in use. It knows nothing about models or Fisher: scores arrive
+//! as `&[f64]` (the `fibecfed-fisher` crate computes them), and [`PacingConfig`] holds
+//! the config-file names of the pacing functions (`[pacing] kind = "root"`).
 //!
 //! ```
 //! use fibecfed_curriculum::{EasyFirst, Linear, Ordering, Schedule};

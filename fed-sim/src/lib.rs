@@ -3,9 +3,10 @@
 //! Owns the federated rounds of every method: one [`engine::Engine`] driven by a TOML
 //! [`config`] whose pluggable parts (difficulty scorer, ordering, pacing, layer
 //! selector, aggregator) are looked up by name in a [`registry`]; one client's round
-//! (`local`: curriculum subset, masked steps, what it uploads); checkpoints and resume
-//! (`checkpoint`); the Fisher pass that scores a client's samples and layers
-//! ([`fisher`]); and the commands of [`cli`] (`run`, `train`, `client`, `fisher`,
+//! (`local`: curriculum subset or batches, masked steps, the one-time pruning mask,
+//! what it uploads); checkpoints and resume (`checkpoint`); the Fisher pass that scores
+//! a client's samples and layers, and the adversarial layer sensitivity ([`fisher`]);
+//! and the commands of [`cli`] (`run`, `train`, `client`, `fisher`,
 //! `embed`). Does not own the numerics (`fibecfed-transformer`, `fibecfed-lora`,
 //! `fibecfed-fisher`, `fibecfed-curriculum`, `fibecfed-aggregation`), the data
 //! (`fibecfed-data`) or the Flower transport (`fibecfed-flower`).

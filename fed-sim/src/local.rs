@@ -153,11 +153,9 @@ impl LocalTrainer<'_> {
         names
     }
 
-    /// A client's round-0 state on `data`: the initial adapter, a fresh optimiser, and
-    /// the scoring pass when the config uses its results (with the layer importance
-    /// when `importance`); also the importance and the pass's padded tokens.
-    pub fn first_state(&self, k: usize, data: &[Sample], importance: bool) -> Result<FirstState> {
-        let mut state = ClientState {
+    /// The seeded initial adapter, a fresh optimiser, nothing scored.
+    fn initial_state(&self) -> ClientState {
+        ClientState {
             params: self.template.clone(),
             opt: AdamW::new(self.adam(), self.template),
             momentum: None,
@@ -165,7 +163,14 @@ impl LocalTrainer<'_> {
             last_scored: None,
             batch_lens: None,
             pruned: None,
-        };
+        }
+    }
+
+    /// A client's round-0 state on `data`: the initial adapter, a fresh optimiser, and
+    /// the scoring pass when the config uses its results (with the layer importance
+    /// when `importance`); also the importance and the pass's padded tokens.
+    pub fn first_state(&self, k: usize, data: &[Sample], importance: bool) -> Result<FirstState> {
+        let mut state = self.initial_state();
         let needs_pass = self.uses_curriculum() || self.uses_sparse() || importance;
         if !needs_pass || data.is_empty() {
             return Ok((state, None, 0));
@@ -199,10 +204,12 @@ impl LocalTrainer<'_> {
             seed: mix(self.config.seed, SCORE_DOMAIN, round as u64, k as u64),
         };
         let kind = self.config.sharing.importance;
-        // The adversarial importance needs no Fisher pass of its own.
-        let needs_pass = self.uses_curriculum()
-            || self.uses_sparse()
-            || (importance && kind != ImportanceKind::Adversarial);
+        // The adversarial importance needs no Fisher pass of its own; every other call
+        // runs it, as it always did (a rescoring pass counts its tokens even when
+        // nothing reads its results).
+        let needs_pass = !(importance && kind == ImportanceKind::Adversarial)
+            || self.uses_curriculum()
+            || self.uses_sparse();
         let pass_tokens = padded_tokens(samples, options.batch_size);
         let mut tokens = 0;
         let mut layer_importance = Vec::new();
@@ -343,19 +350,14 @@ impl LocalTrainer<'_> {
         gal: &[usize],
         prune: Prune,
     ) -> Result<MaskEpochs> {
-        let mut params = self.template.clone();
-        let mut opt = AdamW::new(self.adam(), self.template);
-        let blank = ClientState {
-            params: self.template.clone(),
-            opt: AdamW::new(self.adam(), self.template),
-            momentum: None,
-            order: None,
-            last_scored: None,
-            batch_lens: None,
-            pruned: None,
-        };
+        let blank = self.initial_state();
         // Frozen factors and a frozen head stay frozen; nothing is sparse yet.
         let masks = self.masks(&blank, gal)?;
+        let ClientState {
+            mut params,
+            mut opt,
+            ..
+        } = blank;
         let mask_refs: Vec<Option<&[bool]>> = masks.iter().map(|m| m.as_deref()).collect();
         let batches: Vec<Vec<usize>> = match (&state.order, &state.batch_lens) {
             (Some(order), Some(lens)) => BatchOrder::from_parts(order, lens)?.batches,

@@ -1193,6 +1193,36 @@ fn every_bad_setting_is_named() {
             "[sharing.selector]\nkind = \"best_layers\"\n",
             vec!["best_layers"],
         ),
+        (
+            "sparse.prune.ratio = 1",
+            "[sparse.prune]\nratio = 1.0\n",
+            vec!["sparse.prune.ratio"],
+        ),
+        (
+            "sparse.prune.epochs = 0",
+            "[sparse.prune]\nepochs = 0\n",
+            vec!["sparse.prune.epochs"],
+        ),
+        (
+            "sparse.prune.momentum = 1.5",
+            "[sparse.prune]\nmomentum = 1.5\n",
+            vec!["sparse.prune.momentum"],
+        ),
+        (
+            "sharing.adversarial_step = NaN",
+            "[sharing]\nadversarial_step = nan\n",
+            vec!["sharing.adversarial_step"],
+        ),
+        (
+            "sharing.adversarial_samples = 0",
+            "[sharing]\nadversarial_samples = 0\n",
+            vec!["sharing.adversarial_samples"],
+        ),
+        (
+            "an unknown curriculum unit",
+            "[curriculum]\nunit = \"token\"\n",
+            vec!["unit", "token"],
+        ),
     ];
     let mut cases = Vec::new();
     for (name, extra, needles) in table {

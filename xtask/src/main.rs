@@ -38,8 +38,9 @@ Commands:
             [--model-dir DIR] [--data-dir DIR]
       The main job: the methods a preset lists (configs/*.toml, merged over the
       preset's shared settings) with `fibecfed run` on MR (default) or the named
-      datasets. NAME is a file of configs/presets/ (default, smoke, paper; default
-      if not given); a FILE (a path with `/` or ending in .toml) is your own preset.
+      datasets. NAME is a file of configs/presets/ (default, smoke, paper, heads;
+      default if not given); a FILE (a path with `/` or ending in .toml) is your own
+      preset.
       Writes results/<UTC time>/ with summary.md, summary.csv, configs/, runs/ and
       plots/.
   test [CARGO_TEST_ARGS...]
