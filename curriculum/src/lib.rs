@@ -429,7 +429,8 @@ impl BatchOrder {
     /// Rebuilds the batches from a flat easy → hard order and the batch lengths (what
     /// a checkpoint keeps).
     pub fn from_parts(order: &[usize], lens: &[usize]) -> Result<Self, CurriculumError> {
-        if lens.iter().sum::<usize>() != order.len() || lens.contains(&0) {
+        let total = lens.iter().try_fold(0usize, |a, &l| a.checked_add(l));
+        if total != Some(order.len()) || lens.contains(&0) {
             return Err(CurriculumError::Config(format!(
                 "batch lengths {lens:?} do not cut an order of {} samples into non-empty batches",
                 order.len()

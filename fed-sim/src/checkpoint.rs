@@ -438,7 +438,9 @@ fn check_order(shapes: &Shapes<'_>, k: usize, cm: &ClientMeta) -> Result<()> {
     }
     if let Some(lens) = &cm.batch_lens {
         let n = cm.order.as_ref().map_or(0, Vec::len);
-        if cm.order.is_none() || lens.contains(&0) || lens.iter().sum::<usize>() != n {
+        // A checked sum: corrupted lengths must not wrap round to n.
+        let total = lens.iter().try_fold(0usize, |a, &l| a.checked_add(l));
+        if cm.order.is_none() || lens.contains(&0) || total != Some(n) {
             bail!(
                 "checkpoint: client {k}'s curriculum batch lengths do not cut its order of {n} samples into non-empty batches"
             );

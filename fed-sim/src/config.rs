@@ -540,9 +540,10 @@ impl RunConfig {
                 sh.adversarial_step
             );
         }
-        if sh.adversarial_samples == 0 || sh.adversarial_samples > 100_000 {
+        // One batch through forward and backward: kept small enough to fit in memory.
+        if sh.adversarial_samples == 0 || sh.adversarial_samples > 256 {
             bail!(
-                "sharing.adversarial_samples: must be between 1 and 100,000, got {}",
+                "sharing.adversarial_samples: must be between 1 and 256 (one batch), got {}",
                 sh.adversarial_samples
             );
         }
@@ -593,6 +594,11 @@ impl RunConfig {
             bail!(
                 "lora.frozen: with both A and B frozen only the head trains, yet sharing.factors = {:?} uploads LoRA tensors that never change; for head-only training set sharing.factors = []",
                 self.sharing.factors
+            );
+        }
+        if self.sparse.prune.is_some() && frozen.contains(&Factor::B) {
+            bail!(
+                "sparse.prune: with lora.frozen = [\"b\"] B never moves, so every neuron's score is 0 and the mask would prune by index alone; leave [sparse.prune] out or B trainable"
             );
         }
         if self.federation.clients > MAX_CLIENTS {

@@ -8,7 +8,7 @@
 //! uploads. It reads only the config, the model and the client's own data; the engine
 //! decides who trains when and what happens to the uploads.
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use fibecfed_aggregation::{FedProx, Tensors, restrict};
 use fibecfed_curriculum::{BatchOrder, Ordering, Pacing, sample_count};
 use fibecfed_data::{Sample, batch_of, padded_tokens};
@@ -90,6 +90,8 @@ pub(crate) type FirstState = (ClientState, Option<Vec<f64>>, u64);
 struct MaskEpochs {
     /// Per local site, a score per output neuron.
     scores: Vec<Vec<f64>>,
+    /// The local sites, in the order of `scores` (read by the test).
+    #[cfg_attr(not(test), allow(dead_code))]
     local: Vec<SiteId>,
     tokens: u64,
     /// The adapter after the epochs: discarded by `prune`, read by the test that
@@ -294,6 +296,7 @@ impl LocalTrainer<'_> {
             &drawn,
             self.config.sharing.adversarial_step,
         )
+        .with_context(|| format!("sharing.importance = \"adversarial\": client {k}"))
     }
 
     /// The one-time pruning mask of `[sparse.prune]` for client k, whose own layers
@@ -314,11 +317,13 @@ impl LocalTrainer<'_> {
         let Some(prune) = self.config.sparse.prune else {
             return Ok(0);
         };
-        let epochs = self.mask_epochs(k, data, state, gal, prune)?;
-        let pruned_local = if epochs.local.is_empty() {
-            Vec::new()
+        let any_local = state.params.sites.keys().any(|s| !gal.contains(&s.layer));
+        // Every layer global: nothing to prune, and no mask epochs to pay for.
+        let (pruned_local, tokens) = if any_local {
+            let epochs = self.mask_epochs(k, data, state, gal, prune)?;
+            (prune_lowest(&epochs.scores, prune.ratio)?, epochs.tokens)
         } else {
-            prune_lowest(&epochs.scores, prune.ratio)?
+            (Vec::new(), 0)
         };
         let mut pruned = Vec::with_capacity(state.params.sites.len());
         let mut next = pruned_local.into_iter();
@@ -336,7 +341,7 @@ impl LocalTrainer<'_> {
             pruned.push(neurons);
         }
         state.pruned = Some(pruned);
-        Ok(epochs.tokens)
+        Ok(tokens)
     }
 
     /// The mask epochs of [`Self::prune`]: the neuron scores (with momentum) of the

@@ -784,6 +784,16 @@ fn bad_data_and_settings_never_succeed_silently() {
         ),
         su,
     ));
+    let su = setup();
+    cases.push((
+        run_case(
+            "sparse.prune with lora.frozen = [b]",
+            &su,
+            "[lora]\nfrozen = [\"b\"]\n[sparse.prune]\nratio = 0.1\n",
+            refused(&["sparse.prune", "lora.frozen"]),
+        ),
+        su,
+    ));
 
     // A character-level BPE tokenizer of another model: no [CLS]/[SEP].
     let su = setup();

@@ -404,11 +404,17 @@ fn render(
     ))
 }
 
-/// Deep merge: tables merge key by key, anything else in `over` replaces.
+/// Deep merge: tables merge key by key, anything else in `over` replaces. A table that
+/// names another `kind` than the one it lands on (`[partition] kind = "iid"` over a
+/// Dirichlet split) replaces it whole: the settings of one kind mean nothing to another.
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (Some(toml::Value::Table(b)), toml::Value::Table(o))
+                if o.get("kind").is_none_or(|kind| b.get("kind") == Some(kind)) =>
+            {
+                merge(b, o);
+            }
             (_, v) => {
                 base.insert(k, v);
             }
@@ -826,6 +832,20 @@ mod tests {
         merge(&mut base, toml::from_str("[a]\ny = 5\n[c]\nw = 6\n")?);
         let expected: toml::Table = toml::from_str("[a]\nx = 1\ny = 5\n[b]\nz = 3\n[c]\nw = 6\n")?;
         assert_eq!(base, expected);
+        // Another kind replaces the table whole; the same kind merges.
+        let mut base: toml::Table = toml::from_str("[p]\nkind = \"dirichlet\"\nalpha = 5.0\n")?;
+        merge(&mut base, toml::from_str("[p]\nkind = \"iid\"\n")?);
+        assert_eq!(base, toml::from_str("[p]\nkind = \"iid\"\n")?);
+        let mut base: toml::Table =
+            toml::from_str("[p]\nkind = \"dirichlet\"\nalpha = 5.0\nsize_concentration = 5.0\n")?;
+        merge(
+            &mut base,
+            toml::from_str("[p]\nkind = \"dirichlet\"\nalpha = 1.0\n")?,
+        );
+        assert_eq!(
+            base,
+            toml::from_str("[p]\nkind = \"dirichlet\"\nalpha = 1.0\nsize_concentration = 5.0\n")?
+        );
         Ok(())
     }
 }
