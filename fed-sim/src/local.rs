@@ -155,6 +155,18 @@ impl LocalTrainer<'_> {
         names
     }
 
+    /// How a client steps: the summed loss (so that the Fisher hook sees per-sample
+    /// rows), LoRA dropout and the clipping norm of the config.
+    fn step(&self) -> Step<'_> {
+        Step {
+            model: self.model,
+            scale: self.lora.scale(),
+            dropout: self.lora.dropout,
+            reduction: Reduction::Sum,
+            max_grad_norm: self.config.federation.max_grad_norm,
+        }
+    }
+
     /// The seeded initial adapter, a fresh optimiser, nothing scored.
     fn initial_state(&self) -> ClientState {
         ClientState {
@@ -382,13 +394,7 @@ impl LocalTrainer<'_> {
             .copied()
             .filter(|s| !gal.contains(&s.layer))
             .collect();
-        let step = Step {
-            model: self.model,
-            scale: self.lora.scale(),
-            dropout: self.lora.dropout,
-            reduction: Reduction::Sum,
-            max_grad_norm: self.config.federation.max_grad_norm,
-        };
+        let step = self.step();
         let scale = f64::from(self.lora.scale());
         let lr = self.config.federation.lr;
         let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed, PRUNE_DOMAIN, 0, k as u64));
@@ -454,13 +460,7 @@ impl LocalTrainer<'_> {
             global,
             shared: &plan.shared,
         });
-        let step = Step {
-            model: self.model,
-            scale: self.lora.scale(),
-            dropout: self.lora.dropout,
-            reduction: Reduction::Sum,
-            max_grad_norm: self.config.federation.max_grad_norm,
-        };
+        let step = self.step();
         let collect_fisher = state.momentum.is_some();
         let mut fresh: DiagFisher<SiteId> = DiagFisher::new();
         let mut rng =
