@@ -16,6 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use fibecfed_core::NamedTensors;
+use fibecfed_curriculum::BatchOrder;
 use fibecfed_fisher::{DiagFisher, FisherMomentum, HeadDiag, SiteDiag};
 use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraParams, SiteId};
@@ -437,10 +438,10 @@ fn check_order(shapes: &Shapes<'_>, k: usize, cm: &ClientMeta) -> Result<()> {
         }
     }
     if let Some(lens) = &cm.batch_lens {
-        let n = cm.order.as_ref().map_or(0, Vec::len);
-        // A checked sum: corrupted lengths must not wrap round to n.
-        let total = lens.iter().try_fold(0usize, |a, &l| a.checked_add(l));
-        if cm.order.is_none() || lens.contains(&0) || total != Some(n) {
+        let order = cm.order.as_deref().unwrap_or_default();
+        let n = order.len();
+        // The very check the rounds rebuild the batches with.
+        if cm.order.is_none() || BatchOrder::from_parts(order, lens).is_err() {
             bail!(
                 "checkpoint: client {k}'s curriculum batch lengths do not cut its order of {n} samples into non-empty batches"
             );

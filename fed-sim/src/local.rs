@@ -378,15 +378,12 @@ impl LocalTrainer<'_> {
         let mask_refs: Vec<Option<&[bool]>> = masks.iter().map(|m| m.as_deref()).collect();
         let batches: Vec<Vec<usize>> = match (&state.order, &state.batch_lens) {
             (Some(order), Some(lens)) => BatchOrder::from_parts(order, lens)?.batches,
-            (Some(order), None) => order
-                .chunks(self.config.federation.batch_size)
-                .map(<[usize]>::to_vec)
-                .collect(),
-            (None, _) => (0..data.len())
-                .collect::<Vec<_>>()
-                .chunks(self.config.federation.batch_size)
-                .map(<[usize]>::to_vec)
-                .collect(),
+            (order, _) => {
+                let ids: Vec<usize> = order.clone().unwrap_or_else(|| (0..data.len()).collect());
+                ids.chunks(self.config.federation.batch_size)
+                    .map(<[usize]>::to_vec)
+                    .collect()
+            }
         };
         let local: Vec<SiteId> = params
             .sites
