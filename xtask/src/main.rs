@@ -17,9 +17,12 @@ mod common;
 mod data;
 mod flower;
 mod gpu_bench;
+mod plots;
 mod preset;
 mod report;
 mod reproduce;
+mod stats;
+mod summarise;
 mod system;
 
 use std::path::PathBuf;
@@ -40,9 +43,14 @@ Commands:
       preset's shared settings) with `fibecfed run` on MR (default) or the named
       datasets. NAME is a file of configs/presets/ (default, smoke, paper, heads;
       default if not given); a FILE (a path with `/` or ending in .toml) is your own
-      preset.
-      Writes results/<UTC time>/ with summary.md, summary.csv, configs/, runs/ and
-      plots/.
+      preset. Seeds: --seeds, else the preset's `seeds`, else 42.
+      Writes results/<UTC time>/ with job.toml, summary.md, summary.csv, configs/,
+      runs/ and plots/.
+  summarise RESULTS_DIR [--preset NAME|FILE]
+      Rewrites summary.md, summary.csv and plots/ of a results folder with the
+      current report code, from its job.toml and its runs' metrics.jsonl. A folder
+      without job.toml (older jobs) needs --preset, the preset it was run with; its
+      seeds are read from the run folders' names (<name>-seed<N>).
   test [CARGO_TEST_ARGS...]
       Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
       the doc examples (`cargo test --workspace --doc`).
@@ -175,13 +183,7 @@ fn try_main() -> Result<ExitCode> {
                 .unwrap_or_default()
             };
             let datasets = list(args.value("--datasets")?);
-            let seeds = list(args.value("--seeds")?)
-                .iter()
-                .map(|s| {
-                    s.parse::<u64>()
-                        .map_err(|_| usage_error(format!("--seeds: {s:?} is not a whole number")))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let seeds = parse_seeds(&list(args.value("--seeds")?))?;
             let options = reproduce::Options {
                 data_dir: args.value("--data-dir")?.map(PathBuf::from),
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
@@ -193,8 +195,38 @@ fn try_main() -> Result<ExitCode> {
             reproduce::run(&options)?;
             Ok(ExitCode::SUCCESS)
         }
+        "summarise" => {
+            let preset = args.value("--preset")?;
+            let Some(dir) = args.take_first().filter(|d| !d.starts_with("--")) else {
+                return Err(usage_error(
+                    "summarise needs the results folder: summarise RESULTS_DIR",
+                ));
+            };
+            args.finish(&command)?;
+            summarise::run(&summarise::Options {
+                dir: PathBuf::from(dir),
+                preset,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         other => Err(usage_error(format!("unknown command `{other}`"))),
     }
+}
+
+/// `--seeds 42,43`: whole numbers, each once (a repeated seed would run twice into
+/// one folder and count twice in the statistics).
+fn parse_seeds(words: &[String]) -> Result<Vec<u64>> {
+    let mut seeds = Vec::with_capacity(words.len());
+    for s in words {
+        let seed = s
+            .parse::<u64>()
+            .map_err(|_| usage_error(format!("--seeds: {s:?} is not a whole number")))?;
+        if seeds.contains(&seed) {
+            return Err(usage_error(format!("--seeds: {seed} is given twice")));
+        }
+        seeds.push(seed);
+    }
+    Ok(seeds)
 }
 
 /// `cargo xtask test`: the README's test command.
@@ -390,6 +422,16 @@ mod tests {
         ));
         assert!(is_user_error(args(&["--x=1", "--x", "2"]).value("--x")));
         assert!(is_user_error(args(&["--bogus"]).finish("data")));
+    }
+
+    #[test]
+    fn seeds_are_whole_numbers_given_once() -> Result<()> {
+        let words = |w: &[&str]| w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(parse_seeds(&words(&["42", "7"]))?, [42, 7]);
+        assert!(is_user_error(parse_seeds(&words(&["42", "x"]))));
+        assert!(is_user_error(parse_seeds(&words(&["-1"]))));
+        assert!(is_user_error(parse_seeds(&words(&["42", "43", "42"]))));
+        Ok(())
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //!
 //! ```toml
 //! [preset]
-//! methods = ["fibecfed", "fedavg-lora"]
-//! baseline = "fedavg-lora"
-//! target_fraction = 0.95
+//! methods = ["fibecfed", "fedavg-lora", "ffa-lora", "ablations/dense"]
+//! primary = "fibecfed"                   # default: the first of `methods`
+//! baselines = ["fedavg-lora", "ffa-lora"] # default: the rest, minus variants/ and ablations/
+//! target_fraction = 0.95                 # default 0.95
+//! seeds = [42, 43, 44]                   # default [42]; `--seeds` overrides
 //!
 //! [federation]
 //! rounds = 5
@@ -30,13 +32,23 @@ use crate::common::{absolute, user_error};
 pub const DEFAULT: &str = "default";
 
 /// The keys of the `[preset]` table; anything else there is a typo worth stopping for.
-const KEYS: [&str; 5] = [
+const KEYS: [&str; 8] = [
     "description",
     "methods",
+    "primary",
+    "baselines",
     "baseline",
     "target_fraction",
+    "seeds",
     "datasets",
 ];
+
+/// The target's fraction when a preset does not set one.
+const DEFAULT_TARGET_FRACTION: f64 = 0.95;
+
+/// Entries under these folders are versions of the primary method, not competitors:
+/// they are not baselines unless `baselines` names them.
+const NOT_BASELINES_BY_DEFAULT: [&str; 2] = ["variants/", "ablations/"];
 
 /// A preset file, read and checked.
 #[derive(Debug, Clone)]
@@ -51,10 +63,15 @@ pub struct Preset {
     pub description: Option<String>,
     /// Paths under `configs/` without `.toml`, in run order.
     pub methods: Vec<String>,
-    /// The entry of `methods` whose final accuracy sets the target.
-    pub baseline: String,
-    /// Target = this fraction of the baseline's mean final accuracy.
+    /// The entry of `methods` whose claims the summary judges.
+    pub primary: String,
+    /// The entries the primary is compared with, seed by seed; the best one's plateau
+    /// sets the target. Possibly empty (then the target is the primary's own plateau).
+    pub baselines: Vec<String>,
+    /// Target = this fraction of the best baseline's plateau.
     pub target_fraction: f64,
+    /// `seeds`: the seeds `reproduce` runs when `--seeds` is not given.
+    pub seeds: Option<Vec<u64>>,
     /// Everything but `[preset]`: the settings each method's file is merged over.
     settings: toml::Table,
     /// `[preset.datasets.<name>]`: settings for one dataset (a folder name such as
@@ -63,6 +80,8 @@ pub struct Preset {
     per_dataset: std::collections::BTreeMap<String, toml::Table>,
     /// Whether the person asked for this preset (see [`Source`]).
     user_named: bool,
+    /// The key the baselines came from, for error messages: `baseline` in older files.
+    baselines_key: &'static str,
 }
 
 /// Where a preset's text came from, for its error messages: they name the file, and
@@ -112,8 +131,10 @@ pub struct MethodConfig {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub configs: Vec<MethodConfig>,
-    /// The `method` value of the preset's baseline, as its metrics name it.
-    pub baseline_method: String,
+    /// The `method` value of the preset's primary, as its metrics name it.
+    pub primary_method: String,
+    /// The `method` values of the baselines, in the preset's order.
+    pub baseline_methods: Vec<String>,
 }
 
 impl Preset {
@@ -198,7 +219,7 @@ impl Preset {
             Some(toml::Value::String(s)) => Some(s.clone()),
             Some(other) => return Err(source.wrong_type("description", "a string", other)),
         };
-        let methods = match own.get("methods") {
+        let methods: Vec<String> = match own.get("methods") {
             Some(toml::Value::Array(items)) => items
                 .iter()
                 .enumerate()
@@ -210,16 +231,72 @@ impl Preset {
             Some(other) => return Err(source.wrong_type("methods", "an array of strings", other)),
             None => return Err(source.missing("methods", "an array of method config names")),
         };
-        let baseline = match own.get("baseline") {
-            Some(toml::Value::String(s)) => s.clone(),
-            Some(other) => return Err(source.wrong_type("baseline", "a string", other)),
-            None => return Err(source.missing("baseline", "one of `methods`")),
+        let strings = |key: &str, value: &toml::Value| -> Result<Vec<String>> {
+            match value {
+                toml::Value::Array(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| match item {
+                        toml::Value::String(s) => Ok(s.clone()),
+                        other => Err(source.wrong_type(&format!("{key}[{i}]"), "a string", other)),
+                    })
+                    .collect(),
+                other => Err(source.wrong_type(key, "an array of strings", other)),
+            }
         };
+        let primary = match own.get("primary") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            Some(other) => return Err(source.wrong_type("primary", "a string", other)),
+        };
+        let baselines = own
+            .get("baselines")
+            .map(|v| strings("baselines", v))
+            .transpose()?;
+        let legacy_baseline = match own.get("baseline") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            Some(other) => return Err(source.wrong_type("baseline", "a string", other)),
+        };
+        if baselines.is_some() && legacy_baseline.is_some() {
+            return Err(source.error(
+                "[preset] has both `baseline` and `baselines`; `baseline = \"x\"` is the \
+                 older spelling of `baselines = [\"x\"]`: keep only `baselines`",
+            ));
+        }
         let target_fraction = match own.get("target_fraction") {
+            None => DEFAULT_TARGET_FRACTION,
             Some(toml::Value::Float(f)) => *f,
             Some(toml::Value::Integer(i)) => *i as f64,
             Some(other) => return Err(source.wrong_type("target_fraction", "a number", other)),
-            None => return Err(source.missing("target_fraction", "a number in (0, 1]")),
+        };
+        let seeds = match own.get("seeds") {
+            None => None,
+            Some(toml::Value::Array(items)) => {
+                let mut seeds: Vec<u64> = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let seed = match item {
+                        toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        source.wrong_type(&format!("seeds[{i}]"), "a non-negative integer", item)
+                    })?;
+                    if seeds.contains(&seed) {
+                        return Err(source.error(format_args!(
+                            "[preset] seeds: {seed} appears twice; each seed runs once"
+                        )));
+                    }
+                    seeds.push(seed);
+                }
+                if seeds.is_empty() {
+                    return Err(source.error("[preset] seeds is empty; name at least one seed"));
+                }
+                Some(seeds)
+            }
+            Some(other) => {
+                return Err(source.wrong_type("seeds", "an array of non-negative integers", other));
+            }
         };
         let mut per_dataset = std::collections::BTreeMap::new();
         match own.get("datasets") {
@@ -244,16 +321,43 @@ impl Preset {
                 return Err(source.wrong_type("datasets", "a table of dataset tables", other));
             }
         }
+        let primary = primary.unwrap_or_else(|| methods.first().cloned().unwrap_or_default());
+        let baselines_key = if legacy_baseline.is_some() {
+            "baseline"
+        } else {
+            "baselines"
+        };
+        let baselines = match (baselines, legacy_baseline) {
+            (Some(list), _) => list,
+            // The older spelling, kept so that older presets still run. It named the
+            // method whose accuracy set the target, which could be the primary itself:
+            // then there is nothing to compare with, and the target is its own plateau.
+            (None, Some(one)) if one == primary => Vec::new(),
+            (None, Some(one)) => vec![one],
+            (None, None) => methods
+                .iter()
+                .filter(|m| {
+                    **m != primary
+                        && !NOT_BASELINES_BY_DEFAULT
+                            .iter()
+                            .any(|folder| m.starts_with(folder))
+                })
+                .cloned()
+                .collect(),
+        };
         let preset = Self {
             label,
             file,
             description,
             methods,
-            baseline,
+            primary,
+            baselines,
             target_fraction,
+            seeds,
             settings: doc,
             per_dataset,
             user_named,
+            baselines_key,
         };
         preset.check(root)?;
         Ok(preset)
@@ -289,12 +393,31 @@ impl Preset {
             }
             seen.push(entry);
         }
-        if !self.methods.contains(&self.baseline) {
+        if !self.methods.contains(&self.primary) {
             return Err(self.error(format_args!(
-                "[preset] baseline {:?} is not one of methods ({})",
-                self.baseline,
+                "[preset] primary {:?} is not one of methods ({})",
+                self.primary,
                 self.methods.join(", ")
             )));
+        }
+        // Named `baseline` in the message when that is the key the file used.
+        let key = self.baselines_key;
+        for (i, b) in self.baselines.iter().enumerate() {
+            if !self.methods.contains(b) {
+                return Err(self.error(format_args!(
+                    "[preset] {key} {b:?} is not one of methods ({})",
+                    self.methods.join(", ")
+                )));
+            }
+            if *b == self.primary {
+                return Err(self.error(format_args!(
+                    "[preset] baselines: {b:?} is the primary method; it cannot be its own \
+                     baseline"
+                )));
+            }
+            if self.baselines[..i].contains(b) {
+                return Err(self.error(format_args!("[preset] baselines: {b:?} appears twice")));
+            }
         }
         // `!(.. > ..)` so that NaN is refused too.
         if !(self.target_fraction > 0.0 && self.target_fraction <= 1.0) {
@@ -348,14 +471,23 @@ impl Preset {
                 text: render(entry, &self.label, own.map(|o| o.0), &merged)?,
             });
         }
-        let baseline_method = configs
+        let method_of = |entry: &str| {
+            configs
+                .iter()
+                .find(|c| c.entry == entry)
+                .map(|c| c.method.clone())
+                .with_context(|| format!("{entry:?} is not among the methods"))
+        };
+        let primary_method = method_of(&self.primary)?;
+        let baseline_methods = self
+            .baselines
             .iter()
-            .find(|c| c.entry == self.baseline)
-            .map(|c| c.method.clone())
-            .with_context(|| format!("baseline {:?} is not among the methods", self.baseline))?;
+            .map(|b| method_of(b))
+            .collect::<Result<_>>()?;
         Ok(Plan {
             configs,
-            baseline_method,
+            primary_method,
+            baseline_methods,
         })
     }
 
@@ -541,10 +673,12 @@ mod tests {
             assert_eq!(preset.label, name);
             assert!(preset.description.as_deref().is_some_and(|d| !d.is_empty()));
             assert_eq!(preset.methods[..2], ["fibecfed", "fedavg-lora"]);
-            assert_eq!(preset.baseline, "fedavg-lora");
+            assert_eq!(preset.primary, "fibecfed");
+            assert!(preset.baselines.iter().any(|b| b == "fedavg-lora"));
             assert_eq!(preset.target_fraction, 0.95);
             let plan = preset.plan(&root)?;
-            assert_eq!(plan.baseline_method, "fedavg-lora");
+            assert_eq!(plan.primary_method, "fibecfed");
+            assert!(plan.baseline_methods.iter().any(|b| b == "fedavg-lora"));
             assert_eq!(plan.configs.len(), preset.methods.len());
             for config in &plan.configs {
                 let table: toml::Table = toml::from_str(&config.text)?;
@@ -679,7 +813,8 @@ mod tests {
         assert_eq!(preset.description, None);
         assert_eq!(preset.target_fraction, 1.0);
         let plan = preset.plan(&root)?;
-        assert_eq!(plan.baseline_method, "fibecfed-dense");
+        assert_eq!(plan.primary_method, "fibecfed");
+        assert_eq!(plan.baseline_methods, ["fibecfed-dense"]);
         let dense = &plan.configs[1];
         assert_eq!(
             (dense.name.as_str(), dense.method.as_str()),
@@ -692,6 +827,64 @@ mod tests {
         let table: toml::Table = toml::from_str(&dense.text)?;
         assert_eq!(table["federation"]["clients"].as_integer(), Some(6));
         assert_eq!(table["sparse"]["rho"].as_float(), Some(1.0));
+        Ok(())
+    }
+
+    /// The defaults: the first method is the primary; the baselines are the others
+    /// that are not variants or ablations; 0.95; no seeds (reproduce's 42). The
+    /// older `baseline = "x"` means `baselines = ["x"]`, or none when x is the primary.
+    #[test]
+    fn primary_baselines_and_seeds() -> Result<()> {
+        let root = workspace_root()?;
+        let dir = tempfile::tempdir()?;
+        let load = |name: &str, text: &str| -> Result<Preset> {
+            let path = write_preset(dir.path(), name, text)?;
+            Preset::load(
+                &root,
+                Some(path.to_str().context("temporary path is not UTF-8")?),
+            )
+        };
+        let methods = "methods = [\"fibecfed\", \"fedavg-lora\", \"variants/fibecfed-fisher-gal\", \
+                       \"ffa-lora\", \"ablations/dense\"]\n";
+        let defaults = load("defaults.toml", &format!("[preset]\n{methods}"))?;
+        assert_eq!(defaults.primary, "fibecfed");
+        assert_eq!(defaults.baselines, ["fedavg-lora", "ffa-lora"]);
+        assert_eq!(
+            (defaults.target_fraction, defaults.seeds.clone()),
+            (0.95, None)
+        );
+        let plan = defaults.plan(&root)?;
+        assert_eq!(plan.baseline_methods, ["fedavg-lora", "ffa-lora"]);
+
+        let explicit = load(
+            "explicit.toml",
+            &format!(
+                "[preset]\n{methods}primary = \"ffa-lora\"\nbaselines = [\"ablations/dense\"]\n\
+                 seeds = [44, 42]\ntarget_fraction = 0.9\n"
+            ),
+        )?;
+        assert_eq!(explicit.primary, "ffa-lora");
+        assert_eq!(explicit.baselines, ["ablations/dense"]);
+        assert_eq!(explicit.seeds, Some(vec![44, 42]));
+        let plan = explicit.plan(&root)?;
+        assert_eq!(plan.primary_method, "ffa-lora");
+        assert_eq!(plan.baseline_methods, ["fibecfed-dense"]);
+
+        let legacy = load(
+            "legacy.toml",
+            &format!("[preset]\n{methods}baseline = \"ffa-lora\"\n"),
+        )?;
+        assert_eq!(legacy.baselines, ["ffa-lora"]);
+        let itself = load(
+            "itself.toml",
+            "[preset]\nmethods = [\"fibecfed\"]\nbaseline = \"fibecfed\"\n",
+        )?;
+        assert!(itself.baselines.is_empty());
+        let none = load(
+            "none.toml",
+            "[preset]\nmethods = [\"fibecfed\"]\nbaselines = []\n",
+        )?;
+        assert!(none.baselines.is_empty());
         Ok(())
     }
 
@@ -725,7 +918,7 @@ mod tests {
         let root = workspace_root()?;
         let dir = tempfile::tempdir()?;
         let ok_tail = "baseline = \"fibecfed\"\ntarget_fraction = 0.9\n";
-        let cases: [(&str, String, &[&str]); 13] = [
+        let cases: [(&str, String, &[&str]); 22] = [
             (
                 "syntax",
                 "[preset]\nmethods = [\"fibecfed\"\n".into(),
@@ -798,6 +991,56 @@ mod tests {
                  target_fraction = 95\n"
                     .into(),
                 &["target_fraction is 95; expected a number in (0, 1]"],
+            ),
+            (
+                "both-baseline-keys",
+                "[preset]\nmethods = [\"fibecfed\", \"fedavg-lora\"]\nbaseline = \"fedavg-lora\"\n\
+                 baselines = [\"fedavg-lora\"]\n"
+                    .into(),
+                &["both `baseline` and `baselines`"],
+            ),
+            (
+                "primary-unknown",
+                "[preset]\nmethods = [\"fibecfed\"]\nprimary = \"fedavg-lora\"\n".into(),
+                &["[preset] primary \"fedavg-lora\" is not one of methods (fibecfed)"],
+            ),
+            (
+                "primary-type",
+                "[preset]\nmethods = [\"fibecfed\"]\nprimary = [\"fibecfed\"]\n".into(),
+                &["[preset] primary: expected a string, found an array"],
+            ),
+            (
+                "baselines-unknown",
+                "[preset]\nmethods = [\"fibecfed\"]\nbaselines = [\"ffa-lora\"]\n".into(),
+                &["[preset] baselines \"ffa-lora\" is not one of methods (fibecfed)"],
+            ),
+            (
+                "baselines-primary",
+                "[preset]\nmethods = [\"fibecfed\", \"fedavg-lora\"]\nbaselines = [\"fibecfed\"]\n"
+                    .into(),
+                &["[preset] baselines: \"fibecfed\" is the primary method"],
+            ),
+            (
+                "baselines-twice",
+                "[preset]\nmethods = [\"fibecfed\", \"fedavg-lora\"]\n\
+                 baselines = [\"fedavg-lora\", \"fedavg-lora\"]\n"
+                    .into(),
+                &["[preset] baselines: \"fedavg-lora\" appears twice"],
+            ),
+            (
+                "seeds-empty",
+                "[preset]\nmethods = [\"fibecfed\"]\nseeds = []\n".into(),
+                &["[preset] seeds is empty"],
+            ),
+            (
+                "seeds-negative",
+                "[preset]\nmethods = [\"fibecfed\"]\nseeds = [42, -1]\n".into(),
+                &["[preset] seeds[1]: expected a non-negative integer, found an integer"],
+            ),
+            (
+                "seeds-twice",
+                "[preset]\nmethods = [\"fibecfed\"]\nseeds = [42, 43, 42]\n".into(),
+                &["[preset] seeds: 42 appears twice"],
             ),
         ];
         for (name, text, expected) in cases {

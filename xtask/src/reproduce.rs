@@ -2,10 +2,10 @@
 //! runs the methods a preset file names (`configs/presets/*.toml` or the user's own;
 //! see `preset`) with `fibecfed run`, each its `configs/<method>.toml` merged over the
 //! preset's shared settings, and writes
-//! `results/<UTC time>/` with `summary.md`, `summary.csv`, the configs used, every
-//! run's folder (metrics.jsonl, partition.json, checkpoint) and the PNG plots.
+//! `results/<UTC time>/` with `job.toml` (what ran), `summary.md`, `summary.csv`, the
+//! configs used, every run's folder (metrics.jsonl, partition.json, checkpoint) and the
+//! PNG plots (see `summarise`, which writes the report).
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::cargo_build::build_executable;
 use crate::common::{absolute, cargo, describe, user_error, workspace_root};
-use crate::preset::{Plan, Preset};
-use crate::report;
+use crate::preset::Preset;
+use crate::summarise::{self, Job, JobDataset, JobMethod};
 use crate::system::{self, Piece};
 use crate::{assets, data};
 
@@ -29,7 +29,7 @@ pub struct Options {
     pub preset: Option<String>,
     /// Dataset folder names; default MR (or its stand-in).
     pub datasets: Vec<String>,
-    /// One run per seed and method; default 42.
+    /// One run per seed and method; default the preset's `seeds`, else 42.
     pub seeds: Vec<u64>,
 }
 
@@ -58,27 +58,55 @@ pub fn run(options: &Options) -> Result<()> {
         preset.file.display(),
         preset.description.as_deref().unwrap_or("no description")
     );
+    let seeds = pick_seeds(&options.seeds, preset.seeds.as_deref())?;
     // Before the downloads, so a missing OpenBLAS stops the job at once.
     system::ensure(&[Piece::OpenBlas])?;
     let model = assets::resolve(options.model_dir.as_deref())?;
     let data_root = data::resolve(options.data_dir.as_deref())?;
     let datasets = pick_datasets(&data_root, &options.datasets)?;
-    let seeds = if options.seeds.is_empty() {
-        vec![42]
-    } else {
-        options.seeds.clone()
-    };
     let binary = build_binary(&root)?;
 
     let started = SystemTime::now();
     let clock = Instant::now();
     let results_rel = create_results_dir(&root, started)?;
     let results = root.join(&results_rel);
-    let mut md = String::new();
-    let mut csv = String::new();
-    let mut commands = Vec::new();
+    // Written first, so that a job that stops half-way still says what it was.
+    let mut job = Job {
+        preset: preset.label.clone(),
+        preset_file: preset.file.display().to_string(),
+        description: preset.description.clone(),
+        methods: plan
+            .configs
+            .iter()
+            .map(|c| JobMethod {
+                entry: c.entry.clone(),
+                name: c.name.clone(),
+                method: c.method.clone(),
+            })
+            .collect(),
+        primary: plan.primary_method.clone(),
+        baselines: plan.baseline_methods.clone(),
+        target_fraction: preset.target_fraction,
+        seeds: seeds.clone(),
+        datasets: datasets
+            .iter()
+            .map(|d| JobDataset {
+                name: d.name.clone(),
+                train: Some(d.train.display().to_string()),
+                test: Some(d.test.display().to_string()),
+            })
+            .collect(),
+        data_source: Some(data_root.source.to_string()),
+        model: Some(model.display().to_string()),
+        commit: Some(git_commit(&root)),
+        machine: Some(machine()),
+        started: Some(utc_string(started)),
+        wall_seconds: None,
+        commands: Vec::new(),
+        reconstructed: false,
+    };
+    summarise::write_job(&results, &job)?;
     for ds in &datasets {
-        let mut runs = Vec::new();
         let plan = preset.plan_for(&root, Some(&ds.name))?;
         for config in &plan.configs {
             let name = &config.name;
@@ -120,132 +148,48 @@ pub fn run(options: &Options) -> Result<()> {
                         out.display()
                     );
                 }
-                commands.push(line);
-                let metrics = out.join("metrics.jsonl");
-                let text = fs::read_to_string(&metrics)
-                    .with_context(|| format!("cannot read {}", metrics.display()))?;
-                runs.push(
-                    report::parse_metrics(&text)
-                        .with_context(|| format!("{}", metrics.display()))?,
-                );
+                job.commands.push(line);
             }
-        }
-        let table = report::summarise(&runs, &plan.baseline_method, preset.target_fraction)?;
-        let plots_dir = results.join("plots").join(&ds.name);
-        let plots = report::draw_plots(&runs, Some(table.target), &plots_dir)?;
-        let _ = writeln!(md, "## {}\n", ds.name);
-        let _ = writeln!(md, "{}", report::markdown(&table));
-        let _ = writeln!(md, "{}", acceptance(&table, &plan.baseline_method));
-        for p in &plots {
-            let rel = p.strip_prefix(&results).unwrap_or(p);
-            let _ = writeln!(md, "![{}]({})", rel.display(), rel.display());
-        }
-        let _ = writeln!(md);
-        let body = report::csv(&table);
-        let mut lines = body.lines();
-        if csv.is_empty() {
-            if let Some(header) = lines.next() {
-                let _ = writeln!(csv, "dataset,{header}");
-            }
-        } else {
-            lines.next();
-        }
-        for l in lines {
-            let _ = writeln!(csv, "{},{l}", ds.name);
         }
     }
-    let wall = clock.elapsed().as_secs_f64();
-    let summary = render_summary(&SummaryInfo {
-        preset: &preset,
-        plan: &plan,
-        seeds: &seeds,
-        datasets: &datasets,
-        data_source: data_root.source,
-        model: &model,
-        results: &results_rel,
-        commit: &git_commit(&root),
-        machine: &machine(),
-        date: &utc_string(started),
-        wall_seconds: wall,
-        tables: &md,
-        commands: &commands,
-    });
-    write_file(&results.join("summary.md"), &summary)?;
-    write_file(&results.join("summary.csv"), &csv)?;
+    job.wall_seconds = Some(clock.elapsed().as_secs_f64());
+    summarise::write_job(&results, &job)?;
+    // The same function `cargo xtask summarise` runs, so both give the same files.
+    let summary = summarise::write_report(&results, &job, false)?;
     println!("{summary}");
     println!("{}", results.join("summary.md").display());
+    eprintln!("results: {results_rel}");
     Ok(())
 }
+
+/// `--seeds` when given, else the preset's `seeds`, else 42 alone.
+fn pick_seeds(asked: &[u64], preset: Option<&[u64]>) -> Result<Vec<u64>> {
+    if let Some(seed) = asked
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| asked[..i].contains(s).then_some(s))
+    {
+        return Err(user_error(format!(
+            "--seeds: {seed} is given twice; each seed runs once"
+        )));
+    }
+    Ok(if !asked.is_empty() {
+        asked.to_vec()
+    } else if let Some(seeds) = preset {
+        seeds.to_vec()
+    } else {
+        vec![DEFAULT_SEED]
+    })
+}
+
+/// The seed of a job whose preset names none.
+const DEFAULT_SEED: u64 = 42;
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The issue's acceptance checks for FibecFed against the baseline, stated plainly.
-fn acceptance(table: &report::Table, baseline: &str) -> String {
-    let find = |m: &str| table.rows.iter().find(|r| r.method == m);
-    let (Some(fib), Some(base)) = (find("fibecfed"), find(baseline)) else {
-        return String::new();
-    };
-    // The built-in presets' baseline keeps the name their summaries have always used.
-    let against = if baseline == "fedavg-lora" {
-        "FedAvg-LoRA"
-    } else {
-        baseline
-    };
-    let mut out = format!("Checks (FibecFed against {against}):\n\n");
-    let time = match (&fib.sim_seconds_to_target, &base.sim_seconds_to_target) {
-        (Some(f), Some(b)) => format!(
-            "{}: reaches the target in {:.1} simulated s against {:.1} s",
-            if f.mean < b.mean {
-                "holds"
-            } else {
-                "does NOT hold"
-            },
-            f.mean,
-            b.mean
-        ),
-        (None, _) => "does NOT hold: FibecFed never reaches the target".into(),
-        (Some(f), None) => format!(
-            "holds: FibecFed reaches the target in {:.1} simulated s, the baseline not at all",
-            f.mean
-        ),
-    };
-    let _ = writeln!(out, "- less simulated time to the target: {time}");
-    let ratio = fib.mb_up.mean / base.mb_up.mean.max(f64::MIN_POSITIVE);
-    let _ = writeln!(
-        out,
-        "- uploads ≤ 60% of the baseline's bytes: {} ({:.1}%: {:.2} MB against {:.2} MB)",
-        if ratio <= 0.6 {
-            "holds"
-        } else {
-            "does NOT hold"
-        },
-        100.0 * ratio,
-        fib.mb_up.mean,
-        base.mb_up.mean
-    );
-    let gap = 100.0 * (fib.final_accuracy.mean - base.final_accuracy.mean);
-    let _ = writeln!(
-        out,
-        "- final accuracy within 1 point of the baseline or above: {} ({gap:+.2} points)",
-        if gap >= -1.0 {
-            "holds"
-        } else {
-            "does NOT hold"
-        }
-    );
-    let _ = writeln!(
-        out,
-        "- for context, mean accuracy over the last half of the rounds (less dependent on \
-         which clients the last round sampled): {:.2}% against {:.2}%",
-        100.0 * fib.late_accuracy.mean,
-        100.0 * base.late_accuracy.mean
-    );
-    out
 }
 
 fn pick_datasets(root: &data::DataRoot, asked: &[String]) -> Result<Vec<Dataset>> {
@@ -291,69 +235,6 @@ fn pick_datasets(root: &data::DataRoot, asked: &[String]) -> Result<Vec<Dataset>
     } else {
         bail!(message)
     }
-}
-
-struct SummaryInfo<'a> {
-    preset: &'a Preset,
-    plan: &'a Plan,
-    seeds: &'a [u64],
-    datasets: &'a [Dataset],
-    data_source: &'a str,
-    model: &'a Path,
-    results: &'a str,
-    commit: &'a str,
-    machine: &'a str,
-    date: &'a str,
-    wall_seconds: f64,
-    tables: &'a str,
-    commands: &'a [String],
-}
-
-fn render_summary(s: &SummaryInfo<'_>) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# FibecFed against baselines ({})\n", s.results);
-    let _ = writeln!(
-        out,
-        "Personalised accuracy (each client's own model on its own test part, weighted \
-         by test size). Target: {:.0}% of {}'s final accuracy. Simulated time is the \
-         cost model of the configs' `[simulation]` section (padded tokens × seconds per \
-         token + bytes ÷ bandwidth, slowest selected client per round, the scoring pass \
-         included); MB counts the exact safetensors messages, up and down. Every method \
-         uses the same preset settings; nothing is tuned per method on the test split.\n",
-        100.0 * s.preset.target_fraction,
-        s.plan.baseline_method
-    );
-    out.push_str(s.tables);
-    let _ = writeln!(out, "## Run\n");
-    let _ = writeln!(out, "- preset: `{}`", s.preset.label);
-    let seeds: Vec<String> = s.seeds.iter().map(u64::to_string).collect();
-    let _ = writeln!(out, "- seeds: {}", seeds.join(", "));
-    let _ = writeln!(out, "- model folder: `{}`", s.model.display());
-    for d in s.datasets {
-        let _ = writeln!(
-            out,
-            "- {}: train `{}`, test `{}` (from {})",
-            d.name,
-            d.train.display(),
-            d.test.display(),
-            s.data_source
-        );
-    }
-    let _ = writeln!(
-        out,
-        "- configs: `{}/configs/`; runs: `{0}/runs/`",
-        s.results
-    );
-    let _ = writeln!(out, "- wall time of the whole job: {:.1} s", s.wall_seconds);
-    let _ = writeln!(out, "- git commit: `{}`", s.commit);
-    let _ = writeln!(out, "- machine: {}", s.machine);
-    let _ = writeln!(out, "- date: {}", s.date);
-    let _ = writeln!(out, "\nCommands:\n\n```sh");
-    for c in s.commands {
-        let _ = writeln!(out, "{c}");
-    }
-    let _ = writeln!(out, "```");
-    out
 }
 
 /// Builds the binary and asks cargo where it put it, so a custom
@@ -489,6 +370,20 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(compact_stamp(t), "20231114-221320");
         assert_eq!(utc_string(t), "2023-11-14 22:13:20 UTC");
+    }
+
+    #[test]
+    fn seeds_from_the_flag_the_preset_or_the_default() -> Result<()> {
+        assert_eq!(pick_seeds(&[7, 8], Some(&[1, 2]))?, [7, 8]);
+        assert_eq!(pick_seeds(&[], Some(&[1, 2]))?, [1, 2]);
+        assert_eq!(pick_seeds(&[], None)?, [42]);
+        let err = pick_seeds(&[7, 8, 7], None).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("7 is given twice")),
+            "{err:?}"
+        );
+        Ok(())
     }
 
     #[test]
