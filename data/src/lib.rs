@@ -26,7 +26,8 @@ pub mod tsv;
 
 pub use partition::{Partition, PartitionConfig, PartitionError, apportion, partition};
 pub use samples::{
-    Sample, TokenizeError, batch_of, by_length, limit_samples, padded_tokens, tokenize,
+    Sample, TokenizeError, batch_of, by_length, length_batches, limit_samples, padded_tokens,
+    tokenize,
 };
 pub use tsv::{
     DataError, Dataset, Example, GenericLayout, Layout, read_train_eval, read_tsv, read_tsv_with,

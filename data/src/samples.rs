@@ -60,6 +60,19 @@ pub fn by_length(samples: &[Sample]) -> Vec<usize> {
     order
 }
 
+/// `ids` cut into batches of `batch_size` by length: sorted by token count (stable,
+/// so equal lengths keep their order in `ids`, which a caller shuffles first), then
+/// chunked. The batches hold exactly the samples of `ids`, each once; they come out
+/// shortest first, and a trainer shuffles them before use.
+pub fn length_batches(samples: &[Sample], ids: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_by_key(|&i| samples[i].encoded.ids.len());
+    sorted
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
 /// The right-padded batch of `samples[ids]`, padded with `pad_token_id`.
 pub fn batch_of(samples: &[Sample], ids: &[usize], pad_token_id: u32) -> Result<Batch, ModelError> {
     let items: Vec<&Encoded> = ids.iter().map(|&i| &samples[i].encoded).collect();

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::local::overlay;
 use crate::output::write_atomic;
-use crate::state::{ClientState, RoundMetrics, RunState};
+use crate::state::{ClientState, Pending, RoundMetrics, RunState};
 
 /// The metadata key of the JSON state.
 const STATE_KEY: &str = "fibecfed_state";
@@ -195,6 +195,15 @@ struct ClientMeta {
     /// Absent in checkpoints of versions before pruning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pruned: Option<Vec<Vec<usize>>>,
+    /// Absent when nothing is owed (and in checkpoints of versions before
+    /// `federation.prepare`).
+    #[serde(default, skip_serializing_if = "is_nothing_pending")]
+    pending: Pending,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+fn is_nothing_pending(p: &Pending) -> bool {
+    !p.any()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -415,6 +424,7 @@ fn client_contents(k: usize, client: &ClientState, c: &mut Contents) -> ClientMe
         momentum: client.momentum.is_some(),
         batch_lens: client.batch_lens.clone(),
         pruned: client.pruned.clone(),
+        pending: client.pending,
     }
 }
 
@@ -511,6 +521,7 @@ fn client_from(
         last_scored: cm.last_scored,
         batch_lens: cm.batch_lens.clone(),
         pruned: cm.pruned.clone(),
+        pending: cm.pending,
     })
 }
 

@@ -47,6 +47,40 @@ pub struct RunConfig {
     pub client: ClientSection,
     #[serde(default)]
     pub simulation: Simulation,
+    /// How the arithmetic runs: which OpenBLAS kernel family (absent: whatever the
+    /// library picks for this CPU, as before the section existed).
+    #[serde(default, skip_serializing_if = "Compute::is_auto")]
+    pub compute: Compute,
+}
+
+/// `[compute]`: the settings that change how the numbers are computed, not what.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Compute {
+    /// The OpenBLAS kernel family every matrix product runs on. Kernels differ in
+    /// their last bits (FMA or not, blocking), so `"auto"` gives results that depend
+    /// on the CPU OpenBLAS detects (and Debian's OpenBLAS 0.3.21 takes an unknown
+    /// recent Xeon for a 2004 Prescott, with SSE3 kernels 2-3× slower);
+    /// `"haswell"` (AVX2 + FMA) gives the same bits on every x86-64 CPU since 2013,
+    /// AMD or Intel, with or without AVX-512; `"skylakex"` (AVX-512) is faster where it
+    /// runs and refused where it does not. See `fibecfed_sim::blas`.
+    pub blas: BlasKernel,
+}
+
+impl Compute {
+    fn is_auto(&self) -> bool {
+        self.blas == BlasKernel::Auto
+    }
+}
+
+/// An OpenBLAS kernel family (`OPENBLAS_CORETYPE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlasKernel {
+    #[default]
+    Auto,
+    Haswell,
+    Skylakex,
 }
 
 fn default_seed() -> u64 {
@@ -117,6 +151,48 @@ pub struct Federation {
     /// before the key existed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
+    /// Evaluate every client's model after every this many rounds (and after round 0
+    /// and the last round); the rounds between have no accuracy in the metrics
+    /// (`"evaluated": false`). 1: every round, as before the key existed.
+    #[serde(skip_serializing_if = "is_one")]
+    pub eval_every: usize,
+    /// Training batches of similar lengths: each epoch's samples (the same ones the
+    /// curriculum picked) are sorted by length, ties in their shuffled order, cut into
+    /// batches, and the batches shuffled; the pruning mask's epochs are cut the same
+    /// way once. Less padding, so less compute and simulated time; other batches, so
+    /// other bits. A batch curriculum's picked batches are regrouped the same way.
+    /// false: batches as drawn, as before the key existed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub length_buckets: bool,
+    /// When a client does its round-0 work (curriculum scoring, pruning mask):
+    /// `"upfront"` in round 0, every client; `"on_selection"` in the first round it
+    /// trains in, so clients never selected cost nothing. Layer importance the server
+    /// needs in round 0 is still computed then. The deferred work runs with the
+    /// initial adapter and round 0's seeds, so accuracies are identical; only the
+    /// rounds its tokens and simulated time land in change.
+    #[serde(skip_serializing_if = "Prepare::is_upfront")]
+    pub prepare: Prepare,
+}
+
+/// When clients do their round-0 work (`federation.prepare`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prepare {
+    #[default]
+    Upfront,
+    OnSelection,
+}
+
+impl Prepare {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+    fn is_upfront(&self) -> bool {
+        *self == Self::Upfront
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 impl Default for Federation {
@@ -131,6 +207,9 @@ impl Default for Federation {
             weight_decay: 0.01,
             dropout_probability: 0.0,
             max_grad_norm: None,
+            eval_every: 1,
+            length_buckets: false,
+            prepare: Prepare::Upfront,
         }
     }
 }
@@ -491,6 +570,9 @@ impl RunConfig {
             );
         }
         check_max_grad_norm(f.max_grad_norm, "federation.max_grad_norm")?;
+        if f.eval_every == 0 {
+            bail!("federation.eval_every: must be at least 1 (1 = every round)");
+        }
         if self.model.max_len < 3 {
             bail!("model.max_len: must be at least 3 ([CLS], a token, [SEP])");
         }
@@ -608,6 +690,13 @@ impl RunConfig {
             );
         }
         Ok(())
+    }
+
+    /// Whether round t's models are evaluated: round 0, every `eval_every`-th round
+    /// and the last.
+    pub fn evaluates(&self, t: usize) -> bool {
+        let f = &self.federation;
+        t == 0 || t >= f.rounds || t.is_multiple_of(f.eval_every.max(1))
     }
 
     /// m = max(1, round(q·K)).

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::checkpoint::{self, Contents, Shapes};
-use crate::config::{CurriculumUnit, RunConfig};
+use crate::config::{CurriculumUnit, Prepare, RunConfig};
 use crate::eval::{EvalCounts, evaluate_counts};
 use crate::local::{Curriculum, FirstState, LocalTrainer, Outcome, overlay};
 use crate::model::fresh_adapter;
@@ -200,7 +200,12 @@ impl Engine {
             .selector
             .select(&reports, self.layers())
             .context("sharing.selector")?;
-        if self.config.sparse.prune.is_some() {
+        let deferred = self.config.federation.prepare == Prepare::OnSelection;
+        if self.config.sparse.prune.is_some() && deferred {
+            for state in &mut clients {
+                state.pending.prune = true;
+            }
+        } else if self.config.sparse.prune.is_some() {
             let pruned: Vec<Result<u64>> = clients
                 .par_iter_mut()
                 .enumerate()
@@ -234,8 +239,9 @@ impl Engine {
             round: 0,
             method: self.config.method.clone(),
             seed: self.config.seed,
-            accuracy,
-            loss,
+            accuracy: Some(accuracy),
+            loss: Some(loss),
+            evaluated: true,
             eval_non_finite,
             train_loss: None,
             train_samples: 0,
@@ -252,7 +258,7 @@ impl Engine {
             diverged: Vec::new(),
             empty: Vec::new(),
             gal: gal.clone(),
-            pruned_neurons: self.pruned_neurons(&clients),
+            pruned_neurons: self.pruned_neurons(&clients, &gal),
             curriculum_batches: None,
         };
         Ok(RunState {
@@ -266,11 +272,19 @@ impl Engine {
 
     /// With `[sparse.prune]`: the neurons each client pruned (the most over clients;
     /// every client prunes the same count).
-    fn pruned_neurons(&self, clients: &[ClientState]) -> Option<usize> {
+    /// A client that has not pruned yet (`federation.prepare = "on_selection"`)
+    /// counts what it will prune, so the field reads as in an up-front run.
+    fn pruned_neurons(&self, clients: &[ClientState], gal: &[usize]) -> Option<usize> {
         self.config.sparse.prune.map(|_| {
             clients
                 .iter()
-                .map(ClientState::pruned_count)
+                .map(|c| {
+                    if c.pending.prune {
+                        self.trainer().prune_count(gal)
+                    } else {
+                        c.pruned_count()
+                    }
+                })
                 .max()
                 .unwrap_or(0)
         })
@@ -343,7 +357,13 @@ impl Engine {
         }
         // Everyone selected downloads the global tensors, even those that fail later.
         let down = down_bytes * (draw.selected.len() - draw.empty.len()) as u64;
-        let (accuracy, loss, eval_non_finite) = self.evaluate_all(&state.clients, &state.global)?;
+        let evaluated = self.config.evaluates(t);
+        let (accuracy, loss, eval_non_finite) = if evaluated {
+            let (a, l, n) = self.evaluate_all(&state.clients, &state.global)?;
+            (Some(a), Some(l), n)
+        } else {
+            (None, None, 0)
+        };
         let prev = state
             .history
             .last()
@@ -362,6 +382,7 @@ impl Engine {
             seed: self.config.seed,
             accuracy,
             loss,
+            evaluated,
             eval_non_finite,
             train_loss: (g.samples > 0).then(|| g.loss_sum / g.samples as f64),
             train_samples: g.samples,
@@ -379,7 +400,7 @@ impl Engine {
             curriculum_batches,
             empty: draw.empty,
             gal: state.gal.clone(),
-            pruned_neurons: self.pruned_neurons(&state.clients),
+            pruned_neurons: self.pruned_neurons(&state.clients, &state.gal),
         };
         state.history.push(metrics);
         state.round = t;

@@ -6,7 +6,8 @@
 //! (`local`: curriculum subset or batches, masked steps, the one-time pruning mask,
 //! what it uploads); checkpoints and resume (`checkpoint`); the Fisher pass that scores
 //! a client's samples and layers, and the adversarial layer sensitivity ([`fisher`]);
-//! and the commands of [`cli`] (`run`, `train`, `client`, `fisher`,
+//! the OpenBLAS kernel family a run asks for ([`blas`]); and the commands of [`cli`]
+//! (`run`, `train`, `client`, `fisher`,
 //! `embed`). Does not own the numerics (`fibecfed-transformer`, `fibecfed-lora`,
 //! `fibecfed-fisher`, `fibecfed-curriculum`, `fibecfed-aggregation`), the data
 //! (`fibecfed-data`) or the Flower transport (`fibecfed-flower`).
@@ -21,6 +22,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod blas;
 pub mod cli;
 pub mod config;
 pub mod engine;

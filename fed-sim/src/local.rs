@@ -11,7 +11,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use fibecfed_aggregation::{FedProx, Tensors, restrict};
 use fibecfed_curriculum::{BatchOrder, Ordering, Pacing, sample_count};
-use fibecfed_data::{Sample, batch_of, padded_tokens};
+use fibecfed_data::{Sample, batch_of, length_batches, padded_tokens};
 use fibecfed_fisher::{
     DiagFisher, DifficultyScorer, FisherMomentum, LabelMode, PruneScores, SampleStats, SiteMask,
     delta_scores, prune_lowest, scores, site_mask,
@@ -24,12 +24,12 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-use crate::config::{CurriculumUnit, Factor, HeadMode, ImportanceKind, Prune, RunConfig};
+use crate::config::{CurriculumUnit, Factor, HeadMode, ImportanceKind, Prepare, Prune, RunConfig};
 use crate::fisher::{
     FisherHook, FisherOptions, adversarial_sensitivity, cpu_backend, fisher_pass,
     perturbation_importance,
 };
-use crate::state::ClientState;
+use crate::state::{ClientState, Pending};
 use crate::step::{ProxAnchor, Step, StepOutcome};
 
 /// Seeds of the independent random streams of a client's work.
@@ -177,6 +177,7 @@ impl LocalTrainer<'_> {
             last_scored: None,
             batch_lens: None,
             pruned: None,
+            pending: Pending::default(),
         }
     }
 
@@ -189,8 +190,72 @@ impl LocalTrainer<'_> {
         if !needs_pass || data.is_empty() {
             return Ok((state, None, 0));
         }
+        // Deferred: only what the server needs now. The adversarial importance runs
+        // on its own; the Fisher and perturbation importance come from (or beside) the
+        // scoring pass, which then runs now as before.
+        if self.config.federation.prepare == Prepare::OnSelection
+            && (!importance || self.config.sharing.importance == ImportanceKind::Adversarial)
+        {
+            let mut report = None;
+            let mut tokens = 0;
+            if importance {
+                let adapter = Adapter {
+                    params: &state.params,
+                    scale: self.lora.scale(),
+                };
+                let (scores, batch_tokens) = self.adversarial(k, data, adapter)?;
+                // Counted as in `score`.
+                tokens += batch_tokens + 2 * batch_tokens / 3;
+                report = Some(scores);
+            }
+            state.pending.score = self.uses_curriculum() || self.uses_sparse();
+            return Ok((state, report, tokens));
+        }
         let (report, tokens) = self.score(k, data, &mut state, 0, importance)?;
         Ok((state, report, tokens))
+    }
+
+    /// The round-0 work client k deferred (`federation.prepare = "on_selection"`),
+    /// done on its untouched initial state before its first training round: the
+    /// scoring pass as round 0 would have run it, then the pruning mask. Returns the
+    /// padded tokens it cost.
+    pub fn prepare_pending(
+        &self,
+        k: usize,
+        data: &[Sample],
+        state: &mut ClientState,
+        gal: &[usize],
+    ) -> Result<u64> {
+        let mut tokens = 0;
+        if state.pending.score {
+            tokens += self.score(k, data, state, 0, false)?.1;
+            state.pending.score = false;
+        }
+        if state.pending.prune {
+            tokens += self.prune(k, data, state, gal)?;
+            state.pending.prune = false;
+        }
+        Ok(tokens)
+    }
+
+    /// The neurons `[sparse.prune]` prunes on a client whose own layers are those
+    /// outside `gal`: ⌈ratio·n⌉ of the n output neurons of its local sites (what
+    /// `prune_lowest` prunes), 0 when every layer is global or nothing is pruned.
+    pub fn prune_count(&self, gal: &[usize]) -> usize {
+        let Some(prune) = self.config.sparse.prune else {
+            return 0;
+        };
+        let n: usize = self
+            .template
+            .sites
+            .iter()
+            .filter(|(s, _)| !gal.contains(&s.layer))
+            .map(|(_, w)| w.b.nrows())
+            .sum();
+        if n == 0 {
+            return 0;
+        }
+        ((prune.ratio * n as f64).ceil() as usize).min(n)
     }
 
     /// The scoring pass of client k with its current model: curriculum order, Fisher
@@ -376,13 +441,21 @@ impl LocalTrainer<'_> {
             ..
         } = blank;
         let mask_refs: Vec<Option<&[bool]>> = masks.iter().map(|m| m.as_deref()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed, PRUNE_DOMAIN, 0, k as u64));
+        let batch_size = self.config.federation.batch_size;
         let batches: Vec<Vec<usize>> = match (&state.order, &state.batch_lens) {
+            _ if self.config.federation.length_buckets => {
+                // Cut by length once, in a seeded order: the same batches every epoch.
+                let mut ids: Vec<usize> = (0..data.len()).collect();
+                ids.shuffle(&mut rng);
+                let mut batches = length_batches(data, &ids, batch_size);
+                batches.shuffle(&mut rng);
+                batches
+            }
             (Some(order), Some(lens)) => BatchOrder::from_parts(order, lens)?.batches,
             (order, _) => {
                 let ids: Vec<usize> = order.clone().unwrap_or_else(|| (0..data.len()).collect());
-                ids.chunks(self.config.federation.batch_size)
-                    .map(<[usize]>::to_vec)
-                    .collect()
+                ids.chunks(batch_size).map(<[usize]>::to_vec).collect()
             }
         };
         let local: Vec<SiteId> = params
@@ -394,7 +467,6 @@ impl LocalTrainer<'_> {
         let step = self.step();
         let scale = f64::from(self.lora.scale());
         let lr = self.config.federation.lr;
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(self.config.seed, PRUNE_DOMAIN, 0, k as u64));
         let mut scores = PruneScores::new(prune.momentum)?;
         let mut tokens = 0u64;
         for epoch in 0..prune.epochs {
@@ -447,8 +519,10 @@ impl LocalTrainer<'_> {
         global: &Tensors,
         gal: &[usize],
     ) -> Result<Outcome> {
+        // On the untouched initial state, before the global tensors are laid over.
+        let mut tokens = self.prepare_pending(k, data, &mut state, gal)?;
         overlay(&mut state.params, global)?;
-        let mut tokens = self.rescore_if_due(k, t, data, &mut state)?;
+        tokens += self.rescore_if_due(k, t, data, &mut state)?;
         let plan = self.plan(t, data.len(), &state, gal)?;
         let mask_refs: Vec<Option<&[bool]>> = plan.masks.iter().map(|m| m.as_deref()).collect();
         let anchor = plan.prox.map(|prox| ProxAnchor {
@@ -466,12 +540,22 @@ impl LocalTrainer<'_> {
         let mut subset = plan.subset;
         let mut no_hook = NoHook;
         let curriculum_batches = plan.batches.as_ref().map(Vec::len);
+        let batch_size = self.config.federation.batch_size;
         for _ in 0..self.config.federation.local_epochs {
-            let shuffled: Vec<&[usize]> = if let Some(batches) = &plan.batches {
+            let bucketed: Vec<Vec<usize>>;
+            let shuffled: Vec<&[usize]> = if self.config.federation.length_buckets {
+                // The same samples as without buckets (a batch curriculum's picked
+                // batches, pooled), regrouped by length and the batches shuffled.
+                subset.shuffle(&mut rng);
+                let mut batches = length_batches(data, &subset, batch_size);
+                batches.shuffle(&mut rng);
+                bucketed = batches;
+                bucketed.iter().map(Vec::as_slice).collect()
+            } else if let Some(batches) = &plan.batches {
                 batches.iter().map(Vec::as_slice).collect()
             } else {
                 subset.shuffle(&mut rng);
-                subset.chunks(self.config.federation.batch_size).collect()
+                subset.chunks(batch_size).collect()
             };
             for chunk in shuffled {
                 let batch = batch_of(data, chunk, self.model.config.pad_token_id)?;

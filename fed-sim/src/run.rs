@@ -64,6 +64,8 @@ pub struct RunArgs {
 pub fn run_command(args: &RunArgs, registry: &Registry) -> Result<PathBuf> {
     let fresh = args.out.as_ref().is_some_and(|o| !o.exists());
     let (opened, lock) = open(args, registry)?;
+    // Which kernels the products run on decides the last bits (see `crate::blas`).
+    eprintln!("OpenBLAS kernels: {}", crate::blas::core_name());
     let out = opened.out.clone();
     let resuming = opened.resuming;
     let result = run_opened(opened, registry);
@@ -165,6 +167,8 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
         let config =
             RunConfig::parse(&text).with_context(|| format!("config {}", path.display()))?;
         check_inputs(&config, None, None)?;
+        crate::blas::use_kernel(config.compute.blas)
+            .with_context(|| format!("config {}", path.display()))?;
         check_writable_dir(dir)?;
         let lock = lock_folder(dir)?;
         if !dir.join(CHECKPOINT_FILE).exists() {
@@ -207,6 +211,9 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
             .and_then(|()| config.check_new_run())
             .with_context(|| format!("config {}", config_path.display()))?;
         check_inputs(&config, Some(config_path), Some(out))?;
+        // Before the folder is locked: this may restart the process.
+        crate::blas::use_kernel(config.compute.blas)
+            .with_context(|| format!("config {}", config_path.display()))?;
         check_writable_dir(out)?;
         let lock = lock_folder(out)?;
         // Under the lock, so two runs started together cannot both pass this.
@@ -371,8 +378,8 @@ fn save(engine: &Engine, state: &RunState, out: &Path, text: &str) -> Result<()>
 /// would make a run folder that can never resume; stop with the key to change instead.
 fn check_finite(m: &RoundMetrics) -> Result<()> {
     let fields = [
-        ("accuracy", m.accuracy, "the evaluation"),
-        ("loss", m.loss, "the evaluation"),
+        ("accuracy", m.accuracy.unwrap_or(0.0), "the evaluation"),
+        ("loss", m.loss.unwrap_or(0.0), "the evaluation"),
         (
             // The running total includes this round's time.
             "cum_sim_seconds",
@@ -455,11 +462,13 @@ fn progress(rounds: usize, done: usize) -> ProgressBar {
 /// One line per round: in the bar's message on a terminal, on stderr otherwise.
 fn report(bar: &ProgressBar, m: Option<&RoundMetrics>) {
     let Some(m) = m else { return };
+    let eval = match (m.accuracy, m.loss) {
+        (Some(a), Some(l)) => format!("accuracy {a:.4}, loss {l:.4}"),
+        _ => "not evaluated".to_owned(),
+    };
     let line = format!(
-        "round {}: accuracy {:.4}, loss {:.4}, up {:.2} MB, simulated {:.0} s, wall {:.1} s{}",
+        "round {}: {eval}, up {:.2} MB, simulated {:.0} s, wall {:.1} s{}",
         m.round,
-        m.accuracy,
-        m.loss,
         m.cum_bytes_up as f64 / 1e6,
         m.cum_sim_seconds,
         m.wall_seconds,

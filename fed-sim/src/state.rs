@@ -14,10 +14,15 @@ pub struct RoundMetrics {
     pub method: String,
     pub seed: u64,
     /// Personalised accuracy: every client's own model on its own test part, weighted
-    /// by test size.
-    pub accuracy: f64,
-    /// Mean test loss over the test samples whose logits are finite.
-    pub loss: f64,
+    /// by test size; `null` in a round not evaluated (`federation.eval_every`).
+    pub accuracy: Option<f64>,
+    /// Mean test loss over the test samples whose logits are finite; `null` in a round
+    /// not evaluated.
+    pub loss: Option<f64>,
+    /// false in the rounds `federation.eval_every` skips (written only then, so runs
+    /// that evaluate every round keep their metrics lines as they were).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub evaluated: bool,
     /// Test samples whose logits were not finite (a diverged personalised model):
     /// counted as wrong, left out of `loss`.
     pub eval_non_finite: usize,
@@ -56,6 +61,15 @@ pub struct RoundMetrics {
     pub curriculum_batches: Option<Vec<usize>>,
 }
 
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
 /// A client's data.
 #[derive(Debug, Clone)]
 pub struct ClientData {
@@ -80,6 +94,28 @@ pub struct ClientState {
     /// With `[sparse.prune]`: per LoRA site, in `params.sites` order, its pruned
     /// output neurons (ascending); empty for the global layers' sites.
     pub pruned: Option<Vec<Vec<usize>>>,
+    /// With `federation.prepare = "on_selection"`: the preparation still owed before
+    /// the client's first training round (nothing in the default, up-front mode).
+    pub pending: Pending,
+}
+
+/// Round-0 work a client defers to the first round it trains in; done then with the
+/// initial adapter and round 0's seeds, so that it yields what it would have yielded
+/// up front.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// The curriculum's scoring pass (and the Fisher momentum's seed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub score: bool,
+    /// The pruning mask's epochs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prune: bool,
+}
+
+impl Pending {
+    pub fn any(self) -> bool {
+        self.score || self.prune
+    }
 }
 
 impl ClientState {

@@ -763,3 +763,237 @@ fn fibecfed_as_its_authors_ran_it_records_and_keeps_its_parts() {
         assert_eq!(count, 4, "client {k}");
     }
 }
+
+/// `federation.eval_every = 2` over 3 rounds evaluates rounds 0, 2 and 3 (the last),
+/// writes `null` accuracy and `"evaluated": false` for round 1, and changes nothing
+/// else: evaluation draws no random numbers, so every other field (wall time aside)
+/// equals an every-round run's, bit for bit.
+#[test]
+fn an_evaluation_cadence_skips_rounds_and_changes_nothing_else() {
+    let su = setup();
+    let every = su.root.join("every");
+    run_ok(command(&su, &config_text(&fisher_gal(), ""), &every));
+    let sparse = su.root.join("sparse");
+    let cfg = config_text(&fisher_gal(), "[federation]\neval_every = 2\n");
+    run_ok(command(&su, &cfg, &sparse));
+    let (all, some) = (metrics(&every), metrics(&sparse));
+    assert_eq!(all.len(), 4);
+    assert_eq!(some.len(), 4);
+    for (round, (a, b)) in all.iter().zip(&some).enumerate() {
+        let evaluated = round != 1;
+        assert_eq!(
+            b.get("evaluated").is_none(),
+            evaluated,
+            "round {round}: {b}"
+        );
+        let mut a = a.as_object().unwrap().clone();
+        let mut b = b.as_object().unwrap().clone();
+        a.remove("wall_seconds");
+        b.remove("wall_seconds");
+        if evaluated {
+            assert_eq!(a, b, "round {round}");
+        } else {
+            assert_eq!(b["evaluated"], Value::Bool(false));
+            assert!(b["accuracy"].is_null() && b["loss"].is_null(), "{b:?}");
+            assert_eq!(b["eval_non_finite"], 0);
+            for key in ["accuracy", "loss", "evaluated"] {
+                a.remove(key);
+                b.remove(key);
+            }
+            assert_eq!(a, b, "round {round}");
+        }
+    }
+    let zero = su.root.join("zero");
+    let cfg = config_text(&fisher_gal(), "[federation]\neval_every = 0\n");
+    let out = command(&su, &cfg, &zero).output().unwrap();
+    assert_refused(&out, &["federation.eval_every"]);
+}
+
+/// `federation.length_buckets` trains the same number of samples per round (the
+/// curriculum's subset is the same set) on no more padded tokens, for a sample and a
+/// batch curriculum alike, and with a pruning mask.
+#[test]
+fn length_buckets_train_the_same_samples_with_less_padding() {
+    let su = setup();
+    for (file, extra) in [
+        (fisher_gal(), ""),
+        (
+            configs_dir().join("fibecfed.toml"),
+            "[sharing.selector]\nfraction = 0.5\n",
+        ),
+    ] {
+        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        let plain = su.root.join(format!("{name}-plain"));
+        run_ok(command(&su, &config_text(&file, extra), &plain));
+        let bucketed = su.root.join(format!("{name}-buckets"));
+        let cfg = config_text(
+            &file,
+            &format!("{extra}[federation]\nlength_buckets = true\n"),
+        );
+        run_ok(command(&su, &cfg, &bucketed));
+        let (p, b) = (metrics(&plain), metrics(&bucketed));
+        let mut fewer = false;
+        for (x, y) in p.iter().zip(&b).skip(1) {
+            assert_eq!(x["train_samples"], y["train_samples"], "{name}");
+            assert_eq!(x["selected"], y["selected"], "{name}");
+            assert_eq!(
+                x.get("curriculum_batches"),
+                y.get("curriculum_batches"),
+                "{name}"
+            );
+            let (tx, ty) = (x["tokens"].as_u64().unwrap(), y["tokens"].as_u64().unwrap());
+            assert!(
+                ty <= tx,
+                "{name}: {ty} padded tokens with buckets, {tx} without"
+            );
+            fewer |= ty < tx;
+        }
+        assert!(fewer, "{name}: buckets never saved a padded token");
+        // Other batches, other steps: the runs differ.
+        assert_ne!(
+            p.last().unwrap()["train_loss"],
+            b.last().unwrap()["train_loss"]
+        );
+    }
+}
+
+/// `compute.blas = "haswell"` runs on OpenBLAS's Haswell kernels whatever the caller's
+/// environment asks: the same metrics as `OPENBLAS_CORETYPE=Haswell` without the key,
+/// even when the caller sets another family. A CPU without AVX2 refuses the key.
+#[test]
+fn a_config_chooses_its_blas_kernels() {
+    let su = setup();
+    let base = config_text(&fisher_gal(), "");
+    let keyed = config_text(&fisher_gal(), "[compute]\nblas = \"haswell\"\n");
+    #[cfg(target_arch = "x86_64")]
+    let avx2 =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    if !avx2 {
+        let out = command(&su, &keyed, &su.root.join("refused"))
+            .output()
+            .unwrap();
+        assert_refused(&out, &["compute.blas", "lacks"]);
+        return;
+    }
+    let by_env = su.root.join("env");
+    let mut cmd = command(&su, &base, &by_env);
+    cmd.env("OPENBLAS_CORETYPE", "Haswell");
+    run_ok(cmd);
+    let by_key = su.root.join("key");
+    let mut cmd = command(&su, &keyed, &by_key);
+    // The config wins over whatever the caller's environment says.
+    cmd.env("OPENBLAS_CORETYPE", "Prescott");
+    let out = run_ok(cmd);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("OpenBLAS kernels: Haswell"), "{said}");
+    let prescott = su.root.join("prescott");
+    let mut cmd = command(&su, &base, &prescott);
+    cmd.env("OPENBLAS_CORETYPE", "Prescott");
+    let said = String::from_utf8_lossy(&run_ok(cmd).stderr).into_owned();
+    assert!(said.contains("OpenBLAS kernels: Prescott"), "{said}");
+    let strip = |m: Vec<Value>| -> Vec<Value> {
+        m.into_iter()
+            .map(|mut l| {
+                l.as_object_mut().unwrap().remove("wall_seconds");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(metrics(&by_env)), strip(metrics(&by_key)));
+    // And a resume of the keyed folder restarts on the same kernels.
+    let text = fs::read_to_string(by_key.join("config.toml")).unwrap();
+    assert!(
+        text.contains("[compute]") && text.contains("blas = \"haswell\""),
+        "{text}"
+    );
+}
+
+/// `federation.prepare = "on_selection"`: a client's curriculum scoring and pruning
+/// mask wait for the first round it trains in, and run then on its initial adapter with
+/// round 0's seeds. Accuracies, losses, selections, pruned counts and curriculum
+/// batches are those of an up-front run, bit for bit; only the tokens and simulated
+/// time move (round 0 costs less; clients never selected cost nothing). A run killed
+/// with clients still owing their preparation resumes to the same metrics.
+#[test]
+fn preparing_on_selection_moves_the_cost_and_nothing_else() {
+    let su = setup();
+    let shape = "[federation]\nclients = 8\nfraction = 0.25\nrounds = 4\n";
+    for (file, extra) in [
+        (
+            configs_dir().join("fibecfed.toml"),
+            "[sharing.selector]\nfraction = 0.5\n",
+        ),
+        (fisher_gal(), ""),
+    ] {
+        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        let upfront = su.root.join(format!("{name}-upfront"));
+        run_ok(command(
+            &su,
+            &config_text(&file, &format!("{extra}{shape}")),
+            &upfront,
+        ));
+        let lazy_cfg = config_text(
+            &file,
+            &format!("{extra}{shape}prepare = \"on_selection\"\n"),
+        );
+        let lazy = su.root.join(format!("{name}-lazy"));
+        run_ok(command(&su, &lazy_cfg, &lazy));
+        let (u, l) = (metrics(&upfront), metrics(&lazy));
+        assert_eq!(u.len(), l.len());
+        let tokens = |m: &[Value]| -> u64 { m.iter().map(|x| x["tokens"].as_u64().unwrap()).sum() };
+        let moved = ["tokens", "sim_seconds", "cum_sim_seconds"];
+        for (a, b) in u.iter().zip(&l) {
+            let (mut a, mut b) = (
+                a.as_object().unwrap().clone(),
+                b.as_object().unwrap().clone(),
+            );
+            for key in moved {
+                a.remove(key);
+                b.remove(key);
+            }
+            assert_eq!(a, b, "{name}");
+        }
+        let trained: std::collections::BTreeSet<u64> = u
+            .iter()
+            .flat_map(|m| {
+                m["selected"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+            })
+            .collect();
+        if name == "fibecfed" {
+            assert!(trained.len() < 8, "every client was selected: {trained:?}");
+            assert!(l[0]["tokens"].as_u64() < u[0]["tokens"].as_u64(), "{name}");
+            assert!(
+                tokens(&l) < tokens(&u),
+                "{name}: {} vs {}",
+                tokens(&l),
+                tokens(&u)
+            );
+            assert!(l[0]["pruned_neurons"].as_u64().unwrap() > 0);
+        }
+
+        // Killed after round 2 with clients still owing their preparation.
+        let killed = su.root.join(format!("{name}-killed"));
+        let mut cmd = command(&su, &lazy_cfg, &killed);
+        cmd.env("FIBECFED_TEST_HANG_ROUND", "3")
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let reader = thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .any(|line| line.unwrap().contains("test hook: round 3 trained"))
+        });
+        assert!(reader.join().unwrap(), "the run never reached the hook");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(metrics(&killed).len(), 3);
+        assert_success(&fibecfed(&["run", "--resume", s(&killed)]));
+        assert_eq!(metrics(&killed), l, "{name}");
+    }
+}
