@@ -32,7 +32,7 @@ use crate::common::{absolute, user_error};
 pub const DEFAULT: &str = "default";
 
 /// The keys of the `[preset]` table; anything else there is a typo worth stopping for.
-const KEYS: [&str; 8] = [
+const KEYS: [&str; 9] = [
     "description",
     "methods",
     "primary",
@@ -41,6 +41,7 @@ const KEYS: [&str; 8] = [
     "target_fraction",
     "seeds",
     "datasets",
+    "run_on",
 ];
 
 /// The target's fraction when a preset does not set one.
@@ -72,6 +73,9 @@ pub struct Preset {
     pub target_fraction: f64,
     /// `seeds`: the seeds `reproduce` runs when `--seeds` is not given.
     pub seeds: Option<Vec<u64>>,
+    /// `run_on`: the dataset folders `reproduce` runs on when `--datasets` is not
+    /// given (empty: MR, or its stand-in).
+    pub run_on: Vec<String>,
     /// Everything but `[preset]`: the settings each method's file is merged over.
     settings: toml::Table,
     /// `[preset.datasets.<name>]`: settings for one dataset (a folder name such as
@@ -298,6 +302,39 @@ impl Preset {
                 return Err(source.wrong_type("seeds", "an array of non-negative integers", other));
             }
         };
+        let run_on = match own.get("run_on") {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => {
+                let mut names: Vec<String> = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let name = item
+                        .as_str()
+                        .filter(|n| is_bare_name(n) && !n.is_empty() && !n.starts_with('.'))
+                        .ok_or_else(|| {
+                            source.wrong_type(
+                                &format!("run_on[{i}]"),
+                                "a dataset folder name",
+                                item,
+                            )
+                        })?;
+                    if names.iter().any(|n| n == name) {
+                        return Err(
+                            source.error(format_args!("[preset] run_on: {name} appears twice"))
+                        );
+                    }
+                    names.push(name.to_owned());
+                }
+                if names.is_empty() {
+                    return Err(source.error(
+                        "[preset] run_on is empty; name a dataset folder or leave the key out",
+                    ));
+                }
+                names
+            }
+            Some(other) => {
+                return Err(source.wrong_type("run_on", "an array of dataset folder names", other));
+            }
+        };
         let mut per_dataset = std::collections::BTreeMap::new();
         match own.get("datasets") {
             None => {}
@@ -354,6 +391,7 @@ impl Preset {
             baselines,
             target_fraction,
             seeds,
+            run_on,
             settings: doc,
             per_dataset,
             user_named,
@@ -639,7 +677,7 @@ mod tests {
     use super::*;
     use crate::common::{UserError, workspace_root};
 
-    const BUILT_IN: [&str; 4] = ["smoke", "default", "paper", "heads"];
+    const BUILT_IN: [&str; 5] = ["smoke", "default", "paper", "heads", "evidence"];
 
     /// The message of a `UserError` (exit 2), or a failure naming what came instead.
     fn user_message<T: std::fmt::Debug>(result: Result<T>) -> String {
@@ -666,7 +704,7 @@ mod tests {
         let root = workspace_root()?;
         assert_eq!(
             available(&presets_dir(&root)),
-            ["default", "heads", "paper", "smoke"]
+            ["default", "evidence", "heads", "paper", "smoke"]
         );
         for name in BUILT_IN {
             let preset = Preset::load(&root, Some(name))?;
@@ -696,39 +734,6 @@ mod tests {
         let default = Preset::load(&root, None)?;
         assert_eq!(default.label, DEFAULT);
         assert_eq!(default.methods, Preset::load(&root, Some(DEFAULT))?.methods);
-        Ok(())
-    }
-
-    /// Run folders written while the presets were Rust literals carry the merged text
-    /// in their config.toml and `--resume` compares it byte for byte. The merged text is
-    /// a function of the preset's label, its shared settings and the method's own file,
-    /// so the files must give the very tables and lists the code held. Changing a
-    /// built-in preset breaks resuming its old runs through `reproduce`: a deliberate
-    /// edit here too. `default` and `paper` changed in issue 14 (the authors' training
-    /// settings for every method, FIBECFED.md §7); their old run folders still resume
-    /// with `fibecfed run --resume`, which reads the folder's own config.toml.
-    #[test]
-    fn built_in_presets_match_the_former_literals() -> Result<()> {
-        let root = workspace_root()?;
-        let former: [(&str, &str, &[&str]); 1] = [(
-            "smoke",
-            "[model]\nmax_len = 48\n\n\
-             [data]\nlimit_train = 240\nlimit_test = 120\n\n\
-             [federation]\nclients = 4\nfraction = 0.5\nrounds = 3\nbatch_size = 8\nlr = 2e-3\n",
-            &["fibecfed", "fedavg-lora"],
-        )];
-        for (name, settings, methods) in former {
-            let preset = Preset::load(&root, Some(name))?;
-            assert_eq!(preset.label, name);
-            assert_eq!(preset.methods, methods);
-            let settings: toml::Table = toml::from_str(settings)?;
-            assert_eq!(preset.settings, settings, "{name}");
-            // Bitwise too: `==` on floats would let a -0.0 through.
-            assert_eq!(
-                toml::to_string(&preset.settings)?,
-                toml::to_string(&settings)?
-            );
-        }
         Ok(())
     }
 
@@ -885,6 +890,22 @@ mod tests {
             "[preset]\nmethods = [\"fibecfed\"]\nbaselines = []\n",
         )?;
         assert!(none.baselines.is_empty());
+        assert!(defaults.run_on.is_empty());
+
+        let on = load(
+            "on.toml",
+            &format!("[preset]\n{methods}run_on = [\"mr\", \"trec\"]\n"),
+        )?;
+        assert_eq!(on.run_on, ["mr", "trec"]);
+        for (bad, needle) in [
+            ("run_on = [\"mr\", \"mr\"]", "appears twice"),
+            ("run_on = []", "run_on is empty"),
+            ("run_on = [\"../x\"]", "run_on[0]"),
+            ("run_on = \"mr\"", "run_on"),
+        ] {
+            let message = user_message(load("bad-on.toml", &format!("[preset]\n{methods}{bad}\n")));
+            assert!(message.contains(needle), "{bad}: {message}");
+        }
         Ok(())
     }
 
@@ -894,7 +915,7 @@ mod tests {
         let message = user_message(Preset::load(&root, Some("fast")));
         assert!(message.contains("\"fast\""), "{message}");
         assert!(
-            message.contains("default, heads, paper, smoke"),
+            message.contains("default, evidence, heads, paper, smoke"),
             "{message}"
         );
         Ok(())

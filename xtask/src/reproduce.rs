@@ -63,7 +63,13 @@ pub fn run(options: &Options) -> Result<()> {
     system::ensure(&[Piece::OpenBlas])?;
     let model = assets::resolve(options.model_dir.as_deref())?;
     let data_root = data::resolve(options.data_dir.as_deref())?;
-    let datasets = pick_datasets(&data_root, &options.datasets)?;
+    // `--datasets`, else the preset's `run_on`, else MR (or its stand-in).
+    let asked = if options.datasets.is_empty() {
+        &preset.run_on
+    } else {
+        &options.datasets
+    };
+    let datasets = pick_datasets(&data_root, asked)?;
     let binary = build_binary(&root)?;
 
     let started = SystemTime::now();
@@ -199,7 +205,7 @@ fn pick_datasets(root: &data::DataRoot, asked: &[String]) -> Result<Vec<Dataset>
             .map(|name| {
                 let (train, test) = data::split_files(&root.path, name).map_err(|e| {
                     user_error(format!(
-                        "--datasets {name}: not usable under {} ({e:#})",
+                        "dataset {name} (--datasets, or the preset's run_on): not usable under {} ({e:#})",
                         root.path.display()
                     ))
                 })?;
