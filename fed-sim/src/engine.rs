@@ -167,11 +167,12 @@ impl Engine {
     pub fn initialise(&mut self) -> Result<RunState> {
         let clock = Instant::now();
         let needs_reports = self.selector.needs_reports();
+        let deferred = self.config.federation.prepare == Prepare::OnSelection;
         let results: Vec<Result<FirstState>> = (0..self.data.len())
             .into_par_iter()
             .map(|k| {
                 self.trainer()
-                    .first_state(k, &self.data[k].train, needs_reports)
+                    .first_state(k, &self.data[k].train, needs_reports, deferred)
             })
             .collect();
         let mut clients = Vec::with_capacity(results.len());
@@ -200,7 +201,6 @@ impl Engine {
             .selector
             .select(&reports, self.layers())
             .context("sharing.selector")?;
-        let deferred = self.config.federation.prepare == Prepare::OnSelection;
         if self.config.sparse.prune.is_some() && deferred {
             for state in &mut clients {
                 state.pending.prune = true;
@@ -331,6 +331,28 @@ impl Engine {
         } else {
             message_bytes(&state.global)?
         };
+        // Round-0 work a client deferred (`federation.prepare = "on_selection"`), done
+        // before it trains and kept even if its training diverges, so that it is done
+        // (and paid for) once; its tokens count in this round's time for the client.
+        let prepared: Vec<Result<(usize, ClientState, u64)>> = draw
+            .active
+            .par_iter()
+            .filter(|&&k| state.clients[k].pending.any())
+            .map(|&k| {
+                let mut client = state.clients[k].clone();
+                let tokens = self
+                    .trainer()
+                    .prepare_pending(k, &self.data[k].train, &mut client, &state.gal)
+                    .with_context(|| format!("round {t}, client {k}: deferred preparation"))?;
+                Ok((k, client, tokens))
+            })
+            .collect();
+        let mut prep_tokens = BTreeMap::new();
+        for r in prepared {
+            let (k, client, tokens) = r?;
+            state.clients[k] = client;
+            prep_tokens.insert(k, tokens);
+        }
         let outcomes: Vec<Result<Outcome>> = draw
             .active
             .par_iter()
@@ -348,7 +370,14 @@ impl Engine {
         if let Some(observer) = &self.observer {
             observer.clients_trained(t);
         }
-        let g = self.gather(t, &draw.active, outcomes, down_bytes, &mut state.clients)?;
+        let g = self.gather(
+            t,
+            &draw.active,
+            outcomes,
+            &prep_tokens,
+            down_bytes,
+            &mut state.clients,
+        )?;
         if !g.updates.is_empty() && !state.global.is_empty() {
             state.global = self
                 .aggregator
@@ -446,6 +475,7 @@ impl Engine {
         t: usize,
         active: &[usize],
         outcomes: Vec<Result<Outcome>>,
+        prep_tokens: &BTreeMap<usize, u64>,
         down_bytes: u64,
         clients: &mut [ClientState],
     ) -> Result<Gathered> {
@@ -457,15 +487,18 @@ impl Engine {
         };
         let mut g = Gathered::default();
         for (&k, outcome) in active.iter().zip(outcomes) {
+            let prep = prep_tokens.get(&k).copied().unwrap_or(0);
             match outcome.with_context(|| format!("round {t}, client {k}"))? {
                 Outcome::Diverged(why, spent) => {
+                    let spent = spent + prep;
                     eprintln!("round {t}: client {k} left out of the aggregate: {why}");
                     g.diverged.push(k);
                     g.tokens += spent;
                     g.sim = g.sim.max(work_time(spent));
                 }
                 Outcome::Trained(tr) => {
-                    let mut time = work_time(tr.tokens);
+                    let tokens = tr.tokens + prep;
+                    let mut time = work_time(tokens);
                     if let Some(tensors) = tr.upload {
                         let bytes = message_bytes(&tensors)?;
                         g.up += bytes;
@@ -479,7 +512,7 @@ impl Engine {
                     g.sim = g.sim.max(time);
                     g.loss_sum += tr.loss_sum;
                     g.samples += tr.samples;
-                    g.tokens += tr.tokens;
+                    g.tokens += tokens;
                     if let Some(b) = tr.batches {
                         g.batches.insert(k, b);
                     }

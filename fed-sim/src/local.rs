@@ -14,7 +14,7 @@ use fibecfed_curriculum::{BatchOrder, Ordering, Pacing, sample_count};
 use fibecfed_data::{Sample, batch_of, length_batches, padded_tokens};
 use fibecfed_fisher::{
     DiagFisher, DifficultyScorer, FisherMomentum, LabelMode, PruneScores, SampleStats, SiteMask,
-    delta_scores, prune_lowest, scores, site_mask,
+    ceil_fraction, delta_scores, prune_lowest, scores, site_mask,
 };
 use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, SiteId};
@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-use crate::config::{CurriculumUnit, Factor, HeadMode, ImportanceKind, Prepare, Prune, RunConfig};
+use crate::config::{CurriculumUnit, Factor, HeadMode, ImportanceKind, Prune, RunConfig};
 use crate::fisher::{
     FisherHook, FisherOptions, adversarial_sensitivity, cpu_backend, fisher_pass,
     perturbation_importance,
@@ -184,7 +184,15 @@ impl LocalTrainer<'_> {
     /// A client's round-0 state on `data`: the initial adapter, a fresh optimiser, and
     /// the scoring pass when the config uses its results (with the layer importance
     /// when `importance`); also the importance and the pass's padded tokens.
-    pub fn first_state(&self, k: usize, data: &[Sample], importance: bool) -> Result<FirstState> {
+    /// With `defer` (`federation.prepare = "on_selection"` in the simulation), only
+    /// what the server needs now runs, and the rest is left pending.
+    pub fn first_state(
+        &self,
+        k: usize,
+        data: &[Sample],
+        importance: bool,
+        defer: bool,
+    ) -> Result<FirstState> {
         let mut state = self.initial_state();
         let needs_pass = self.uses_curriculum() || self.uses_sparse() || importance;
         if !needs_pass || data.is_empty() {
@@ -193,9 +201,7 @@ impl LocalTrainer<'_> {
         // Deferred: only what the server needs now. The adversarial importance runs
         // on its own; the Fisher and perturbation importance come from (or beside) the
         // scoring pass, which then runs now as before.
-        if self.config.federation.prepare == Prepare::OnSelection
-            && (!importance || self.config.sharing.importance == ImportanceKind::Adversarial)
-        {
+        if defer && (!importance || self.config.sharing.importance == ImportanceKind::Adversarial) {
             let mut report = None;
             let mut tokens = 0;
             if importance {
@@ -209,6 +215,11 @@ impl LocalTrainer<'_> {
                 report = Some(scores);
             }
             state.pending.score = self.uses_curriculum() || self.uses_sparse();
+            // As `score` marks it when it runs in round 0 (with no pass when only the
+            // importance was wanted): `rescore_every` counts from round 0 either way.
+            if !state.pending.score {
+                state.last_scored = Some(0);
+            }
             return Ok((state, report, tokens));
         }
         let (report, tokens) = self.score(k, data, &mut state, 0, importance)?;
@@ -255,7 +266,8 @@ impl LocalTrainer<'_> {
         if n == 0 {
             return 0;
         }
-        ((prune.ratio * n as f64).ceil() as usize).min(n)
+        // The rounding `prune_lowest` uses.
+        ceil_fraction(prune.ratio, n)
     }
 
     /// The scoring pass of client k with its current model: curriculum order, Fisher
@@ -886,7 +898,7 @@ mod tests {
             })
             .collect();
         let gal = [0usize];
-        let (mut state, _, _) = trainer.first_state(0, &data, false).unwrap();
+        let (mut state, _, _) = trainer.first_state(0, &data, false, false).unwrap();
         let prune = config.sparse.prune.unwrap();
         let epochs = trainer.mask_epochs(0, &data, &state, &gal, prune).unwrap();
         assert_eq!(epochs.local.len(), 2, "query and value of layer 1");

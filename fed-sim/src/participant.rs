@@ -98,6 +98,10 @@ pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
         .check(&config)
         .and_then(|()| config.check_new_run())
         .with_context(|| format!("config {}", args.config.display()))?;
+    // The kernels the config asks for, as `fibecfed run` does (may restart the process).
+    crate::blas::use_kernel(config.compute.blas)
+        .with_context(|| format!("config {}", args.config.display()))?;
+    eprintln!("OpenBLAS kernels: {}", crate::blas::core_name());
     if args.client_id >= config.federation.clients {
         bail!(
             "--client-id {} is out of range: the config has federation.clients = {} (ids 0..{})",

@@ -996,4 +996,29 @@ fn preparing_on_selection_moves_the_cost_and_nothing_else() {
         assert_success(&fibecfed(&["run", "--resume", s(&killed)]));
         assert_eq!(metrics(&killed), l, "{name}");
     }
+
+    // Nothing to defer (no curriculum, no sparse update, no mask), only the server's
+    // adversarial importance, with rescoring: the runs are identical, tokens included
+    // (the rescoring clock starts at round 0 in both).
+    let method = su.root.join("adv-method.toml");
+    fs::write(
+        &method,
+        "method = \"adv\"\n[curriculum]\nrescore_every = 2\npacing = { kind = \"constant\" }\n\
+         [sharing]\nselector = { kind = \"consensus_top_k\", fraction = 0.5, end = \"least\", weighting = \"equal\" }\n\
+         importance = \"adversarial\"\n[sparse]\nrho = 1.0\n",
+    )
+    .unwrap();
+    let only_importance = config_text(&method, shape);
+    let a = su.root.join("adv-upfront");
+    run_ok(command(&su, &only_importance, &a));
+    let b = su.root.join("adv-lazy");
+    let lazy = config_text(&method, &format!("{shape}prepare = \"on_selection\"\n"));
+    run_ok(command(&su, &lazy, &b));
+    assert_eq!(metrics(&a), metrics(&b));
+    assert!(
+        metrics(&a)
+            .iter()
+            .skip(1)
+            .any(|m| m["tokens"].as_u64() > Some(0))
+    );
 }

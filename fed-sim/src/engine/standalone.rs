@@ -36,7 +36,9 @@ impl Engine {
             .train;
         let (mut state, _, mut tokens) = self
             .trainer()
-            .first_state(k, data, false)
+            // Up front whatever `federation.prepare` says: a participant's start is its
+            // round 0.
+            .first_state(k, data, false, false)
             .with_context(|| format!("client {k}: scoring pass"))?;
         if self.config.sparse.prune.is_some() {
             let gal = self.standalone_gal()?;
