@@ -412,13 +412,20 @@ fn panel_chart(
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
             (a.min(y), b.max(y))
         });
-    let pad = ((hi - lo) * 0.12).max(1e-3);
+    // No difference to draw (no seed pair reached the target in both): a plain
+    // band around 0 without ticks, for the counts alone.
+    let empty = values.iter().all(Option::is_none);
+    let pad = if empty {
+        1.0
+    } else {
+        ((hi - lo) * 0.12).max(1e-3)
+    };
     let names: Vec<String> = paired.iter().map(|p| p.baseline.clone()).collect();
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(50)
-        .y_label_area_size(80)
+        .y_label_area_size(100)
         // One unit per baseline, centred on 0, 1, ...; the names are drawn under
         // their points by hand (a lone category gets no tick from plotters).
         .build_cartesian_2d(-0.5..(k as f64 - 0.5), (lo - pad)..(hi + pad))?;
@@ -435,7 +442,7 @@ fn panel_chart(
         .disable_x_mesh()
         .x_labels(0)
         .y_desc(y_desc)
-        .y_labels(8)
+        .y_labels(if empty { 0 } else { 8 })
         .y_label_formatter(&|y: &f64| format!("{y:.decimals$}"))
         .label_style(("sans-serif", 17))
         .axis_desc_style(("sans-serif", 18))
@@ -467,14 +474,18 @@ fn panel_chart(
                 pairs,
             } = &paired[i].sim_seconds_to_target
             {
+                // Two short lines: a panel holds one column per baseline.
+                let small = ("sans-serif", 15)
+                    .into_font()
+                    .into_text_style(area)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom));
                 chart.draw_series(std::iter::once(
                     EmptyElement::at((x, 0.0))
+                        + Text::new("reached in".to_owned(), (0, -28), small.clone())
                         + Text::new(
-                            format!(
-                                "reached: primary {primary}/{pairs}, baseline {baseline}/{pairs}"
-                            ),
-                            (0, -30),
-                            name_style.clone(),
+                            format!("{primary}/{pairs} vs {baseline}/{pairs}"),
+                            (0, -8),
+                            small,
                         ),
                 ))?;
             }
