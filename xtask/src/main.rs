@@ -38,12 +38,14 @@ Usage: cargo xtask <command> [options]
 
 Commands:
   reproduce [--preset NAME|FILE] [--datasets mr,sst-2,...] [--seeds 42,43]
-            [--model-dir DIR] [--data-dir DIR]
+            [--jobs N] [--model-dir DIR] [--data-dir DIR]
       The main job: the methods a preset lists (configs/*.toml, merged over the
       preset's shared settings) with `fibecfed run` on MR (default) or the named
-      datasets. NAME is a file of configs/presets/ (default, smoke, paper, heads;
-      default if not given); a FILE (a path with `/` or ending in .toml) is your own
-      preset. Seeds: --seeds, else the preset's `seeds`, else 42.
+      datasets (else the preset's `run_on`). NAME is a file of configs/presets/
+      (default, smoke, evidence, paper, heads; default if not given); a FILE (a path
+      with `/` or ending in .toml) is your own preset. Seeds: --seeds, else the
+      preset's `seeds`, else 42. --jobs N runs N runs at a time, each on an equal
+      share of the cores (the metrics do not change; default 1).
       Writes results/<UTC time>/ with job.toml, summary.md, summary.csv, configs/,
       runs/ and plots/.
   summarise RESULTS_DIR [--preset NAME|FILE]
@@ -184,12 +186,24 @@ fn try_main() -> Result<ExitCode> {
             };
             let datasets = list(args.value("--datasets")?);
             let seeds = parse_seeds(&list(args.value("--seeds")?))?;
+            let jobs = match args.value("--jobs")? {
+                None => 1,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if (1..=64).contains(&n) => n,
+                    _ => {
+                        return Err(usage_error(format!(
+                            "--jobs: {v:?} is not a whole number from 1 to 64"
+                        )));
+                    }
+                },
+            };
             let options = reproduce::Options {
                 data_dir: args.value("--data-dir")?.map(PathBuf::from),
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
                 preset: args.value("--preset")?,
                 datasets,
                 seeds,
+                jobs,
             };
             args.finish(&command)?;
             reproduce::run(&options)?;

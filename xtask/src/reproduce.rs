@@ -31,6 +31,8 @@ pub struct Options {
     pub datasets: Vec<String>,
     /// One run per seed and method; default the preset's `seeds`, else 42.
     pub seeds: Vec<u64>,
+    /// `--jobs`: runs at a time (default 1).
+    pub jobs: usize,
 }
 
 /// The dataset `reproduce` trains on by default: the real MR, or its stand-in.
@@ -112,6 +114,7 @@ pub fn run(options: &Options) -> Result<()> {
         reconstructed: false,
     };
     summarise::write_job(&results, &job)?;
+    let mut queue: Vec<Pending> = Vec::new();
     for ds in &datasets {
         let plan = preset.plan_for(&root, Some(&ds.name))?;
         for config in &plan.configs {
@@ -140,24 +143,16 @@ pub fn run(options: &Options) -> Result<()> {
                     .arg(&ds.test)
                     .arg("--seed")
                     .arg(seed.to_string());
-                let line = describe(&cmd);
-                eprintln!("+ {line}");
-                let status = cmd
-                    .status()
-                    .with_context(|| format!("cannot start {}", binary.display()))?;
-                if !status.success() {
-                    bail!(
-                        "{name} on {} (seed {seed}) failed ({status}); its folder is {}; continue it with `{} run --resume {}`",
-                        ds.name,
-                        out.display(),
-                        binary.display(),
-                        out.display()
-                    );
-                }
-                job.commands.push(line);
+                queue.push(Pending {
+                    line: describe(&cmd),
+                    cmd,
+                    what: format!("{name} on {} (seed {seed})", ds.name),
+                    out,
+                });
             }
         }
     }
+    run_all(queue, options.jobs.max(1), &binary, &mut job.commands)?;
     job.wall_seconds = Some(clock.elapsed().as_secs_f64());
     summarise::write_job(&results, &job)?;
     // The same function `cargo xtask summarise` runs, so both give the same files.
@@ -165,6 +160,98 @@ pub fn run(options: &Options) -> Result<()> {
     println!("{summary}");
     println!("{}", results.join("summary.md").display());
     eprintln!("results: {results_rel}");
+    Ok(())
+}
+
+/// One `fibecfed run` of the job, not yet started.
+struct Pending {
+    cmd: Command,
+    line: String,
+    /// "fibecfed on mr (seed 42)", for messages.
+    what: String,
+    out: PathBuf,
+}
+
+/// Runs the job's runs, `jobs` at a time; `commands` gets their command lines in the
+/// plan's order whatever order they finish in. With several at a time, each run gets
+/// an equal share of the cores (`RAYON_NUM_THREADS`; metrics do not depend on the
+/// thread count) and its output goes to `<run folder>.log`. After a failure no new run
+/// starts; those under way finish, and the first failure is reported.
+fn run_all(
+    queue: Vec<Pending>,
+    jobs: usize,
+    binary: &Path,
+    commands: &mut Vec<String>,
+) -> Result<()> {
+    let lines: Vec<String> = queue.iter().map(|p| p.line.clone()).collect();
+    let start_one = |mut p: Pending| -> Result<()> {
+        eprintln!("+ {}", p.line);
+        if jobs > 1 {
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            p.cmd
+                .env("RAYON_NUM_THREADS", (cores / jobs).max(1).to_string());
+            let log = p.out.with_extension("log");
+            if let Some(dir) = log.parent() {
+                fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let file = fs::File::create(&log)
+                .with_context(|| format!("cannot create {}", log.display()))?;
+            let err = file
+                .try_clone()
+                .with_context(|| format!("cannot reopen {}", log.display()))?;
+            p.cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
+        }
+        let clock = Instant::now();
+        let status = p
+            .cmd
+            .status()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        if !status.success() {
+            bail!(
+                "{} failed ({status}); its folder is {}; continue it with `{} run --resume {}`",
+                p.what,
+                p.out.display(),
+                binary.display(),
+                p.out.display()
+            );
+        }
+        if jobs > 1 {
+            eprintln!("done: {} in {:.0} s", p.what, clock.elapsed().as_secs_f64());
+        }
+        Ok(())
+    };
+    if jobs == 1 {
+        for p in queue {
+            start_one(p)?;
+        }
+    } else {
+        let queue = std::sync::Mutex::new(queue.into_iter());
+        let failed = std::sync::Mutex::new(None::<anyhow::Error>);
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                scope.spawn(|| {
+                    loop {
+                        if failed.lock().map_or(true, |f| f.is_some()) {
+                            return;
+                        }
+                        let next = queue.lock().ok().and_then(|mut q| q.next());
+                        let Some(p) = next else { return };
+                        if let Err(e) = start_one(p) {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
+    }
+    commands.extend(lines);
     Ok(())
 }
 
@@ -367,6 +454,94 @@ fn utc_string(time: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A queue of shell commands as runs: each writes its index into `dir`.
+    fn queue(dir: &Path, scripts: &[&str]) -> Vec<Pending> {
+        scripts
+            .iter()
+            .enumerate()
+            .map(|(i, script)| {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(script).current_dir(dir);
+                Pending {
+                    line: format!("run {i}"),
+                    cmd,
+                    what: format!("run {i}"),
+                    out: dir.join(format!("run{i}")),
+                }
+            })
+            .collect()
+    }
+
+    /// Several at a time: every run runs once, with its share of the cores and its
+    /// output in `<run>.log`; the command lines come back in queue order.
+    #[test]
+    fn runs_go_several_at_a_time_and_keep_their_order() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let scripts: Vec<String> = (0..5)
+            .map(|i| {
+                format!(
+                    "sleep 0.0{}; echo $RAYON_NUM_THREADS > done{i}; echo said {i}",
+                    5 - i
+                )
+            })
+            .collect();
+        let refs: Vec<&str> = scripts.iter().map(String::as_str).collect();
+        let mut lines = Vec::new();
+        run_all(queue(dir.path(), &refs), 2, Path::new("sh"), &mut lines)?;
+        assert_eq!(
+            lines,
+            (0..5).map(|i| format!("run {i}")).collect::<Vec<_>>()
+        );
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        for i in 0..5 {
+            let threads = fs::read_to_string(dir.path().join(format!("done{i}")))?;
+            assert_eq!(threads.trim(), (cores / 2).max(1).to_string());
+            let log = fs::read_to_string(dir.path().join(format!("run{i}.log")))?;
+            assert_eq!(log.trim(), format!("said {i}"));
+        }
+        // One at a time: the environment is left alone, the output inherited.
+        let mut lines = Vec::new();
+        run_all(
+            queue(
+                dir.path(),
+                &["test -z \"$RAYON_NUM_THREADS\" && touch alone"],
+            ),
+            1,
+            Path::new("sh"),
+            &mut lines,
+        )?;
+        assert!(
+            dir.path().join("alone").exists() || std::env::var_os("RAYON_NUM_THREADS").is_some()
+        );
+        Ok(())
+    }
+
+    /// A failed run is reported by name; no run starts after it.
+    #[test]
+    fn a_failed_run_stops_the_queue() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut lines = Vec::new();
+        let err = run_all(
+            queue(
+                dir.path(),
+                &[
+                    "exit 3",
+                    "sleep 0.2; touch late1",
+                    "sleep 0.2; touch late2",
+                    "touch late3",
+                ],
+            ),
+            2,
+            Path::new("sh"),
+            &mut lines,
+        )
+        .expect_err("a run failed");
+        assert!(format!("{err:#}").contains("run 0 failed"), "{err:#}");
+        assert!(!dir.path().join("late3").exists());
+        assert!(lines.is_empty());
+        Ok(())
+    }
 
     #[test]
     fn calendar_dates() {
