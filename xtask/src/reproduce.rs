@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use crate::cargo_build::build_executable;
 use crate::common::{absolute, cargo, describe, user_error, workspace_root};
 use crate::preset::Preset;
-use crate::summarise::{self, Job, JobDataset, JobMethod};
+use crate::summarise::{self, Job, JobDataset};
 use crate::system::{self, Piece};
 use crate::{assets, data};
 
@@ -79,24 +79,11 @@ pub fn run(options: &Options) -> Result<()> {
     let results_rel = create_results_dir(&root, started)?;
     let results = root.join(&results_rel);
     // Written first, so that a job that stops half-way still says what it was.
-    let mut job = Job {
-        preset: preset.label.clone(),
-        preset_file: preset.file.display().to_string(),
-        description: preset.description.clone(),
-        methods: plan
-            .configs
-            .iter()
-            .map(|c| JobMethod {
-                entry: c.entry.clone(),
-                name: c.name.clone(),
-                method: c.method.clone(),
-            })
-            .collect(),
-        primary: plan.primary_method.clone(),
-        baselines: plan.baseline_methods.clone(),
-        target_fraction: preset.target_fraction,
-        seeds: seeds.clone(),
-        datasets: datasets
+    let mut job = Job::planned(
+        &preset,
+        &plan,
+        seeds.clone(),
+        datasets
             .iter()
             .map(|d| JobDataset {
                 name: d.name.clone(),
@@ -104,15 +91,12 @@ pub fn run(options: &Options) -> Result<()> {
                 test: Some(d.test.display().to_string()),
             })
             .collect(),
-        data_source: Some(data_root.source.to_string()),
-        model: Some(model.display().to_string()),
-        commit: Some(git_commit(&root)),
-        machine: Some(machine()),
-        started: Some(utc_string(started)),
-        wall_seconds: None,
-        commands: Vec::new(),
-        reconstructed: false,
-    };
+    );
+    job.data_source = Some(data_root.source.to_string());
+    job.model = Some(model.display().to_string());
+    job.commit = Some(git_commit(&root));
+    job.machine = Some(machine());
+    job.started = Some(utc_string(started));
     summarise::write_job(&results, &job)?;
     let mut queue: Vec<Pending> = Vec::new();
     for ds in &datasets {

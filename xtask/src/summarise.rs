@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::common::{user_error, workspace_root};
 use crate::plots;
-use crate::preset::Preset;
+use crate::preset::{Plan, Preset};
 use crate::report::{self, Run};
 
 /// The job record's file name, in the results folder.
@@ -538,40 +538,56 @@ fn reconstruct(dir: &Path, asked: &str) -> Result<Job> {
                 .join(", ")
         )));
     }
-    Ok(Job {
-        preset: preset.label.clone(),
-        preset_file: preset.file.display().to_string(),
-        description: preset.description.clone(),
-        methods: plan
-            .configs
-            .iter()
-            .map(|c| JobMethod {
-                entry: c.entry.clone(),
-                name: c.name.clone(),
-                method: c.method.clone(),
-            })
-            .collect(),
-        primary: plan.primary_method.clone(),
-        baselines: plan.baseline_methods.clone(),
-        target_fraction: preset.target_fraction,
-        seeds,
-        datasets: datasets
-            .into_iter()
-            .map(|name| JobDataset {
-                name,
-                train: None,
-                test: None,
-            })
-            .collect(),
-        data_source: None,
-        model: None,
-        commit: None,
-        machine: None,
-        started: None,
-        wall_seconds: None,
-        commands: Vec::new(),
-        reconstructed: true,
-    })
+    let datasets = datasets
+        .into_iter()
+        .map(|name| JobDataset {
+            name,
+            train: None,
+            test: None,
+        })
+        .collect();
+    let mut job = Job::planned(&preset, &plan, seeds, datasets);
+    job.reconstructed = true;
+    Ok(job)
+}
+
+impl Job {
+    /// What a preset's plan runs on `datasets` with `seeds`; what only a job that
+    /// ran knows (machine, commit, times, commands) left unrecorded.
+    pub fn planned(
+        preset: &Preset,
+        plan: &Plan,
+        seeds: Vec<u64>,
+        datasets: Vec<JobDataset>,
+    ) -> Self {
+        Job {
+            preset: preset.label.clone(),
+            preset_file: preset.file.display().to_string(),
+            description: preset.description.clone(),
+            methods: plan
+                .configs
+                .iter()
+                .map(|c| JobMethod {
+                    entry: c.entry.clone(),
+                    name: c.name.clone(),
+                    method: c.method.clone(),
+                })
+                .collect(),
+            primary: plan.primary_method.clone(),
+            baselines: plan.baseline_methods.clone(),
+            target_fraction: preset.target_fraction,
+            seeds,
+            datasets,
+            data_source: None,
+            model: None,
+            commit: None,
+            machine: None,
+            started: None,
+            wall_seconds: None,
+            commands: Vec::new(),
+            reconstructed: false,
+        }
+    }
 }
 
 #[cfg(test)]
