@@ -102,6 +102,30 @@ pub fn use_kernel(kernel: BlasKernel) -> Result<()> {
     reexec(name)
 }
 
+/// For a process that cannot restart itself (a Python interpreter that imported
+/// the bindings): returns when the loaded OpenBLAS runs `kernel`, and otherwise says
+/// which environment variable to set before the process starts.
+pub fn check_kernel(kernel: BlasKernel) -> Result<()> {
+    let Some((name, needs)) = family(kernel) else {
+        return Ok(());
+    };
+    let key = serde_plain_name(kernel);
+    let lacking = missing_features(needs);
+    if !lacking.is_empty() {
+        bail!(
+            "compute.blas = \"{key}\": this CPU lacks {} (or is not x86-64); use \"haswell\" (AVX2) or \"auto\"",
+            lacking.join(", ")
+        );
+    }
+    let running = core_name();
+    if !running.eq_ignore_ascii_case(name) {
+        bail!(
+            "compute.blas = \"{key}\": OpenBLAS runs its {running} kernels in this process; start it with OPENBLAS_CORETYPE={name} in its environment (OpenBLAS reads it once, when it loads)"
+        );
+    }
+    Ok(())
+}
+
 /// The config spelling of a family, for messages.
 fn serde_plain_name(kernel: BlasKernel) -> &'static str {
     match kernel {

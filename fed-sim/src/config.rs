@@ -545,6 +545,16 @@ impl RunConfig {
         Ok(toml::to_string_pretty(self)?)
     }
 
+    /// SHA-256 (hex) of the config without the model and data paths, which differ
+    /// between the machines of one federation: every node and the server of a
+    /// deployment compare it.
+    pub fn federation_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut c = self.clone();
+        c.override_paths(Some(Path::new("")), Some(Path::new("")), Some(Path::new("")));
+        Ok(format!("{:x}", Sha256::digest(c.to_toml()?.as_bytes())))
+    }
+
     /// Checks what needs no model or data; every message names the key.
     pub fn validate(&self) -> Result<()> {
         let f = &self.federation;

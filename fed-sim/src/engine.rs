@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use fibecfed_aggregation::{Aggregator, Tensors, Update, message_bytes, restrict};
+use fibecfed_aggregation::{Aggregator, Tensors, message_bytes, restrict};
 use fibecfed_fisher::{ImportanceReport, LayerSelector};
 use fibecfed_lora::{LoraConfig, LoraParams};
 use fibecfed_transformer::{Adapter, BertModel};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
@@ -30,12 +30,10 @@ use crate::eval::{EvalCounts, evaluate_counts};
 use crate::local::{Curriculum, FirstState, LocalTrainer, Outcome, overlay};
 use crate::model::fresh_adapter;
 use crate::registry::Registry;
+use crate::server::{self, Draw, Reply};
 pub use crate::state::{ClientData, ClientRound, ClientState, RoundMetrics, RunState};
 
 mod standalone;
-
-/// Seed of the server's stream (client sampling, dropouts).
-const ROUND_DOMAIN: u64 = 0x5E1E_C7ED_0000_0001;
 
 /// Told what a round is doing; `fibecfed run` uses it for its progress line and its
 /// tests to stop a process at a chosen point.
@@ -71,28 +69,6 @@ impl std::fmt::Debug for Engine {
             .field("aggregator", &self.aggregator)
             .finish_non_exhaustive()
     }
-}
-
-/// The clients a round selected, and what became of them before training.
-struct Draw {
-    selected: Vec<usize>,
-    dropped: Vec<usize>,
-    empty: Vec<usize>,
-    active: Vec<usize>,
-}
-
-/// What the trained clients of a round add up to.
-#[derive(Default)]
-struct Gathered {
-    updates: Vec<Update>,
-    diverged: Vec<usize>,
-    loss_sum: f64,
-    samples: usize,
-    tokens: u64,
-    up: u64,
-    sim: f64,
-    /// Client → curriculum batches per epoch, for the clients that trained.
-    batches: BTreeMap<usize, usize>,
 }
 
 impl Engine {
@@ -179,16 +155,12 @@ impl Engine {
         let mut reports = Vec::new();
         // Per client: the padded tokens of its passes and the bytes of its report.
         let mut spent = Vec::with_capacity(results.len());
-        let (mut tokens, mut up) = (0u64, 0u64);
-        let sim_cfg = self.config.simulation;
         for (k, r) in results.into_iter().enumerate() {
             let (state, importance, passes) =
                 r.with_context(|| format!("client {k}: scoring pass"))?;
             let mut bytes = 0;
             if let Some(importance) = importance {
-                // n_k and one f64 per layer.
-                bytes = 8 * (importance.len() as u64 + 1);
-                up += bytes;
+                bytes = server::report_bytes(importance.len());
                 reports.push(ImportanceReport {
                     samples: self.data[k].train.len(),
                     importance,
@@ -219,20 +191,9 @@ impl Engine {
                 s.0 += r?;
             }
         }
-        let mut sim = 0.0f64;
-        for &(passes, bytes) in &spent {
-            let mut time = passes as f64 * sim_cfg.seconds_per_token;
-            if bytes > 0 {
-                time += bytes as f64 / sim_cfg.upload_bytes_per_second;
-            }
-            sim = sim.max(time);
-            tokens += passes;
-        }
-        let down = if needs_reports {
-            8 * gal.len() as u64 * clients.len() as u64
-        } else {
-            0
-        };
+        let (tokens, sim) = server::round0_cost(self.config.simulation, &spent);
+        let up: u64 = spent.iter().map(|s| s.1).sum();
+        let down = server::selection_bytes_down(needs_reports, gal.len(), clients.len());
         let global = self.initial_global(&gal);
         let (accuracy, loss, eval_non_finite) = self.evaluate_all(&clients, &global)?;
         let metrics = RoundMetrics {
@@ -297,27 +258,12 @@ impl Engine {
             .enumerate()
             .map(|(k, c)| self.evaluate_client(k, c, global))
             .collect();
-        let (mut total, mut n) = (EvalCounts::default(), 0usize);
-        for (k, r) in per.into_iter().enumerate() {
-            let (c, m) = r.with_context(|| format!("evaluating client {k}"))?;
-            total.correct += c.correct;
-            total.loss_sum += c.loss_sum;
-            total.non_finite += c.non_finite;
-            n += m;
-        }
-        if n == 0 {
-            bail!("no client has test data: the test file is empty or data.limit_test is 0");
-        }
-        if total.non_finite == n {
-            bail!(
-                "every client's model gives non-finite outputs on its test data: the run diverged (lower federation.lr)"
-            );
-        }
-        Ok((
-            total.correct as f64 / n as f64,
-            total.loss_sum / (n - total.non_finite) as f64,
-            total.non_finite,
-        ))
+        let per = per
+            .into_iter()
+            .enumerate()
+            .map(|(k, r)| r.with_context(|| format!("evaluating client {k}")))
+            .collect::<Result<Vec<_>>>()?;
+        server::combine_evaluations(&per)
     }
 
     /// Runs round `state.round + 1`.
@@ -370,14 +316,34 @@ impl Engine {
         if let Some(observer) = &self.observer {
             observer.clients_trained(t);
         }
-        let g = self.gather(
-            t,
-            &draw.active,
-            outcomes,
-            &prep_tokens,
-            down_bytes,
-            &mut state.clients,
-        )?;
+        // Each outcome as the server sees it; the trained clients' new states are
+        // adopted (a diverged client keeps its state, its deferred preparation aside).
+        let mut replies = Vec::with_capacity(outcomes.len());
+        for (&k, outcome) in draw.active.iter().zip(outcomes) {
+            let prep = prep_tokens.get(&k).copied().unwrap_or(0);
+            let reply = match outcome.with_context(|| format!("round {t}, client {k}"))? {
+                Outcome::Diverged(why, spent) => Reply::Diverged {
+                    why,
+                    tokens: spent + prep,
+                },
+                Outcome::Trained(tr) => {
+                    let tr = *tr;
+                    state.clients[k] = tr.state;
+                    Reply::Trained {
+                        upload: tr.upload,
+                        loss_sum: tr.loss_sum,
+                        samples: tr.samples,
+                        tokens: tr.tokens + prep,
+                        batches: tr.batches,
+                    }
+                }
+            };
+            replies.push((k, reply));
+        }
+        let data = &self.data;
+        let g = server::gather(t, self.config.simulation, down_bytes, replies, |k| {
+            data[k].train.len()
+        })?;
         if !g.updates.is_empty() && !state.global.is_empty() {
             state.global = self
                 .aggregator
@@ -386,141 +352,35 @@ impl Engine {
         }
         // Everyone selected downloads the global tensors, even those that fail later.
         let down = down_bytes * (draw.selected.len() - draw.empty.len()) as u64;
-        let evaluated = self.config.evaluates(t);
-        let (accuracy, loss, eval_non_finite) = if evaluated {
+        let evaluation = if self.config.evaluates(t) {
             let (a, l, n) = self.evaluate_all(&state.clients, &state.global)?;
             (Some(a), Some(l), n)
         } else {
             (None, None, 0)
         };
-        let prev = state
-            .history
-            .last()
-            .ok_or_else(|| anyhow!("run state without round 0"))?;
-        let curriculum_batches = (self.config.curriculum.unit == CurriculumUnit::Batch
-            && self.trainer().uses_curriculum())
-        .then(|| {
-            draw.selected
-                .iter()
-                .map(|k| g.batches.get(k).copied().unwrap_or(0))
-                .collect()
-        });
-        let metrics = RoundMetrics {
-            round: t,
-            method: self.config.method.clone(),
-            seed: self.config.seed,
-            accuracy,
-            loss,
-            evaluated,
-            eval_non_finite,
-            train_loss: (g.samples > 0).then(|| g.loss_sum / g.samples as f64),
-            train_samples: g.samples,
-            tokens: g.tokens,
-            bytes_up: g.up,
-            bytes_down: down,
-            cum_bytes_up: prev.cum_bytes_up + g.up,
-            cum_bytes_down: prev.cum_bytes_down + down,
-            sim_seconds: g.sim,
-            cum_sim_seconds: prev.cum_sim_seconds + g.sim,
-            wall_seconds: clock.elapsed().as_secs_f64(),
-            selected: draw.selected,
-            dropped: draw.dropped,
-            diverged: g.diverged,
-            curriculum_batches,
-            empty: draw.empty,
-            gal: state.gal.clone(),
-            pruned_neurons: self.pruned_neurons(&state.clients, &state.gal),
-        };
+        let batch_curriculum = self.config.curriculum.unit == CurriculumUnit::Batch
+            && self.trainer().uses_curriculum();
+        let mut metrics = server::round_metrics(
+            &self.config,
+            t,
+            draw,
+            g,
+            down,
+            evaluation,
+            batch_curriculum,
+            state.history.last(),
+            &state.gal,
+            self.pruned_neurons(&state.clients, &state.gal),
+        )?;
+        metrics.wall_seconds = clock.elapsed().as_secs_f64();
         state.history.push(metrics);
         state.round = t;
         Ok(())
     }
 
-    /// Round t's clients from the server's own stream: who is selected, who drops
-    /// out, who has no data, and who trains.
+    /// Round t's clients from the server's own stream.
     fn draw(&self, t: usize) -> Draw {
-        let f = &self.config.federation;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ ROUND_DOMAIN);
-        rng.set_stream(t as u64);
-        let m = self.config.clients_per_round();
-        let mut selected = rand::seq::index::sample(&mut rng, f.clients, m).into_vec();
-        selected.sort_unstable();
-        let dropped: Vec<usize> = selected
-            .iter()
-            .copied()
-            .filter(|_| rng.random::<f64>() < f.dropout_probability)
-            .collect();
-        let empty: Vec<usize> = selected
-            .iter()
-            .copied()
-            .filter(|&k| self.data[k].train.is_empty())
-            .collect();
-        let active: Vec<usize> = selected
-            .iter()
-            .copied()
-            .filter(|k| !dropped.contains(k) && !empty.contains(k))
-            .collect();
-        Draw {
-            selected,
-            dropped,
-            empty,
-            active,
-        }
-    }
-
-    /// Adds up the trained clients in client order (so the sums do not depend on
-    /// which finished first), adopts their new states, and prices their time.
-    fn gather(
-        &self,
-        t: usize,
-        active: &[usize],
-        outcomes: Vec<Result<Outcome>>,
-        prep_tokens: &BTreeMap<usize, u64>,
-        down_bytes: u64,
-        clients: &mut [ClientState],
-    ) -> Result<Gathered> {
-        let sim_cfg = self.config.simulation;
-        // A client's simulated time before its upload: download, then its compute.
-        let work_time = |tokens: u64| {
-            tokens as f64 * sim_cfg.seconds_per_token
-                + down_bytes as f64 / sim_cfg.download_bytes_per_second
-        };
-        let mut g = Gathered::default();
-        for (&k, outcome) in active.iter().zip(outcomes) {
-            let prep = prep_tokens.get(&k).copied().unwrap_or(0);
-            match outcome.with_context(|| format!("round {t}, client {k}"))? {
-                Outcome::Diverged(why, spent) => {
-                    let spent = spent + prep;
-                    eprintln!("round {t}: client {k} left out of the aggregate: {why}");
-                    g.diverged.push(k);
-                    g.tokens += spent;
-                    g.sim = g.sim.max(work_time(spent));
-                }
-                Outcome::Trained(tr) => {
-                    let tokens = tr.tokens + prep;
-                    let mut time = work_time(tokens);
-                    if let Some(tensors) = tr.upload {
-                        let bytes = message_bytes(&tensors)?;
-                        g.up += bytes;
-                        time += bytes as f64 / sim_cfg.upload_bytes_per_second;
-                        g.updates.push(Update {
-                            client: k,
-                            samples: self.data[k].train.len(),
-                            tensors,
-                        });
-                    }
-                    g.sim = g.sim.max(time);
-                    g.loss_sum += tr.loss_sum;
-                    g.samples += tr.samples;
-                    g.tokens += tokens;
-                    if let Some(b) = tr.batches {
-                        g.batches.insert(k, b);
-                    }
-                    clients[k] = tr.state;
-                }
-            }
-        }
-        Ok(g)
+        server::draw(&self.config, t, |k| !self.data[k].train.is_empty())
     }
 
     /// The initial global tensors for the global layers `gal`: the seeded initial

@@ -27,11 +27,13 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod fisher;
+pub mod node;
 pub mod registry;
+pub mod server;
 
 mod checkpoint;
 mod embed;
-mod eval;
+pub mod eval;
 mod local;
 mod model;
 mod output;

@@ -142,6 +142,12 @@ pub const LOCK_FILE: &str = ".fibecfed.lock";
 /// Locks `dir` (which must exist) for this process; a second process gets a clear
 /// refusal naming the holder's pid instead of writing beside it.
 pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
+    lock_folder_waiting(dir, std::time::Duration::ZERO)
+}
+
+/// [`lock_folder`], waiting up to `wait` for another holder to let go (a process of a
+/// crashed parent finishing its step, say) before refusing.
+pub fn lock_folder_waiting(dir: &Path, wait: std::time::Duration) -> Result<FolderLock> {
     let path = dir.join(LOCK_FILE);
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -150,27 +156,33 @@ pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot create the lock file {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            let holder = fs::read_to_string(&path).unwrap_or_default();
-            bail!(
-                "{} is in use by another fibecfed process{}; wait for it to finish or choose another folder",
-                dir.display(),
-                match holder.trim() {
-                    "" => String::new(),
-                    pid => format!(" (pid {pid})"),
-                }
-            );
-        }
-        Err(fs::TryLockError::Error(e)) => {
-            // Some network and FUSE file systems have no locks (ENOLCK, EOPNOTSUPP):
-            // runs there worked before the lock existed and still do, unguarded.
-            eprintln!(
-                "warning: cannot lock {} ({e}); nothing stops a second process from writing there",
-                path.display()
-            );
-            return Ok(FolderLock { _file: file });
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "{} is in use by another fibecfed process{}; wait for it to finish or choose another folder",
+                    dir.display(),
+                    match holder.trim() {
+                        "" => String::new(),
+                        pid => format!(" (pid {pid})"),
+                    }
+                );
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                // Some network and FUSE file systems have no locks (ENOLCK, EOPNOTSUPP):
+                // runs there worked before the lock existed and still do, unguarded.
+                eprintln!(
+                    "warning: cannot lock {} ({e}); nothing stops a second process from writing there",
+                    path.display()
+                );
+                return Ok(FolderLock { _file: file });
+            }
         }
     }
     // Only the holder writes its pid, for the message above.

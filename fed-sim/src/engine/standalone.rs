@@ -8,6 +8,7 @@ use fibecfed_aggregation::Tensors;
 use super::Engine;
 use crate::checkpoint::{self, Contents};
 use crate::local::Outcome;
+use crate::server::Reply;
 use crate::state::{ClientRound, ClientState};
 
 impl Engine {
@@ -83,6 +84,80 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Client k's round t on its own, as the server sees it: the [`Reply`] (upload,
+    /// summed loss, samples, tokens, batches; or why it diverged) and, when it trained,
+    /// its new state.
+    pub fn client_reply(
+        &self,
+        k: usize,
+        t: usize,
+        state: &ClientState,
+        global: &Tensors,
+        gal: &[usize],
+    ) -> Result<(Reply, Option<ClientState>)> {
+        if k >= self.data.len() || t == 0 {
+            bail!("client {k}, round {t}: no such client or round (rounds count from 1)");
+        }
+        let data = &self.data[k].train;
+        if data.is_empty() {
+            bail!("client {k} has no training data");
+        }
+        Ok(
+            match self
+                .trainer()
+                .train(k, t, data, state.clone(), global, gal)?
+            {
+                Outcome::Diverged(why, tokens) => (Reply::Diverged { why, tokens }, None),
+                Outcome::Trained(tr) => {
+                    let tr = *tr;
+                    (
+                        Reply::Trained {
+                            upload: tr.upload,
+                            loss_sum: tr.loss_sum,
+                            samples: tr.samples,
+                            tokens: tr.tokens,
+                            batches: tr.batches,
+                        },
+                        Some(tr.state),
+                    )
+                }
+            },
+        )
+    }
+
+    /// Client k's state before its first round with its layer report: the initial
+    /// adapter, its scoring pass where the config uses one (with the layer importance
+    /// when the selector reads reports), and the padded tokens it cost. The pruning
+    /// mask waits for the global layers ([`Self::client_prune`]).
+    pub fn client_first(&self, k: usize) -> Result<(ClientState, Option<Vec<f64>>, u64)> {
+        let data = &self
+            .data
+            .get(k)
+            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
+            .train;
+        self.trainer()
+            .first_state(k, data, self.selector.needs_reports(), false)
+            .with_context(|| format!("client {k}: scoring pass"))
+    }
+
+    /// Client k's pruning mask once the global layers are known (nothing without
+    /// `[sparse.prune]`); the padded tokens it cost.
+    pub fn client_prune(&self, k: usize, state: &mut ClientState, gal: &[usize]) -> Result<u64> {
+        let data = &self
+            .data
+            .get(k)
+            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
+            .train;
+        self.trainer()
+            .prune(k, data, state, gal)
+            .with_context(|| format!("client {k}: pruning mask"))
+    }
+
+    /// Whether the config prunes (`[sparse.prune]`).
+    pub fn prunes(&self) -> bool {
+        self.config.sparse.prune.is_some()
     }
 
     /// Training and test examples of client k.
