@@ -162,3 +162,347 @@ fn bindings_federate_like_fibecfed_run() {
         "{text}"
     );
 }
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The processes of the deployment, each in its own process group (killed whole, as
+/// a machine that dies takes its children with it).
+struct Deployment {
+    root: PathBuf,
+    bin: PathBuf,
+    children: Vec<(String, std::process::Child)>,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            kill_group(c);
+        }
+    }
+}
+
+fn kill_group(c: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-9", "--", &format!("-{}", c.id())])
+        .status();
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+impl Deployment {
+    /// Wrappers for flwr's commands: they run the venv's scripts with its Python (the
+    /// cached venv was moved into place, so its scripts' own `#!` lines point
+    /// elsewhere), and Flower starts `flower-superexec`, `flwr-serverapp` and
+    /// `flwr-clientapp` by name from PATH.
+    fn new(root: &Path, python: &Path) -> Self {
+        let bin = root.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let venv_bin = python.parent().unwrap();
+        for name in [
+            "flwr",
+            "flower-superlink",
+            "flower-supernode",
+            "flower-superexec",
+            "flwr-serverapp",
+            "flwr-clientapp",
+        ] {
+            let path = bin.join(name);
+            fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\nexec '{}' '{}' \"$@\"\n",
+                    python.display(),
+                    venv_bin.join(name).display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Self {
+            root: root.to_path_buf(),
+            bin,
+            children: Vec::new(),
+        }
+    }
+
+    /// A command of flwr's with the test's PATH, its own FLWR_HOME and no network use.
+    fn command(&self, name: &str, home: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(name));
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![self.bin.clone()];
+        paths.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(paths).unwrap())
+            .env("FLWR_HOME", self.root.join(home))
+            .env("FLWR_TELEMETRY_ENABLED", "0")
+            .env("FLWR_DISABLE_UPDATE_CHECK", "1")
+            .env("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1");
+        cmd
+    }
+
+    fn spawn(&mut self, label: &str, mut cmd: Command) {
+        use std::os::unix::process::CommandExt;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("{label}.log")))
+            .unwrap();
+        cmd.stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn().unwrap();
+        self.children.push((label.to_owned(), child));
+    }
+
+    fn kill(&mut self, label: &str) {
+        let i = self
+            .children
+            .iter()
+            .position(|(l, _)| l == label)
+            .unwrap();
+        let (_, mut child) = self.children.remove(i);
+        kill_group(&mut child);
+    }
+
+    /// Every log, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log" || x == "jsonl"))
+            .collect();
+        files.sort();
+        for p in files {
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            // The tail: the end of a log says what went wrong.
+            let tail: String = text.chars().rev().take(6000).collect::<Vec<_>>().into_iter().rev().collect();
+            out.push_str(&format!("==== {}\n{tail}\n", p.display()));
+        }
+        out
+    }
+}
+
+fn wait_for(what: &str, deadline: std::time::Instant, d: &Deployment, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            d.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+#[ignore = "needs flwr 1.42.0 and the fibecfed wheel in a venv: run `cargo xtask flower-e2e`"]
+fn flower_deployment_matches_the_simulation() {
+    const CLIENTS: usize = 3;
+    let python = python("FIBECFED_FLWR_PYTHON");
+    let su = common::setup(60, 30);
+    let root = su.root.clone();
+    let cfg = root.join("federation.toml");
+    fs::write(&cfg, config(&su, CLIENTS)).unwrap();
+    let expected = simulate(&root, &cfg);
+    // The victim: a client that trains in round 2 (the draw is the seed's).
+    let r2 = &expected[2];
+    let ids = |key: &str| -> Vec<u64> {
+        r2[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let dropped = ids("dropped");
+    let victim = ids("selected")
+        .into_iter()
+        .find(|k| !dropped.contains(k))
+        .expect("some client trains in round 2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+
+    let mut d = Deployment::new(&root, &python);
+    let link = free_port();
+    let mut superlink = d.command("flower-superlink", "home-superlink");
+    superlink.args([
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &link.to_string(),
+        "--disable-runtime-dependency-installation",
+    ]);
+    d.spawn("superlink", superlink);
+    wait_for("the SuperLink", deadline, &d, || listening(link));
+
+    let markers = root.join("markers");
+    fs::create_dir_all(&markers).unwrap();
+    let supernode = |d: &Deployment, label: &str, node_config: String, slow: bool| {
+        let mut cmd = d.command("flower-supernode", &format!("home-{label}"));
+        cmd.args([
+            "--insecure",
+            "--superlink",
+            &format!("127.0.0.1:{link}"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &free_port().to_string(),
+            "--node-config",
+            &node_config,
+        ]);
+        if slow {
+            cmd.env("FIBECFED_TEST_FIT_DELAY_MS", "4000")
+                .env("FIBECFED_TEST_MARKER_DIR", &markers);
+        }
+        cmd
+    };
+    let node_config = |k: u64, extra: &str| {
+        format!(
+            "client-id={k} config='{}' state-dir='{}'{extra}",
+            cfg.display(),
+            root.join(format!("state{k}")).display()
+        )
+    };
+    for k in 0..CLIENTS as u64 {
+        let cmd = supernode(&d, &format!("node{k}"), node_config(k, ""), k == victim);
+        d.spawn(&format!("node{k}"), cmd);
+    }
+    // Two nodes with bad node configs: an unknown client id, and missing data.
+    let cmd = supernode(&d, "bad-id", node_config(7, ""), false);
+    d.spawn("bad-id", cmd);
+    let missing = root.join("no-such-train.tsv");
+    let cmd = supernode(
+        &d,
+        "bad-data",
+        node_config(1, &format!(" train='{}'", missing.display())),
+        false,
+    );
+    d.spawn("bad-data", cmd);
+
+    // `flwr run` against a named connection in the CLI's own FLWR_HOME.
+    let home = root.join("home-cli");
+    fs::create_dir_all(&home).unwrap();
+    fs::write(
+        home.join("config.toml"),
+        format!(
+            "[superlink]\ndefault = \"e2e\"\n\n[superlink.e2e]\naddress = \"127.0.0.1:{link}\"\ninsecure = true\n"
+        ),
+    )
+    .unwrap();
+    let out = root.join("app-out");
+    let run = d
+        .command("flwr", "home-cli")
+        .args(["run", s(&repo().join("flower/app")), "e2e", "--format", "json"])
+        .args([
+            "--run-config",
+            &format!("config='{}' out='{}'", cfg.display(), out.display()),
+        ])
+        .output()
+        .unwrap();
+    let started = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "flwr run: {started}\n{}\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        d.logs()
+    );
+    let reply: Value = serde_json::from_str(started.trim()).unwrap_or_else(|e| panic!("{e}: {started}"));
+    let run_id = match &reply["run-id"] {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+
+    let status = |d: &Deployment| -> (String, String) {
+        let ls = d
+            .command("flwr", "home-cli")
+            .args(["ls", "e2e", "--run-id", &run_id, "--format", "json"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&ls.stdout).unwrap_or(Value::Null);
+        let field = |k: &str| v["runs"][0][k].as_str().unwrap_or("").to_owned();
+        (field("status"), field("status-details"))
+    };
+
+    // Kill the victim's SuperNode (and its ClientApp) while it trains in round 2, then
+    // start it again with the same node config: Flower gives it a new node id.
+    let marker = markers.join(format!("fit-{victim}-r2"));
+    let mut early = (String::new(), String::new());
+    let mut polls = 0;
+    wait_for("the victim's round-2 training", deadline, &d, || {
+        polls += 1;
+        // Every few seconds: a run that already ended will never get there.
+        if polls % 25 == 0 {
+            early = status(&d);
+        }
+        marker.exists() || early.0.starts_with("finished")
+    });
+    assert!(marker.exists(), "the run ended before round 2: {early:?}\n{}", d.logs());
+    d.kill(&format!("node{victim}"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let cmd = supernode(&d, &format!("node{victim}-restarted"), node_config(victim, ""), false);
+    d.spawn(&format!("node{victim}-restarted"), cmd);
+
+    let mut last = (String::new(), String::new());
+    wait_for("the run to finish", deadline, &d, || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        last = status(&d);
+        last.0.starts_with("finished")
+    });
+    assert_eq!(last.0, "finished:completed", "{}\n{}", last.1, d.logs());
+
+    // The same metrics as `fibecfed run`, every field but the wall time.
+    let got = metrics(&fs::read_to_string(out.join("metrics.jsonl")).unwrap());
+    assert_eq!(got.len(), expected.len(), "\n{}", d.logs());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g, e, "round {} differs from fibecfed run", e["round"]);
+    }
+    let events: Vec<Value> = fs::read_to_string(out.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |kind: &str| -> Vec<&Value> { events.iter().filter(|e| e["event"] == kind).collect() };
+    // The layers came from the clients' reports (the consensus of their scores).
+    let selected = of("layers_selected");
+    assert_eq!(selected.len(), 1, "{events:#?}");
+    assert_eq!(selected[0]["selector_reads_reports"], true);
+    assert_eq!(selected[0]["gal"], expected[0]["gal"]);
+    // Both bad nodes were refused with a message naming the node config key.
+    let refused: Vec<String> = of("node_refused")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        refused.iter().any(|r| r.contains("client id 7 is out of range")),
+        "{refused:#?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.contains("node config train") && r.contains("no-such-train.tsv")),
+        "{refused:#?}"
+    );
+    // The victim's round-2 training went again to its restarted node.
+    assert!(
+        of("message_resent")
+            .iter()
+            .any(|e| e["client"] == victim && e["message"] == "round 2 training"),
+        "{events:#?}"
+    );
+    assert!(
+        of("client_moved").iter().any(|e| e["client"] == victim),
+        "{events:#?}"
+    );
+}
