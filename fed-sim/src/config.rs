@@ -551,7 +551,11 @@ impl RunConfig {
     pub fn federation_digest(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
         let mut c = self.clone();
-        c.override_paths(Some(Path::new("")), Some(Path::new("")), Some(Path::new("")));
+        c.override_paths(
+            Some(Path::new("")),
+            Some(Path::new("")),
+            Some(Path::new("")),
+        );
         Ok(format!("{:x}", Sha256::digest(c.to_toml()?.as_bytes())))
     }
 

@@ -6,7 +6,10 @@
 //! (`local`: curriculum subset or batches, masked steps, the one-time pruning mask,
 //! what it uploads); checkpoints and resume (`checkpoint`); the Fisher pass that scores
 //! a client's samples and layers, and the adversarial layer sensitivity ([`fisher`]);
-//! the OpenBLAS kernel family a run asks for ([`blas`]); and the commands of [`cli`]
+//! the OpenBLAS kernel family a run asks for ([`blas`]); the server's steps on their
+//! own ([`server`], which the engine computes its rounds with) and a client that runs
+//! anywhere ([`node`]), for a deployment whose server and clients are apart (the
+//! Flower App, through the Python bindings); and the commands of [`cli`]
 //! (`run`, `train`, `client`, `fisher`,
 //! `embed`). Does not own the numerics (`fibecfed-transformer`, `fibecfed-lora`,
 //! `fibecfed-fisher`, `fibecfed-curriculum`, `fibecfed-aggregation`), the data

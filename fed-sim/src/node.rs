@@ -96,7 +96,12 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Loads the config, the model and client `client`'s part of the data (the part
     /// `fibecfed run` gives it: same files, seed and partition).
-    pub fn new(config: &Path, client: usize, paths: &NodePaths, registry: &Registry) -> Result<Self> {
+    pub fn new(
+        config: &Path,
+        client: usize,
+        paths: &NodePaths,
+        registry: &Registry,
+    ) -> Result<Self> {
         let mut cfg = RunConfig::load(config)?;
         cfg.override_paths(
             paths.model_dir.as_deref(),

@@ -1,5 +1,7 @@
-//! `fibecfed client`: one FibecFed participant in a Flower federation (over
-//! `fibecfed-flower`), running the same client code as the simulation's engine:
+//! `fibecfed client`: one FibecFed participant in a Flower federation over the legacy
+//! transport (`fibecfed-flower`: a stock `start_server`, deprecated by flwr since 1.13;
+//! the Flower App in `flower/app`, over [`crate::node`], is the current way), running
+//! the same client code as the simulation's engine:
 //! curriculum, sparse Fisher-momentum updates in its own layers, upload of the global
 //! layers' tensors only.
 //!

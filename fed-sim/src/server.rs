@@ -51,7 +51,11 @@ pub fn draw(config: &RunConfig, t: usize, has_train: impl Fn(usize) -> bool) -> 
         .copied()
         .filter(|_| rng.random::<f64>() < f.dropout_probability)
         .collect();
-    let empty: Vec<usize> = selected.iter().copied().filter(|&k| !has_train(k)).collect();
+    let empty: Vec<usize> = selected
+        .iter()
+        .copied()
+        .filter(|&k| !has_train(k))
+        .collect();
     let active: Vec<usize> = selected
         .iter()
         .copied()
@@ -620,4 +624,113 @@ pub(crate) fn round_metrics(
         gal: gal.to_vec(),
         pruned_neurons: pruned,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn federation(selector: &str) -> Federation {
+        let config = RunConfig::parse(&format!(
+            "method = \"t\"\nseed = 3\n[federation]\nclients = 3\nrounds = 2\n[sharing]\nselector = {selector}\n"
+        ))
+        .unwrap();
+        Federation::new(config, &Registry::builtin()).unwrap()
+    }
+
+    fn report(client: usize, importance: Option<Vec<f64>>) -> LayerReport {
+        LayerReport {
+            client,
+            train: 10,
+            test: 5,
+            importance,
+            tokens: 7,
+            layers: 2,
+        }
+    }
+
+    fn error(r: Result<impl std::fmt::Debug>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
+    #[test]
+    fn the_reports_must_come_from_every_client_once() {
+        let consensus = r#"{ kind = "consensus_top_k", fraction = 0.5 }"#;
+        let mut f = federation(consensus);
+        let imp = || Some(vec![0.3, 0.7]);
+        let two = [report(0, imp()), report(2, imp())];
+        assert!(error(f.select_layers(&two)).contains("no report from clients [1]"));
+        let dup = [report(0, imp()), report(0, imp()), report(1, imp())];
+        assert!(error(f.select_layers(&dup)).contains("two reports from client 0"));
+        let out = [report(0, imp()), report(1, imp()), report(5, imp())];
+        assert!(error(f.select_layers(&out)).contains("client 5"));
+        let none = [report(0, imp()), report(1, None), report(2, imp())];
+        assert!(
+            error(f.select_layers(&none)).contains("client 1: its report has no layer importance")
+        );
+        let short = [
+            report(0, imp()),
+            report(1, Some(vec![1.0])),
+            report(2, imp()),
+        ];
+        assert!(error(f.select_layers(&short)).contains("1 layer scores for a model of 2 layers"));
+        let all = [report(0, imp()), report(1, imp()), report(2, imp())];
+        assert_eq!(f.select_layers(&all).unwrap(), vec![1]);
+        assert!(error(f.select_layers(&all)).contains("already selected"));
+    }
+
+    #[test]
+    fn rounds_come_in_order_with_the_replies_of_their_clients() {
+        let mut f = federation(r#"{ kind = "fixed", layers = [1] }"#);
+        assert!(error(f.draw(1)).contains("round 1 before round 0"));
+        let reports: Vec<LayerReport> = (0..3).map(|k| report(k, None)).collect();
+        f.select_layers(&reports).unwrap();
+        let eval = (
+            EvalCounts {
+                correct: 3,
+                loss_sum: 2.5,
+                non_finite: 0,
+            },
+            5,
+        );
+        assert!(
+            error(f.start(Tensors::new(), &[0; 2], None, &[eval; 3]))
+                .contains("every client's preparation")
+        );
+        let m0 = f
+            .start(Tensors::new(), &[1, 2, 3], None, &[eval; 3])
+            .unwrap();
+        assert_eq!(
+            (m0.accuracy, m0.loss, m0.tokens),
+            (Some(0.6), Some(0.5), 27)
+        );
+        assert!(error(f.draw(2)).contains("round 2 is not the next round (1)"));
+        let draw = f.draw(1).unwrap();
+        assert_eq!(draw.selected, draw.active);
+        let trained = |k| {
+            (
+                k,
+                Reply::Trained {
+                    upload: None,
+                    loss_sum: 1.0,
+                    samples: 4,
+                    tokens: 10,
+                    batches: None,
+                },
+            )
+        };
+        assert!(error(f.aggregate(1, vec![])).contains("the clients that train are"));
+        assert!(error(f.finish_round(1, Some(&[eval; 3]))).contains("round 1 was not aggregated"));
+        f.aggregate(1, draw.active.iter().rev().map(|&k| trained(k)).collect())
+            .unwrap();
+        assert!(
+            error(f.finish_round(1, Some(&[eval; 2])))
+                .contains("needs every client's evaluation (2 for 3 clients)")
+        );
+        let m1 = f.finish_round(1, Some(&[eval; 3])).unwrap();
+        assert_eq!(m1.train_loss, Some(0.25));
+        assert_eq!(m1.train_samples, 4 * draw.active.len());
+        assert_eq!(f.next_round(), 2);
+    }
 }

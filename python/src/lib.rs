@@ -175,9 +175,7 @@ impl Node {
 
     /// The layer report (JSON): client, train, test, importance, tokens, layers.
     fn report_json(&mut self, py: Python<'_>) -> PyResult<String> {
-        let r = py
-            .detach(|| self.inner.report())
-            .map_err(|e| py_err(&e))?;
+        let r = py.detach(|| self.inner.report()).map_err(|e| py_err(&e))?;
         Ok(json!({
             "client": r.client,
             "train": r.train,
@@ -232,10 +230,9 @@ impl Node {
                 .to_string(),
                 upload.map(|u| tensors_out(py, &u)),
             ),
-            Reply::Diverged { why, tokens } => (
-                json!({"tokens": tokens, "diverged": why}).to_string(),
-                None,
-            ),
+            Reply::Diverged { why, tokens } => {
+                (json!({"tokens": tokens, "diverged": why}).to_string(), None)
+            }
         })
     }
 
@@ -251,15 +248,13 @@ impl Node {
 
     /// Writes the client's state (and its progress) to one file.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.save(&path))
-            .map_err(|e| py_err(&e))
+        py.detach(|| self.inner.save(&path)).map_err(|e| py_err(&e))
     }
 
     /// Replaces the client's state with one `save` wrote (same config, client and
     /// data).
     fn load(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.load(&path))
-            .map_err(|e| py_err(&e))
+        py.detach(|| self.inner.load(&path)).map_err(|e| py_err(&e))
     }
 }
 
@@ -473,7 +468,8 @@ fn reply_of(k: usize, meta: &str, upload: Option<Tensors>) -> anyhow::Result<Rep
         samples: v
             .get("samples")
             .and_then(Value::as_u64)
-            .ok_or_else(|| anyhow!("client {k}: reply without \"samples\""))? as usize,
+            .ok_or_else(|| anyhow!("client {k}: reply without \"samples\""))?
+            as usize,
         tokens,
         batches: v.get("batches").and_then(Value::as_u64).map(|b| b as usize),
     })

@@ -150,8 +150,21 @@ fn pip_install(python: &Path, what: &[&str]) -> Result<()> {
 fn build_wheel(python: &Path, root: &Path) -> Result<PathBuf> {
     let out = root.join("target/wheels");
     if out.exists() {
-        std::fs::remove_dir_all(&out)
-            .with_context(|| format!("cannot clear {}", out.display()))?;
+        std::fs::remove_dir_all(&out).with_context(|| format!("cannot clear {}", out.display()))?;
+    }
+    // maturin's repair step patches the module it bundles OpenBLAS for in place, and
+    // the file is a hard link of cargo's own artefact: a later build that cargo thinks
+    // is fresh would hand maturin an already patched module, which it cannot repair.
+    // Without them cargo links the module again (a few seconds).
+    for stale in [
+        root.join("target/maturin/lib_native.so"),
+        root.join("target/debug/deps/lib_native.so"),
+        root.join("target/debug/lib_native.so"),
+    ] {
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("cannot remove {}", stale.display()))?;
+        }
     }
     let bin = python.parent().context("venv bin folder")?;
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -159,7 +172,15 @@ fn build_wheel(python: &Path, root: &Path) -> Result<PathBuf> {
     paths.extend(std::env::split_paths(&path));
     let status = run_quietly(
         Command::new(python)
-            .args(["-m", "maturin", "build", "--profile", "dev", "--strip", "-m"])
+            .args([
+                "-m",
+                "maturin",
+                "build",
+                "--profile",
+                "dev",
+                "--strip",
+                "-m",
+            ])
             .arg(root.join("python/Cargo.toml"))
             .arg("-o")
             .arg(&out)
@@ -186,6 +207,7 @@ fn build_wheel(python: &Path, root: &Path) -> Result<PathBuf> {
 /// A new venv (`dir/bindings-venv`, made anew each time) with only the wheel and what
 /// it depends on (numpy): what `pip install` of the wheel gives a user.
 fn fresh_venv(dir: &Path, wheel: &Path) -> Result<PathBuf> {
+    system::ensure(&[Piece::Venv])?;
     let venv = dir.join("bindings-venv");
     if venv.exists() {
         std::fs::remove_dir_all(&venv)
@@ -233,7 +255,10 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
             .arg(&wheel),
     )?;
     if !status.success() {
-        bail!("pip could not install {} into the flwr venv", wheel.display());
+        bail!(
+            "pip could not install {} into the flwr venv",
+            wheel.display()
+        );
     }
     let fresh = fresh_venv(&root.join("target/flower-e2e"), &wheel)?;
     let mut cmd = cargo();

