@@ -75,12 +75,12 @@ fn missing_features(needed: &[&'static str]) -> Vec<&'static str> {
     }
 }
 
-/// Returns when the loaded OpenBLAS runs `kernel` (always for `Auto`); otherwise
-/// replaces the process with one that does, and only returns an error: the CPU
-/// cannot run the family, or the library ignored the request.
-pub fn use_kernel(kernel: BlasKernel) -> Result<()> {
+/// The family `kernel` asks for, when it is not `Auto`: its `OPENBLAS_CORETYPE` name,
+/// its config spelling and the kernels OpenBLAS runs now; an error when this CPU cannot
+/// run it.
+fn requested(kernel: BlasKernel) -> Result<Option<(&'static str, &'static str, String)>> {
     let Some((name, needs)) = family(kernel) else {
-        return Ok(());
+        return Ok(None);
     };
     let key = serde_plain_name(kernel);
     let lacking = missing_features(needs);
@@ -90,7 +90,16 @@ pub fn use_kernel(kernel: BlasKernel) -> Result<()> {
             lacking.join(", ")
         );
     }
-    let running = core_name();
+    Ok(Some((name, key, core_name())))
+}
+
+/// Returns when the loaded OpenBLAS runs `kernel` (always for `Auto`); otherwise
+/// replaces the process with one that does, and only returns an error: the CPU
+/// cannot run the family, or the library ignored the request.
+pub fn use_kernel(kernel: BlasKernel) -> Result<()> {
+    let Some((name, key, running)) = requested(kernel)? else {
+        return Ok(());
+    };
     if running.eq_ignore_ascii_case(name) {
         return Ok(());
     }
@@ -106,18 +115,9 @@ pub fn use_kernel(kernel: BlasKernel) -> Result<()> {
 /// the bindings): returns when the loaded OpenBLAS runs `kernel`, and otherwise says
 /// which environment variable to set before the process starts.
 pub fn check_kernel(kernel: BlasKernel) -> Result<()> {
-    let Some((name, needs)) = family(kernel) else {
+    let Some((name, key, running)) = requested(kernel)? else {
         return Ok(());
     };
-    let key = serde_plain_name(kernel);
-    let lacking = missing_features(needs);
-    if !lacking.is_empty() {
-        bail!(
-            "compute.blas = \"{key}\": this CPU lacks {} (or is not x86-64); use \"haswell\" (AVX2) or \"auto\"",
-            lacking.join(", ")
-        );
-    }
-    let running = core_name();
     if !running.eq_ignore_ascii_case(name) {
         bail!(
             "compute.blas = \"{key}\": OpenBLAS runs its {running} kernels in this process; start it with OPENBLAS_CORETYPE={name} in its environment (OpenBLAS reads it once, when it loads)"

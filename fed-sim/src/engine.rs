@@ -191,37 +191,17 @@ impl Engine {
                 s.0 += r?;
             }
         }
-        let (tokens, sim) = server::round0_cost(self.config.simulation, &spent);
-        let up: u64 = spent.iter().map(|s| s.1).sum();
-        let down = server::selection_bytes_down(needs_reports, gal.len(), clients.len());
         let global = self.initial_global(&gal);
-        let (accuracy, loss, eval_non_finite) = self.evaluate_all(&clients, &global)?;
-        let metrics = RoundMetrics {
-            round: 0,
-            method: self.config.method.clone(),
-            seed: self.config.seed,
-            accuracy: Some(accuracy),
-            loss: Some(loss),
-            evaluated: true,
-            eval_non_finite,
-            train_loss: None,
-            train_samples: 0,
-            tokens,
-            bytes_up: up,
-            bytes_down: down,
-            cum_bytes_up: up,
-            cum_bytes_down: down,
-            sim_seconds: sim,
-            cum_sim_seconds: sim,
-            wall_seconds: clock.elapsed().as_secs_f64(),
-            selected: Vec::new(),
-            dropped: Vec::new(),
-            diverged: Vec::new(),
-            empty: Vec::new(),
-            gal: gal.clone(),
-            pruned_neurons: self.pruned_neurons(&clients, &gal),
-            curriculum_batches: None,
-        };
+        let evaluation = self.evaluate_all(&clients, &global)?;
+        let mut metrics = server::round0_metrics(
+            &self.config,
+            &spent,
+            needs_reports,
+            &gal,
+            evaluation,
+            self.pruned_neurons(&clients, &gal),
+        );
+        metrics.wall_seconds = clock.elapsed().as_secs_f64();
         Ok(RunState {
             round: 0,
             gal,

@@ -33,7 +33,7 @@ const CURRENT: &str = "node-state.safetensors";
 const PREVIOUS: &str = "node-state.previous.safetensors";
 /// How long a step waits for another process to release the state folder (a
 /// ClientApp of a killed SuperNode finishing its step) before refusing.
-const LOCK_WAIT: Duration = Duration::from_secs(120);
+const LOCK_WAIT: Duration = Duration::from_secs(600);
 
 /// Where a node's model, data and state are; the paths override the config's.
 #[derive(Debug, Clone, Default)]
@@ -52,11 +52,30 @@ struct Progress {
     /// pass's padded tokens.
     importance: Option<Vec<f64>>,
     report_tokens: u64,
-    /// The global layers it was told, and the padded tokens of its pruning epochs.
+    /// The global layers it was told, the padded tokens of its pruning epochs and the
+    /// neurons it prunes.
     gal: Option<Vec<usize>>,
     prune_tokens: u64,
+    #[serde(default)]
+    pruned: Option<usize>,
     /// The last round it trained in (0: none yet).
     round: usize,
+}
+
+/// A participant's config: the file, its model folder and data files overridden
+/// (`[model_dir, train, test]`), checked against the registry as a new run's.
+pub(crate) fn participant_config(
+    path: &Path,
+    [model_dir, train, test]: [Option<&Path>; 3],
+    registry: &Registry,
+) -> Result<RunConfig> {
+    let mut config = RunConfig::load(path)?;
+    config.override_paths(model_dir, train, test);
+    registry
+        .check(&config)
+        .and_then(|()| config.check_new_run())
+        .with_context(|| format!("config {}", path.display()))?;
+    Ok(config)
 }
 
 /// A node's answer to the setup step.
@@ -75,9 +94,8 @@ pub struct Setup {
 pub struct Node {
     engine: Engine,
     k: usize,
-    /// The config as the node loaded it (with its path overrides): saved states made
-    /// with another are refused.
-    config_text: String,
+    /// [`RunConfig::federation_digest`]: saved states made with another config (paths
+    /// aside) are refused.
     digest: String,
     state_dir: Option<PathBuf>,
     /// The state without a state folder.
@@ -102,16 +120,15 @@ impl Node {
         paths: &NodePaths,
         registry: &Registry,
     ) -> Result<Self> {
-        let mut cfg = RunConfig::load(config)?;
-        cfg.override_paths(
-            paths.model_dir.as_deref(),
-            paths.train.as_deref(),
-            paths.test.as_deref(),
-        );
-        registry
-            .check(&cfg)
-            .and_then(|()| cfg.check_new_run())
-            .with_context(|| format!("config {}", config.display()))?;
+        let cfg = participant_config(
+            config,
+            [
+                paths.model_dir.as_deref(),
+                paths.train.as_deref(),
+                paths.test.as_deref(),
+            ],
+            registry,
+        )?;
         crate::blas::check_kernel(cfg.compute.blas)
             .with_context(|| format!("config {}", config.display()))?;
         if client >= cfg.federation.clients {
@@ -128,7 +145,6 @@ impl Node {
             check_writable_dir(dir)?;
         }
         let digest = cfg.federation_digest()?;
-        let config_text = cfg.to_toml()?;
         let Prepared {
             model,
             data,
@@ -136,17 +152,9 @@ impl Node {
             ..
         } = prepare(&cfg)?;
         let engine = Engine::new(cfg, registry, Arc::new(model), data, label_names.len())?;
-        if engine.client_sizes(client).is_none_or(|(n, _)| n == 0) {
-            bail!(
-                "client {client} has no training data: config {} cuts the training file into federation.clients = {} parts",
-                config.display(),
-                engine.config.federation.clients,
-            );
-        }
         Ok(Self {
             engine,
             k: client,
-            config_text,
             digest,
             state_dir: paths.state_dir.clone(),
             memory: None,
@@ -181,7 +189,7 @@ impl Node {
                 report_tokens: tokens,
                 ..Progress::default()
             };
-            self.store(&state, &progress, None)?;
+            self.store(&state, &progress, Keep::Nothing)?;
             progress
         };
         let (train, test) = self.engine.client_sizes(self.k).unwrap_or_default();
@@ -196,10 +204,18 @@ impl Node {
     }
 
     /// Round 0, once the server chose the global layers `gal`: the pruning mask (with
-    /// `[sparse.prune]`) and the initial global tensors.
+    /// `[sparse.prune]`; deferred to the client's first round with `federation.prepare =
+    /// "on_selection"`) and the initial global tensors. Asked again, the saved answer.
     pub fn setup(&mut self, gal: &[usize]) -> Result<Setup> {
         let _lock = self.lock()?;
         let (mut state, mut progress, _) = self.loaded()?;
+        if progress.round > 0 {
+            bail!(
+                "client {}: its state folder holds a run that got to round {}; a new run needs new state folders",
+                self.k,
+                progress.round
+            );
+        }
         match &progress.gal {
             Some(had) if had != gal => bail!(
                 "client {}: the server now says the global layers are {gal:?}, it said {had:?} before",
@@ -207,14 +223,16 @@ impl Node {
             ),
             Some(_) => {}
             None => {
-                progress.prune_tokens = self.engine.client_prune(self.k, &mut state, gal)?;
+                let (tokens, pruned) = self.engine.client_setup(self.k, &mut state, gal)?;
+                progress.prune_tokens = tokens;
+                progress.pruned = pruned;
                 progress.gal = Some(gal.to_vec());
-                self.store(&state, &progress, None)?;
+                self.store(&state, &progress, Keep::Nothing)?;
             }
         }
         Ok(Setup {
             tokens: progress.prune_tokens,
-            pruned: self.engine.prunes().then(|| state.pruned_count()),
+            pruned: progress.pruned,
             initial: self.engine.initial_global(gal),
         })
     }
@@ -254,24 +272,57 @@ impl Node {
             &state
         };
         let (reply, new_state) = self.engine.client_reply(self.k, t, base, global, &gal)?;
-        if t > last
-            && let Some(new_state) = new_state
-        {
-            progress.round = t;
-            self.store(&new_state, &progress, Some(&state))?;
+        if let Some(new_state) = new_state {
+            if t > last {
+                progress.round = t;
+                self.store(&new_state, &progress, Keep::Previous(&state))?;
+            } else {
+                // The same round again: its state replaces the one it made before
+                // (the same, unless the global tensors differ this time).
+                self.store(&new_state, &progress, Keep::Same)?;
+            }
         }
         Ok(reply)
     }
 
     /// The client's personalised model (its state with `global` laid over) on its test
-    /// part: evaluation counts and the test size.
-    pub fn evaluate(&mut self, global: &Tensors) -> Result<(EvalCounts, usize)> {
+    /// part: evaluation counts and the test size. With `round`, the evaluation of that
+    /// round: refused when the client's state is already past it.
+    pub fn evaluate(
+        &mut self,
+        global: &Tensors,
+        round: Option<usize>,
+    ) -> Result<(EvalCounts, usize)> {
         let _lock = self.lock()?;
         let (state, progress, _) = self.loaded()?;
+        if let Some(t) = round
+            && progress.round > t
+        {
+            bail!(
+                "client {}: asked to evaluate round {t}, but its saved state is after round {}; a new run needs new state folders",
+                self.k,
+                progress.round
+            );
+        }
         if let Some(gal) = &progress.gal {
             self.check_global(global, gal)?;
         }
         self.engine.evaluate_client(self.k, &state, global)
+    }
+
+    /// The last round the client trained in (0: none) and whether it has its global
+    /// layers: what a server compares with its own record when a node claims the client.
+    pub fn progress(&self) -> Result<(usize, bool)> {
+        let _lock = self.lock()?;
+        Ok(self
+            .load_saved()?
+            .map_or((0, false), |(_, p, _)| (p.round, p.gal.is_some())))
+    }
+
+    /// [`checkpoint::data_digest`] of every client's data as this node read it: nodes
+    /// of one federation must agree on it.
+    pub fn data_digest(&self) -> &str {
+        self.engine.data_digest()
     }
 
     /// The global tensors must be exactly those of the global layers, with their
@@ -360,7 +411,7 @@ impl Node {
                 .get(name)
                 .ok_or_else(|| anyhow!("{}: no {name:?} in the saved state", path.display()))
         };
-        if field("config")?.as_str() != Some(&self.config_text) {
+        if field("config_digest")?.as_str() != Some(&self.digest) {
             bail!(
                 "{} was saved with another config; move it away or use the config it was made with",
                 path.display()
@@ -395,7 +446,7 @@ impl Node {
         let mut c = self.engine.client_snapshot(self.k, state)?;
         let inner: serde_json::Value = serde_json::from_str(&c.state)?;
         c.state = serde_json::json!({
-            "config": self.config_text,
+            "config_digest": self.digest,
             "client": self.k,
             "data": self.engine.data_digest(),
             "progress": progress,
@@ -425,29 +476,41 @@ impl Node {
                     .with_context(|| format!("cannot remove {}", before.display()))?;
             }
         }
-        self.store(&state, &progress, None)
+        self.store(&state, &progress, Keep::Nothing)
     }
 
-    /// Saves `state` as the current one. With `previous` (a new round: the current
-    /// state, which that round started from), the current one becomes the previous
-    /// one; without, the client has no previous state (round 0).
-    fn store(
-        &mut self,
-        state: &ClientState,
-        progress: &Progress,
-        previous: Option<&ClientState>,
-    ) -> Result<()> {
+    /// Saves `state` as the current one, keeping beside it what `keep` says.
+    fn store(&mut self, state: &ClientState, progress: &Progress, keep: Keep<'_>) -> Result<()> {
         let Some(dir) = self.state_dir.clone() else {
-            self.memory = Some((state.clone(), progress.clone(), previous.cloned()));
+            let previous = match keep {
+                Keep::Nothing => None,
+                Keep::Previous(p) => Some(p.clone()),
+                Keep::Same => self.memory.take().and_then(|m| m.2),
+            };
+            self.memory = Some((state.clone(), progress.clone(), previous));
             return Ok(());
         };
         let (current, before) = (dir.join(CURRENT), dir.join(PREVIOUS));
         let c = self.contents(state, progress)?;
-        if previous.is_some() {
+        // Without the current file (a crash between this rename and the save below),
+        // the previous file already holds the state this round started from.
+        if matches!(keep, Keep::Previous(_)) && current.exists() {
             std::fs::rename(&current, &before).with_context(|| {
                 format!("cannot move {} to {}", current.display(), before.display())
             })?;
         }
         checkpoint::save(&current, &c)
     }
+}
+
+/// What [`Node::store`] keeps beside the state it saves.
+#[derive(Clone, Copy)]
+enum Keep<'a> {
+    /// No previous state (round 0, or a loaded state).
+    Nothing,
+    /// A new round: this state, the current one until now, becomes the previous one
+    /// (on disk: the current file is renamed).
+    Previous(&'a ClientState),
+    /// The same round again: the previous state stays.
+    Same,
 }

@@ -25,7 +25,6 @@ use fibecfed_flower::{Config, EvaluateOutput, FitOutput, NpyArray, Options, Valu
 use ndarray::ArrayD;
 
 use crate::checkpoint::{self, Contents};
-use crate::config::RunConfig;
 use crate::engine::{ClientState, Engine};
 use crate::output::{FolderLock, check_writable_dir, lock_folder, same_file, write_atomic};
 use crate::registry::Registry;
@@ -90,16 +89,15 @@ pub struct ClientArgs {
 
 /// Runs the participant until the server dismisses it.
 pub fn client_command(args: &ClientArgs, registry: &Registry) -> Result<()> {
-    let mut config = RunConfig::load(&args.config)?;
-    config.override_paths(
-        args.model_dir.as_deref(),
-        args.train.as_deref(),
-        args.test.as_deref(),
-    );
-    registry
-        .check(&config)
-        .and_then(|()| config.check_new_run())
-        .with_context(|| format!("config {}", args.config.display()))?;
+    let config = crate::node::participant_config(
+        &args.config,
+        [
+            args.model_dir.as_deref(),
+            args.train.as_deref(),
+            args.test.as_deref(),
+        ],
+        registry,
+    )?;
     // The kernels the config asks for, as `fibecfed run` does (may restart the process).
     crate::blas::use_kernel(config.compute.blas)
         .with_context(|| format!("config {}", args.config.display()))?;

@@ -99,6 +99,48 @@ pub fn round0_cost(sim: Simulation, spent: &[(u64, u64)]) -> (u64, f64) {
     (tokens, time)
 }
 
+/// Round 0's metrics line from each client's (padded tokens, report bytes), the global
+/// layers and the evaluation (accuracy, loss, non-finite outputs); `wall_seconds` is
+/// the caller's to set.
+pub(crate) fn round0_metrics(
+    config: &RunConfig,
+    spent: &[(u64, u64)],
+    needs_reports: bool,
+    gal: &[usize],
+    (accuracy, loss, eval_non_finite): (f64, f64, usize),
+    pruned: Option<usize>,
+) -> RoundMetrics {
+    let (tokens, sim) = round0_cost(config.simulation, spent);
+    let up: u64 = spent.iter().map(|s| s.1).sum();
+    let down = selection_bytes_down(needs_reports, gal.len(), spent.len());
+    RoundMetrics {
+        round: 0,
+        method: config.method.clone(),
+        seed: config.seed,
+        accuracy: Some(accuracy),
+        loss: Some(loss),
+        evaluated: true,
+        eval_non_finite,
+        train_loss: None,
+        train_samples: 0,
+        tokens,
+        bytes_up: up,
+        bytes_down: down,
+        cum_bytes_up: up,
+        cum_bytes_down: down,
+        sim_seconds: sim,
+        cum_sim_seconds: sim,
+        wall_seconds: 0.0,
+        selected: Vec::new(),
+        dropped: Vec::new(),
+        diverged: Vec::new(),
+        empty: Vec::new(),
+        gal: gal.to_vec(),
+        pruned_neurons: pruned,
+        curriculum_batches: None,
+    }
+}
+
 /// How one active client's round ended, as the server sees it.
 #[derive(Debug, Clone)]
 pub enum Reply {
@@ -388,7 +430,6 @@ impl Federation {
         pruned: Option<usize>,
         evaluations: &[(EvalCounts, usize)],
     ) -> Result<RoundMetrics> {
-        self.pruned = pruned;
         let k = self.config.federation.clients;
         if self.sizes.len() != k {
             bail!("round 0 before the global layers were selected");
@@ -409,37 +450,17 @@ impl Federation {
             .zip(preparation)
             .map(|(&(tokens, bytes), &p)| (tokens + p, bytes))
             .collect();
-        let (tokens, sim) = round0_cost(self.config.simulation, &spent);
-        let up: u64 = spent.iter().map(|s| s.1).sum();
-        let down = selection_bytes_down(self.needs_reports(), self.gal.len(), k);
-        let (accuracy, loss, eval_non_finite) = combine_evaluations(evaluations)?;
+        let evaluation = combine_evaluations(evaluations)?;
         self.global = initial;
-        let metrics = RoundMetrics {
-            round: 0,
-            method: self.config.method.clone(),
-            seed: self.config.seed,
-            accuracy: Some(accuracy),
-            loss: Some(loss),
-            evaluated: true,
-            eval_non_finite,
-            train_loss: None,
-            train_samples: 0,
-            tokens,
-            bytes_up: up,
-            bytes_down: down,
-            cum_bytes_up: up,
-            cum_bytes_down: down,
-            sim_seconds: sim,
-            cum_sim_seconds: sim,
-            wall_seconds: 0.0,
-            selected: Vec::new(),
-            dropped: Vec::new(),
-            diverged: Vec::new(),
-            empty: Vec::new(),
-            gal: self.gal.clone(),
-            pruned_neurons: pruned,
-            curriculum_batches: None,
-        };
+        self.pruned = pruned;
+        let metrics = round0_metrics(
+            &self.config,
+            &spent,
+            self.needs_reports(),
+            &self.gal,
+            evaluation,
+            pruned,
+        );
         self.history.push(metrics.clone());
         Ok(metrics)
     }
@@ -527,10 +548,14 @@ impl Federation {
         };
         let evaluated = self.evaluates(t);
         let (accuracy, loss, eval_non_finite) = match (evaluated, evaluations) {
-            (true, Some(e)) if e.len() == self.sizes.len() => {
-                let (a, l, n) = combine_evaluations(e)?;
-                (Some(a), Some(l), n)
-            }
+            (true, Some(e)) if e.len() == self.sizes.len() => match combine_evaluations(e) {
+                Ok((a, l, n)) => (Some(a), Some(l), n),
+                Err(err) => {
+                    // The round stays aggregated: it is not aggregated twice.
+                    self.open = Some(open);
+                    return Err(err);
+                }
+            },
             (true, _) => {
                 let n = evaluations.map_or(0, <[_]>::len);
                 self.open = Some(open);

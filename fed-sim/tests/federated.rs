@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::{fs, thread};
 
-use common::{Setup, assert_refused, assert_success, fibecfed, s};
+use common::{Setup, assert_refused, assert_success, fibecfed, merge, s};
 use serde_json::Value;
 
 /// Settings that make a run take about a second on the tiny model.
@@ -32,17 +32,6 @@ lr = 1e-2
 
 fn setup() -> Setup {
     common::setup(48, 24)
-}
-
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
 }
 
 /// TINY, then the method's file, then `extra`, each merged over the previous.

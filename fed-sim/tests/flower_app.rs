@@ -25,7 +25,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Setup, assert_success, s};
+use common::{Setup, assert_success, merge, s};
 use serde_json::Value;
 
 /// The tiny model's settings, then FibecFed as its authors ran it (configs/
@@ -70,17 +70,6 @@ dropout_probability = 0.2
     toml::to_string(&t).unwrap()
 }
 
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
-    }
-}
-
 /// Metrics lines without the measured wall time (the one field that differs).
 fn metrics(text: &str) -> Vec<Value> {
     text.lines()
@@ -93,9 +82,13 @@ fn metrics(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// `fibecfed run` of `config` into `root/sim`: its metrics.
+/// `fibecfed run` of `config` into `root/sim-NAME` (NAME: the config file's stem):
+/// its metrics.
 fn simulate(root: &Path, config: &Path) -> Vec<Value> {
-    let out = root.join("sim");
+    let out = root.join(format!(
+        "sim-{}",
+        config.file_stem().unwrap().to_string_lossy()
+    ));
     let run = Command::new(env!("CARGO_BIN_EXE_fibecfed"))
         .args(["run", "--config", s(config), "--out", s(&out)])
         .output()
@@ -121,30 +114,57 @@ fn bindings_federate_like_fibecfed_run() {
     let su = common::setup(60, 30);
     let cfg = su.root.join("federation.toml");
     fs::write(&cfg, config(&su, 3)).unwrap();
-    let expected = simulate(&su.root, &cfg);
-
-    // In memory, then with every client's state on disk (reloaded at every step).
-    for state in [None, Some(su.root.join("states"))] {
-        let out = su.root.join("bindings.jsonl");
-        let mut cmd = Command::new(&python);
-        cmd.arg(repo().join("python/examples/federate.py"))
-            .arg(&cfg)
-            .args(["--out", s(&out)]);
-        if let Some(dir) = &state {
-            cmd.args(["--state-dir", s(dir)]);
+    // The same with the round-0 work deferred to each client's first round, and with
+    // a client that has no training data (8 clients on 60 examples, client sizes from Dir(0.1)).
+    let deferred = su.root.join("deferred.toml");
+    let mut t: toml::Table = toml::from_str(&config(&su, 8)).unwrap();
+    merge(
+        &mut t,
+        toml::from_str(
+            "[federation]\nprepare = \"on_selection\"\nfraction = 0.5\n[partition]\nkind = \"dirichlet\"\nalpha = 0.1\nsize_concentration = 0.1\n",
+        )
+        .unwrap(),
+    );
+    fs::write(&deferred, toml::to_string(&t).unwrap()).unwrap();
+    for file in [&cfg, &deferred] {
+        let expected = simulate(&su.root, file);
+        // In memory, then with every client's state on disk (reloaded at every step).
+        for state in [None, Some(su.root.join("states"))] {
+            let out = su.root.join("bindings.jsonl");
+            let mut cmd = Command::new(&python);
+            cmd.arg(repo().join("python/examples/federate.py"))
+                .arg(file)
+                .args(["--out", s(&out)]);
+            if let Some(dir) = &state {
+                let _ = fs::remove_dir_all(dir);
+                cmd.args(["--state-dir", s(dir)]);
+            }
+            let run = cmd.output().unwrap();
+            assert_success(&run);
+            let got = metrics(&fs::read_to_string(&out).unwrap());
+            assert_eq!(got.len(), expected.len(), "{file:?}, state dir {state:?}");
+            for (g, e) in got.iter().zip(&expected) {
+                assert_eq!(g, e, "{file:?}, state dir {state:?}: a round differs");
+            }
         }
-        let run = cmd.output().unwrap();
-        assert_success(&run);
-        let got = metrics(&fs::read_to_string(&out).unwrap());
-        assert_eq!(got.len(), expected.len(), "state dir {state:?}");
-        for (g, e) in got.iter().zip(&expected) {
-            assert_eq!(g, e, "state dir {state:?}: a round differs");
+        // The federation really federated: layers chosen, bytes sent.
+        let last = expected.last().unwrap();
+        assert!(last["cum_bytes_up"].as_u64().unwrap() > 0);
+        assert!(!expected[0]["gal"].as_array().unwrap().is_empty());
+        if file == &deferred {
+            // The deferred work lands in later rounds, and some client had no data.
+            assert!(expected[1..].iter().any(|m| m["tokens"].as_u64() > Some(0)));
+            let empty: usize = expected[1..]
+                .iter()
+                .map(|m| m["empty"].as_array().unwrap().len())
+                .sum();
+            let sizes = fs::read_to_string(su.root.join("sim-deferred/partition.json")).unwrap();
+            assert!(
+                empty > 0 || sizes.contains("[]"),
+                "no client without training data: {sizes}"
+            );
         }
     }
-    // The federation really federated: layers chosen, bytes sent, accuracy measured.
-    let last = expected.last().unwrap();
-    assert!(last["cum_bytes_up"].as_u64().unwrap() > 0);
-    assert_eq!(expected[0]["gal"].as_array().unwrap().len(), 1);
 
     // A round asked again (its reply lost) gives the same reply, from the same object
     // or from a new one on the same state folder (a new process); save and load carry

@@ -25,10 +25,11 @@ A whole federation in one process (``python/examples/federate.py`` runs this)::
     gal = server.select_layers([node.report() for node in nodes])
     setups = [node.setup(gal) for node in nodes]
     initial = setups[0][1]
+    pruned = [s["pruned"] for s, _ in setups if s["pruned"] is not None]
     history = [server.start(
         initial,
         [s["tokens"] for s, _ in setups],
-        max((s["pruned"] for s, _ in setups), default=None),
+        max(pruned) if pruned else None,
         [node.evaluate_counts(initial) for node in nodes],
     )]
     for t in range(1, server.rounds + 1):
@@ -61,6 +62,26 @@ __all__ = ["Node", "Server", "FibecfedError", "__version__"]
 Arrays = dict[str, np.ndarray]
 
 
+def _uint(name: str, value: Any) -> int:
+    """A non-negative integer argument (numpy integers too), else a FibecfedError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise FibecfedError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists, for json.dumps."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise FibecfedError(f"cannot send a {type(value).__name__} to the Rust side")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=_plain)
+
+
 def _triples(arrays: Mapping[str, Any]) -> list:
     """Named arrays as (name, shape, float32 C-contiguous buffer): no copy when the
     array already is one."""
@@ -70,7 +91,10 @@ def _triples(arrays: Mapping[str, Any]) -> list:
         )
     out = []
     for name, a in arrays.items():
-        a = np.ascontiguousarray(a, dtype=np.float32)
+        try:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise FibecfedError(f"tensor {name}: not an array of numbers ({e})") from None
         out.append((str(name), [int(d) for d in a.shape], a))
     return out
 
@@ -108,11 +132,9 @@ class Node:
         test: Optional[os.PathLike | str] = None,
         state_dir: Optional[os.PathLike | str] = None,
     ) -> None:
-        if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
-            raise FibecfedError(f"client_id must be a non-negative integer, got {client_id!r}")
         self._node = _native.Node(
             os.fspath(config),
-            client_id,
+            _uint("client_id", client_id),
             _path(model_dir),
             _path(train),
             _path(test),
@@ -132,7 +154,9 @@ class Node:
     def report(self) -> dict:
         """Round 0's layer report: ``client``, ``train`` and ``test`` sizes, the layer
         ``importance`` (a list, or None when the selector reads none), the scoring
-        pass's padded ``tokens``, the model's ``layers`` and the ``config_digest``."""
+        pass's padded ``tokens``, the model's ``layers``; and what a server checks:
+        ``config_digest``, ``data_digest``, ``round`` (the last round it trained in) and
+        ``set_up`` (whether it has its global layers)."""
         r = json.loads(self._node.report_json())
         self._n_train = r["train"]
         return r
@@ -141,7 +165,7 @@ class Node:
         """Round 0 after the server chose the global layers ``gal``: the pruning mask
         (with ``[sparse.prune]``). Returns ({``tokens``, ``pruned``}, the initial
         global tensors)."""
-        meta, initial = self._node.setup([int(g) for g in gal])
+        meta, initial = self._node.setup([_uint("gal", g) for g in gal])
         return json.loads(meta), _arrays(initial)
 
     def fit(
@@ -152,8 +176,8 @@ class Node:
         number of training examples; metrics: ``loss_sum``, ``samples``, ``tokens``,
         ``batches``, ``diverged`` (why, or None) and ``train_loss``). ``gal``, when
         given, must be the global layers of :meth:`setup`."""
-        gal = None if gal is None else [int(g) for g in gal]
-        meta, upload = self._node.fit(int(round), _triples(global_arrays), gal)
+        gal = None if gal is None else [_uint("gal", g) for g in gal]
+        meta, upload = self._node.fit(_uint("round", round), _triples(global_arrays), gal)
         metrics = json.loads(meta)
         if metrics.get("samples"):
             metrics["train_loss"] = metrics["loss_sum"] / metrics["samples"]
@@ -161,15 +185,17 @@ class Node:
             self._n_train = self.report()["train"]
         return _arrays(upload), self._n_train, metrics
 
-    def evaluate_counts(self, global_arrays: Mapping[str, Any]) -> dict:
+    def evaluate_counts(self, global_arrays: Mapping[str, Any], round: Optional[int] = None) -> dict:
         """Its personalised model (its state with the global tensors laid over) on its
         test part: ``correct``, ``loss_sum`` (over finite outputs), ``non_finite`` and
-        ``n``: what the server adds up, exactly."""
-        return json.loads(self._node.evaluate_json(_triples(global_arrays)))
+        ``n``: what the server adds up, exactly. With ``round``, refused when the
+        client's state is already past that round."""
+        r = None if round is None else _uint("round", round)
+        return json.loads(self._node.evaluate_json(_triples(global_arrays), r))
 
-    def evaluate(self, global_arrays: Mapping[str, Any]) -> tuple[float, float, int]:
+    def evaluate(self, global_arrays: Mapping[str, Any], round: Optional[int] = None) -> tuple[float, float, int]:
         """(loss, accuracy, n) of :meth:`evaluate_counts`."""
-        c = self.evaluate_counts(global_arrays)
+        c = self.evaluate_counts(global_arrays, round)
         finite = c["n"] - c["non_finite"]
         loss = c["loss_sum"] / finite if finite else float("inf")
         accuracy = c["correct"] / c["n"] if c["n"] else float("nan")
@@ -219,7 +245,7 @@ class Server:
 
     def select_layers(self, reports: Iterable[dict]) -> list[int]:
         """The global layers from every client's :meth:`Node.report`."""
-        return self._server.select_layers(json.dumps(list(reports)))
+        return self._server.select_layers(_json(list(reports)))
 
     def start(
         self,
@@ -234,16 +260,16 @@ class Server:
         return json.loads(
             self._server.start(
                 _triples(initial),
-                [int(p) for p in preparation],
-                None if pruned is None else int(pruned),
-                json.dumps(list(evaluations)),
+                [_uint("preparation", p) for p in preparation],
+                None if pruned is None else _uint("pruned", pruned),
+                _json(list(evaluations)),
             )
         )
 
     def draw(self, round: int) -> dict:
         """Round t's ``selected``, ``dropped`` (simulated failures), ``empty`` and
         ``active`` clients (the ones that train)."""
-        return json.loads(self._server.draw_json(int(round)))
+        return json.loads(self._server.draw_json(_uint("round", round)))
 
     def aggregate(self, round: int, replies: Iterable[tuple]) -> Arrays:
         """Round t's aggregation from (client, metrics, tensors) of exactly the active
@@ -251,17 +277,17 @@ class Server:
         native = []
         for k, metrics, arrays in replies:
             meta = {key: metrics.get(key) for key in ("loss_sum", "samples", "tokens", "batches", "diverged")}
-            native.append((int(k), json.dumps(meta), None if arrays is None else _triples(arrays)))
-        return _arrays(self._server.aggregate(int(round), native))
+            native.append((_uint("client", k), _json(meta), None if arrays is None else _triples(arrays)))
+        return _arrays(self._server.aggregate(_uint("round", round), native))
 
     def evaluates(self, round: int) -> bool:
-        return self._server.evaluates(int(round))
+        return self._server.evaluates(_uint("round", round))
 
     def finish_round(self, round: int, evaluations: Optional[Iterable[dict]]) -> dict:
         """Round t's metrics, with every client's evaluation by client id (None in a
         round ``federation.eval_every`` skips)."""
-        e = None if evaluations is None else json.dumps(list(evaluations))
-        return json.loads(self._server.finish_round(int(round), e))
+        e = None if evaluations is None else _json(list(evaluations))
+        return json.loads(self._server.finish_round(_uint("round", round), e))
 
     def global_arrays(self) -> Arrays:
         return _arrays(self._server.global_tensors())

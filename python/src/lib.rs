@@ -173,10 +173,20 @@ impl Node {
         self.inner.config_digest().to_owned()
     }
 
-    /// The layer report (JSON): client, train, test, importance, tokens, layers.
+    /// The layer report (JSON): client, train, test, importance, tokens, layers, and
+    /// what a server checks: config_digest, data_digest, round (the last it trained
+    /// in) and set_up (whether it has its global layers).
     fn report_json(&mut self, py: Python<'_>) -> PyResult<String> {
-        let r = py.detach(|| self.inner.report()).map_err(|e| py_err(&e))?;
+        let (r, (round, set_up)) = py
+            .detach(|| {
+                let r = self.inner.report()?;
+                Ok((r, self.inner.progress()?))
+            })
+            .map_err(|e: anyhow::Error| py_err(&e))?;
         Ok(json!({
+            "data_digest": self.inner.data_digest(),
+            "round": round,
+            "set_up": set_up,
             "client": r.client,
             "train": r.train,
             "test": r.test,
@@ -237,11 +247,17 @@ impl Node {
     }
 
     /// Its personalised model on its test part: JSON {correct, loss_sum, non_finite,
-    /// n}.
-    fn evaluate_json(&mut self, py: Python<'_>, global: Vec<Triple<'_>>) -> PyResult<String> {
+    /// n}. With `round`, refused when the client's state is past that round.
+    #[pyo3(signature = (global, round=None))]
+    fn evaluate_json(
+        &mut self,
+        py: Python<'_>,
+        global: Vec<Triple<'_>>,
+        round: Option<usize>,
+    ) -> PyResult<String> {
         let global = tensors_in(py, global)?;
         let (c, n) = py
-            .detach(|| self.inner.evaluate(&global))
+            .detach(|| self.inner.evaluate(&global, round))
             .map_err(|e| py_err(&e))?;
         Ok(counts_json(&c, n).to_string())
     }
@@ -314,7 +330,20 @@ impl Server {
             let v = parse(reports_json, "reports")?;
             let list = v.as_array().ok_or_else(|| anyhow!("reports: not a list"))?;
             let mut reports = Vec::with_capacity(list.len());
+            // Every node must have read the same data (each cuts its own part out of
+            // the same files).
+            let mut data: Option<(&str, u64)> = None;
             for r in list {
+                let client = r.get("client").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                if let Some(d) = r.get("data_digest").and_then(Value::as_str) {
+                    match data {
+                        Some((first, k)) if first != d => anyhow::bail!(
+                            "client {client} read other data than client {k} (data digest {d}, not {first}): give every node the same data files"
+                        ),
+                        None => data = Some((d, client)),
+                        Some(_) => {}
+                    }
+                }
                 let int = |key: &str| {
                     r.get(key)
                         .and_then(Value::as_u64)

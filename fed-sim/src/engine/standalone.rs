@@ -7,6 +7,7 @@ use fibecfed_aggregation::Tensors;
 
 use super::Engine;
 use crate::checkpoint::{self, Contents};
+use crate::config::Prepare;
 use crate::local::Outcome;
 use crate::server::Reply;
 use crate::state::{ClientRound, ClientState};
@@ -30,11 +31,7 @@ impl Engine {
     /// config uses them, its curriculum order and Fisher momentum from one scoring
     /// pass, and its pruning mask. Returns the padded tokens they cost.
     pub fn start_client(&self, k: usize) -> Result<(ClientState, u64)> {
-        let data = &self
-            .data
-            .get(k)
-            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
-            .train;
+        let data = self.train_of(k)?;
         let (mut state, _, mut tokens) = self
             .trainer()
             // Up front whatever `federation.prepare` says: a participant's start is its
@@ -87,8 +84,10 @@ impl Engine {
     }
 
     /// Client k's round t on its own, as the server sees it: the [`Reply`] (upload,
-    /// summed loss, samples, tokens, batches; or why it diverged) and, when it trained,
-    /// its new state.
+    /// summed loss, samples, tokens, batches; or why it diverged) and the client's new
+    /// state: after training, or, for a client that diverged, after the round-0 work it
+    /// had deferred (`federation.prepare = "on_selection"`), which the simulation keeps
+    /// too; `None` when nothing changed.
     pub fn client_reply(
         &self,
         k: usize,
@@ -104,12 +103,29 @@ impl Engine {
         if data.is_empty() {
             bail!("client {k} has no training data");
         }
+        // As the engine's round does: the deferred preparation first, kept even if
+        // the training diverges, its tokens counted in the round.
+        let mut base = state.clone();
+        let prepared = base.pending.any();
+        let prep = if prepared {
+            self.trainer()
+                .prepare_pending(k, data, &mut base, gal)
+                .with_context(|| format!("round {t}, client {k}: deferred preparation"))?
+        } else {
+            0
+        };
         Ok(
             match self
                 .trainer()
-                .train(k, t, data, state.clone(), global, gal)?
+                .train(k, t, data, base.clone(), global, gal)?
             {
-                Outcome::Diverged(why, tokens) => (Reply::Diverged { why, tokens }, None),
+                Outcome::Diverged(why, tokens) => (
+                    Reply::Diverged {
+                        why,
+                        tokens: tokens + prep,
+                    },
+                    prepared.then_some(base),
+                ),
                 Outcome::Trained(tr) => {
                     let tr = *tr;
                     (
@@ -117,7 +133,7 @@ impl Engine {
                             upload: tr.upload,
                             loss_sum: tr.loss_sum,
                             samples: tr.samples,
-                            tokens: tr.tokens,
+                            tokens: tr.tokens + prep,
                             batches: tr.batches,
                         },
                         Some(tr.state),
@@ -127,37 +143,50 @@ impl Engine {
         )
     }
 
+    /// Client k's round-0 step once the global layers `gal` are known, as the engine
+    /// takes it: its pruning mask now (the padded tokens it cost), or marked for its
+    /// first round with `federation.prepare = "on_selection"` (no tokens now); and the
+    /// neurons it prunes (`None` without `[sparse.prune]`).
+    pub fn client_setup(
+        &self,
+        k: usize,
+        state: &mut ClientState,
+        gal: &[usize],
+    ) -> Result<(u64, Option<usize>)> {
+        if self.config.sparse.prune.is_none() {
+            return Ok((0, None));
+        }
+        if self.config.federation.prepare == Prepare::OnSelection {
+            state.pending.prune = true;
+            return Ok((0, Some(self.trainer().prune_count(gal))));
+        }
+        let data = self.train_of(k)?;
+        let tokens = self
+            .trainer()
+            .prune(k, data, state, gal)
+            .with_context(|| format!("client {k}: pruning mask"))?;
+        Ok((tokens, Some(state.pruned_count())))
+    }
+
     /// Client k's state before its first round with its layer report: the initial
     /// adapter, its scoring pass where the config uses one (with the layer importance
-    /// when the selector reads reports), and the padded tokens it cost. The pruning
-    /// mask waits for the global layers ([`Self::client_prune`]).
+    /// when the selector reads reports; deferred to its first round, as the engine
+    /// defers it, with `federation.prepare = "on_selection"`), and the padded tokens it
+    /// cost. The pruning mask waits for the global layers ([`Self::client_setup`]).
     pub fn client_first(&self, k: usize) -> Result<(ClientState, Option<Vec<f64>>, u64)> {
-        let data = &self
-            .data
-            .get(k)
-            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
-            .train;
+        let data = self.train_of(k)?;
+        let defer = self.config.federation.prepare == Prepare::OnSelection;
         self.trainer()
-            .first_state(k, data, self.selector.needs_reports(), false)
+            .first_state(k, data, self.selector.needs_reports(), defer)
             .with_context(|| format!("client {k}: scoring pass"))
     }
 
-    /// Client k's pruning mask once the global layers are known (nothing without
-    /// `[sparse.prune]`); the padded tokens it cost.
-    pub fn client_prune(&self, k: usize, state: &mut ClientState, gal: &[usize]) -> Result<u64> {
-        let data = &self
-            .data
+    /// Client k's training samples.
+    fn train_of(&self, k: usize) -> Result<&[fibecfed_data::Sample]> {
+        self.data
             .get(k)
-            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))?
-            .train;
-        self.trainer()
-            .prune(k, data, state, gal)
-            .with_context(|| format!("client {k}: pruning mask"))
-    }
-
-    /// Whether the config prunes (`[sparse.prune]`).
-    pub fn prunes(&self) -> bool {
-        self.config.sparse.prune.is_some()
+            .map(|d| d.train.as_slice())
+            .ok_or_else(|| anyhow!("client {k} does not exist ({} clients)", self.data.len()))
     }
 
     /// Training and test examples of client k.

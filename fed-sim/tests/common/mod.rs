@@ -65,6 +65,18 @@ pub fn fibecfed(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
+/// Merges TOML table `over` into `base`, table by table (later keys win).
+pub fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

@@ -82,13 +82,33 @@ def node_of(context: Context) -> fibecfed.Node:
         raise ValueError(f"node config (client-id={k}, config='{config}'): {e}") from None
 
 
+def answers(handler):
+    """Every failure of a step leaves as an exception Flower reports to the server
+    with its message (a Rust panic is a BaseException, which Flower would count as a
+    crashed ClientApp instead)."""
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (Exception, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: B036 - a PanicException from the bindings
+            raise RuntimeError(f"{type(e).__name__}: {e}") from None
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
 @app.query("report")
+@answers
 def report(msg: Message, context: Context) -> Message:
     node = node_of(context)
     return Message(RecordDict({"report": records.report_record(node.report())}), reply_to=msg)
 
 
 @app.query("setup")
+@answers
 def setup(msg: Message, context: Context) -> Message:
     node = node_of(context)
     gal = [int(g) for g in msg.content["config"]["gal"]]
@@ -103,6 +123,7 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@answers
 def train(msg: Message, context: Context) -> Message:
     node = node_of(context)
     t = int(msg.content["config"]["round"])
@@ -123,7 +144,9 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@answers
 def evaluate(msg: Message, context: Context) -> Message:
     node = node_of(context)
-    counts = node.evaluate_counts(records.from_record(msg.content["arrays"]))
+    t = int(msg.content["config"]["round"])
+    counts = node.evaluate_counts(records.from_record(msg.content["arrays"]), t)
     return Message(RecordDict({"metrics": records.counts_record(counts)}), reply_to=msg)

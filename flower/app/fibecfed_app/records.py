@@ -43,6 +43,9 @@ def report_record(report: dict) -> ConfigRecord:
         "tokens": int(report["tokens"]),
         "layers": int(report["layers"]),
         "config-digest": str(report["config_digest"]),
+        "data-digest": str(report["data_digest"]),
+        "round": int(report["round"]),
+        "set-up": bool(report["set_up"]),
     }
     if report.get("importance") is not None:
         rec["importance"] = [float(x) for x in report["importance"]]
@@ -57,6 +60,9 @@ def report_of(rec: ConfigRecord) -> dict:
         "tokens": int(rec["tokens"]),
         "layers": int(rec["layers"]),
         "config_digest": str(rec["config-digest"]),
+        "data_digest": str(rec["data-digest"]),
+        "round": int(rec["round"]),
+        "set_up": bool(rec["set-up"]),
         "importance": [float(x) for x in rec["importance"]] if "importance" in rec else None,
     }
 

@@ -18,9 +18,11 @@ A client whose node goes away is waited for: when a new node answers `query.repo
 for the same client id (a restarted SuperNode registers under a new node id), the
 message is sent again there, and the client, which keeps its state on disk, answers
 as it would have. Flower itself reports the lost message only when the dead node
-misses its heartbeats (NODE_UNAVAILABLE, 40-60 s later); that error, or a crashed
-ClientApp (CLIENT_APP_CRASHED), also leads to the wait. Any other error reply stops
-the run with the client's message.
+misses its heartbeats (NODE_UNAVAILABLE, 40-60 s later); that error also leads to the
+wait. A ClientApp that crashed on a node still online (CLIENT_APP_CRASHED) is asked
+again there, up to 3 times. A node that claims a client already served must hold that
+client's state (its global layers, and a round no older than the client's last), else
+it is refused. Any other error reply stops the run with the client's message.
 
 Writes `metrics.jsonl` (the lines of `fibecfed run`'s metrics.jsonl; the bytes are
 its accounting: the global tensors each selected client downloads and each
@@ -56,6 +58,8 @@ LOST = {
     ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
 }
 POLL_SECONDS = 1.0
+#: Answers lost to a crashed ClientApp before a node (report) or a message gives up.
+MAX_TRIES = 3
 
 
 class RunFailed(RuntimeError):
@@ -94,55 +98,88 @@ class Nodes:
         self.reports: dict[int, dict] = {}
         self.refused: set[int] = set()
         self.retired: set[int] = set()
+        #: Report questions not yet answered: message id -> node.
+        self.asking: dict[str, int] = {}
+        #: Lost or crashed answers per node (report questions) or client (exchanges).
+        self.failures: dict[int, int] = {}
+        self.crashes: dict[int, int] = {}
+        #: Per client, the last round it answered a train message for; whether the
+        #: clients have their global layers.
+        self.acked: dict[int, int] = {}
+        self.set_up = False
+        self.data_digest: Optional[str] = None
 
     def _known(self) -> set[int]:
-        return set(self.node_of.values()) | self.refused | self.retired
+        return set(self.node_of.values()) | self.refused | self.retired | set(self.asking.values())
+
+    def _refuse(self, node: int, reason: str) -> None:
+        self.refused.add(node)
+        self.events("node_refused", node=str(node), reason=reason)
+
+    def _objection(self, report: dict) -> Optional[str]:
+        """Why a node's report disqualifies it, if it does."""
+        k = report["client"]
+        if report["config_digest"] != self.server.config_digest:
+            return (
+                f"client {k} runs another config than the server (digest "
+                f"{report['config_digest']}, the server's {self.server.config_digest})"
+            )
+        if self.data_digest is not None and report["data_digest"] != self.data_digest:
+            return f"client {k} read other data files than the nodes before it (data digest {report['data_digest']})"
+        if k in self.node_of:
+            # A node that takes over a client must hold that client's state: a restart
+            # on the same state folder, not a second node for the same id.
+            if self.set_up and not report["set_up"]:
+                return f"it claims client {k}, but its state folder has no global layers: client {k}'s node has them"
+            if report["round"] < self.acked.get(k, 0):
+                return (
+                    f"it claims client {k}, but its state is after round {report['round']}, "
+                    f"and client {k} has trained in round {self.acked[k]}"
+                )
+        return None
 
     def discover(self) -> list[int]:
-        """Asks every node not seen before for its report; returns the client ids that
-        a new node now serves."""
+        """Asks every node not seen before for its report (once), reads the answers
+        that have come, and returns the client ids a node now serves anew. Never
+        waits."""
         new = [n for n in self.grid.get_node_ids() if n not in self._known()]
-        if not new:
+        if new:
+            msgs = [Message(RecordDict(), node, records.REPORT) for node in new]
+            for node, mid in zip(new, self.grid.push_messages(msgs)):
+                self.asking[mid] = node
+        if not self.asking:
             return []
-        pending = {}
-        for node, mid in zip(new, self.grid.push_messages(
-            [Message(RecordDict(), node, records.REPORT) for node in new]
-        )):
-            pending[mid] = node
-        deadline = time.monotonic() + self.reply_timeout
         moved = []
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
+        for reply in self.grid.pull_messages(list(self.asking)):
+            node = self.asking.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error():
+                if reply.error.code in LOST:
+                    # Gone, or its ClientApp died: asked again while it is listed,
+                    # a few times.
+                    self.failures[node] = self.failures.get(node, 0) + 1
+                    if self.failures[node] >= MAX_TRIES:
+                        self._refuse(node, f"no answer after {MAX_TRIES} tries: {_reason(reply)}")
                     continue
-                if reply.has_error():
-                    if reply.error.code in LOST:
-                        continue  # gone before it answered; nothing to learn
-                    self.refused.add(node)
-                    self.events("node_refused", node=str(node), reason=_reason(reply))
-                    continue
-                report = records.report_of(reply.content["report"])
-                k = report["client"]
-                if report["config_digest"] != self.server.config_digest:
-                    self.refused.add(node)
-                    self.events(
-                        "node_refused",
-                        node=str(node),
-                        reason=f"client {k} runs another config than the server (digest {report['config_digest']}, the server's {self.server.config_digest})",
-                    )
-                    continue
-                old = self.node_of.get(k)
-                if old is not None:
-                    self.retired.add(old)
-                    self.events("client_moved", client=k, node=str(node), was=str(old))
-                else:
-                    self.events("client_joined", client=k, node=str(node))
-                self.node_of[k] = node
-                self.reports.setdefault(k, report)
-                moved.append(k)
-            if pending:
-                time.sleep(POLL_SECONDS)
+                self._refuse(node, _reason(reply))
+                continue
+            report = records.report_of(reply.content["report"])
+            objection = self._objection(report)
+            if objection:
+                self._refuse(node, objection)
+                continue
+            k = report["client"]
+            self.data_digest = report["data_digest"]
+            old = self.node_of.get(k)
+            if old is not None:
+                self.retired.add(old)
+                self.events("client_moved", client=k, node=str(node), was=str(old))
+            else:
+                self.events("client_joined", client=k, node=str(node))
+            self.node_of[k] = node
+            self.reports.setdefault(k, report)
+            moved.append(k)
         return moved
 
     def join_all(self) -> list[dict]:
@@ -162,8 +199,9 @@ class Nodes:
         return [self.reports[i] for i in range(k)]
 
     def exchange(self, kind: str, contents: dict[int, RecordDict], what: str) -> dict[int, Message]:
-        """Sends contents[k] to client k's node and waits for every reply; a message
-        lost with its node goes again to the node that serves the client next."""
+        """Sends contents[k] to client k's node and waits for every reply. A message
+        whose ClientApp crashed goes again to the same node (a few times); one lost
+        with its node goes to the node that serves the client next."""
         pending: dict[str, int] = {}
         replies: dict[int, Message] = {}
         waiting: dict[int, float] = {}
@@ -182,18 +220,28 @@ class Nodes:
                     continue
                 if not reply.has_error():
                     replies[k] = reply
-                elif reply.error.code in LOST:
-                    self.events("message_lost", client=k, node=str(self.node_of[k]), message=what, reason=_reason(reply))
-                    self.retired.add(self.node_of[k])
-                    waiting[k] = time.monotonic() + self.node_wait
+                    continue
+                node = self.node_of[k]
+                code = reply.error.code
+                if code not in LOST:
+                    raise RunFailed(f"{what}: client {k} (node {node}) failed: {_reason(reply)}")
+                self.crashes[k] = self.crashes.get(k, 0) + 1
+                if (
+                    code != ErrorCode.NODE_UNAVAILABLE
+                    and self.crashes[k] < MAX_TRIES
+                    and node in self.grid.get_node_ids()
+                ):
+                    self.events("message_resent", client=k, node=str(node), message=what, reason=_reason(reply))
+                    push([k])
                 else:
-                    raise RunFailed(f"{what}: client {k} (node {self.node_of[k]}) failed: {_reason(reply)}")
+                    self.events("message_lost", client=k, node=str(node), message=what, reason=_reason(reply))
+                    self.retired.add(node)
+                    waiting[k] = time.monotonic() + self.node_wait
             # A restarted node serves its client under a new node id: send it there,
             # whether or not Flower has reported the old node gone yet.
             for k in self.discover():
                 if k in contents and k not in replies:
-                    stale = [mid for mid, c in pending.items() if c == k]
-                    for mid in stale:
+                    for mid in [mid for mid, c in pending.items() if c == k]:
                         del pending[mid]
                     waiting.pop(k, None)
                     self.events("message_resent", client=k, node=str(self.node_of[k]), message=what)
@@ -256,6 +304,7 @@ def run(grid: Grid, context: Context) -> None:
     for k in k_all:
         if not _same(initial, records.from_record(setups[k].content["arrays"])):
             raise RunFailed(f"client {k}'s initial global tensors differ from client 0's: the nodes load different models")
+    nodes.set_up = True
     pruned = [int(setups[k].content["metrics"]["pruned"]) for k in k_all if "pruned" in setups[k].content["metrics"]]
     write(
         server.start(
@@ -275,6 +324,8 @@ def run(grid: Grid, context: Context) -> None:
             for k in draw["active"]
         }
         replies = nodes.exchange(records.TRAIN, content, f"round {t} training")
+        for k in draw["active"]:
+            nodes.acked[k] = t
         gathered = []
         for k in draw["active"]:
             c = replies[k].content
