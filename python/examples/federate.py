@@ -56,7 +56,7 @@ def run(server: "fibecfed.Server", nodes: list) -> list:
         initial,
         [s["tokens"] for s, _ in setups],
         max(pruned) if pruned else None,
-        [node.evaluate_counts(initial) for node in nodes],
+        [node.evaluate_counts(initial, 0) for node in nodes],
     )
     round0["wall_seconds"] = time.monotonic() - clock
     history = [round0]
@@ -70,7 +70,7 @@ def run(server: "fibecfed.Server", nodes: list) -> list:
         new_global = server.aggregate(t, replies)
         evaluations = None
         if server.evaluates(t):
-            evaluations = [node.evaluate_counts(new_global) for node in nodes]
+            evaluations = [node.evaluate_counts(new_global, t) for node in nodes]
         metrics = server.finish_round(t, evaluations)
         metrics["wall_seconds"] = time.monotonic() - clock
         history.append(metrics)
