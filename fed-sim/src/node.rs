@@ -272,15 +272,17 @@ impl Node {
             &state
         };
         let (reply, new_state) = self.engine.client_reply(self.k, t, base, global, &gal)?;
-        if let Some(new_state) = new_state {
-            if t > last {
-                progress.round = t;
-                self.store(&new_state, &progress, Keep::Previous(&state))?;
-            } else {
-                // The same round again: its state replaces the one it made before
-                // (the same, unless the global tensors differ this time).
-                self.store(&new_state, &progress, Keep::Same)?;
-            }
+        if t > last {
+            // A new round, recorded even when it changed nothing (a client that
+            // diverged with nothing deferred keeps its state), so that the round the
+            // state is after is the last one the client answered.
+            progress.round = t;
+            let after = new_state.as_ref().unwrap_or(&state);
+            self.store(after, &progress, Keep::Previous(&state))?;
+        } else if let Some(new_state) = new_state {
+            // The same round again: its state replaces the one it made before (the
+            // same, unless the global tensors differ this time).
+            self.store(&new_state, &progress, Keep::Same)?;
         }
         Ok(reply)
     }
@@ -317,6 +319,11 @@ impl Node {
         Ok(self
             .load_saved()?
             .map_or((0, false), |(_, p, _)| (p.round, p.gal.is_some())))
+    }
+
+    /// The client's training and test examples.
+    pub fn sizes(&self) -> (usize, usize) {
+        self.engine.client_sizes(self.k).unwrap_or_default()
     }
 
     /// [`checkpoint::data_digest`] of every client's data as this node read it: nodes

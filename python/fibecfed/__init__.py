@@ -140,7 +140,6 @@ class Node:
             _path(test),
             _path(state_dir),
         )
-        self._n_train: Optional[int] = None
 
     @property
     def client_id(self) -> int:
@@ -157,9 +156,7 @@ class Node:
         pass's padded ``tokens``, the model's ``layers``; and what a server checks:
         ``config_digest``, ``data_digest``, ``round`` (the last round it trained in) and
         ``set_up`` (whether it has its global layers)."""
-        r = json.loads(self._node.report_json())
-        self._n_train = r["train"]
-        return r
+        return json.loads(self._node.report_json())
 
     def setup(self, gal: Iterable[int]) -> tuple[dict, Arrays]:
         """Round 0 after the server chose the global layers ``gal``: the pruning mask
@@ -181,9 +178,7 @@ class Node:
         metrics = json.loads(meta)
         if metrics.get("samples"):
             metrics["train_loss"] = metrics["loss_sum"] / metrics["samples"]
-        if self._n_train is None:
-            self._n_train = self.report()["train"]
-        return _arrays(upload), self._n_train, metrics
+        return _arrays(upload), self._node.sizes[0], metrics
 
     def evaluate_counts(self, global_arrays: Mapping[str, Any], round: Optional[int] = None) -> dict:
         """Its personalised model (its state with the global tensors laid over) on its

@@ -166,6 +166,12 @@ impl Node {
         self.inner.client()
     }
 
+    /// (training examples, test examples) of this client.
+    #[getter]
+    fn sizes(&self) -> (usize, usize) {
+        self.inner.sizes()
+    }
+
     /// SHA-256 of the config without its paths: the server checks every node runs
     /// its config.
     #[getter]

@@ -100,14 +100,14 @@ class Nodes:
         self.retired: set[int] = set()
         #: Report questions not yet answered: message id -> node.
         self.asking: dict[str, int] = {}
-        #: Lost or crashed answers per node (report questions) or client (exchanges).
+        #: Lost or crashed answers to report questions, per node.
         self.failures: dict[int, int] = {}
-        self.crashes: dict[int, int] = {}
-        #: Per client, the last round it answered a train message for; whether the
-        #: clients have their global layers.
+        #: Per client, the last round it answered a train message for, and the clients
+        #: that answered the setup: a node that takes a client over must be as far.
         self.acked: dict[int, int] = {}
-        self.set_up = False
-        self.data_digest: Optional[str] = None
+        self.set_up: set[int] = set()
+        #: The data digest every node must report, and the client that reported it first.
+        self.data_digest: Optional[tuple[str, int]] = None
 
     def _known(self) -> set[int]:
         return set(self.node_of.values()) | self.refused | self.retired | set(self.asking.values())
@@ -124,12 +124,21 @@ class Nodes:
                 f"client {k} runs another config than the server (digest "
                 f"{report['config_digest']}, the server's {self.server.config_digest})"
             )
-        if self.data_digest is not None and report["data_digest"] != self.data_digest:
-            return f"client {k} read other data files than the nodes before it (data digest {report['data_digest']})"
+        if self.data_digest is not None and report["data_digest"] != self.data_digest[0]:
+            digest, first = self.data_digest
+            return (
+                f"client {k} read other data files than client {first}, the first node to join "
+                f"(data digest {report['data_digest']}, not {digest}): one of them has other files"
+            )
+        if k not in self.node_of and (report["round"] > 0 or report["set_up"]):
+            return (
+                f"client {k}'s state folder holds an earlier run (after round {report['round']}): "
+                "a new run needs new state folders"
+            )
         if k in self.node_of:
             # A node that takes over a client must hold that client's state: a restart
             # on the same state folder, not a second node for the same id.
-            if self.set_up and not report["set_up"]:
+            if k in self.set_up and not report["set_up"]:
                 return f"it claims client {k}, but its state folder has no global layers: client {k}'s node has them"
             if report["round"] < self.acked.get(k, 0):
                 return (
@@ -146,7 +155,8 @@ class Nodes:
         if new:
             msgs = [Message(RecordDict(), node, records.REPORT) for node in new]
             for node, mid in zip(new, self.grid.push_messages(msgs)):
-                self.asking[mid] = node
+                if mid:  # "": the SuperLink refused it (the node left); asked again later
+                    self.asking[mid] = node
         if not self.asking:
             return []
         moved = []
@@ -170,7 +180,8 @@ class Nodes:
                 self._refuse(node, objection)
                 continue
             k = report["client"]
-            self.data_digest = report["data_digest"]
+            if self.data_digest is None:
+                self.data_digest = (report["data_digest"], k)
             old = self.node_of.get(k)
             if old is not None:
                 self.retired.add(old)
@@ -198,18 +209,28 @@ class Nodes:
                 time.sleep(POLL_SECONDS)
         return [self.reports[i] for i in range(k)]
 
-    def exchange(self, kind: str, contents: dict[int, RecordDict], what: str) -> dict[int, Message]:
-        """Sends contents[k] to client k's node and waits for every reply. A message
-        whose ClientApp crashed goes again to the same node (a few times); one lost
-        with its node goes to the node that serves the client next."""
+    def exchange(self, kind: str, contents: dict[int, RecordDict], what: str, answered=None) -> dict[int, Message]:
+        """Sends contents[k] to client k's node and waits for every reply, calling
+        `answered(k, reply)` as each arrives. A message whose ClientApp crashed goes
+        again to the same node (a few times); one lost with its node goes to the node
+        that serves the client next (or to the same node, if it comes back)."""
         pending: dict[str, int] = {}
         replies: dict[int, Message] = {}
         waiting: dict[int, float] = {}
+        crashes: dict[int, int] = {}
+
+        def lose(k: int, reason: str) -> None:
+            self.events("message_lost", client=k, node=str(self.node_of[k]), message=what, reason=reason)
+            self.retired.add(self.node_of[k])
+            waiting[k] = time.monotonic() + self.node_wait
 
         def push(ks: list[int]) -> None:
             msgs = [Message(contents[k], self.node_of[k], kind) for k in ks]
             for k, mid in zip(ks, self.grid.push_messages(msgs)):
-                pending[mid] = k
+                if mid:
+                    pending[mid] = k
+                else:
+                    lose(k, "the SuperLink refused the message: the node is not registered")
 
         push(sorted(contents))
         deadline = time.monotonic() + self.reply_timeout
@@ -220,23 +241,31 @@ class Nodes:
                     continue
                 if not reply.has_error():
                     replies[k] = reply
+                    if answered is not None:
+                        answered(k, reply)
                     continue
                 node = self.node_of[k]
                 code = reply.error.code
                 if code not in LOST:
                     raise RunFailed(f"{what}: client {k} (node {node}) failed: {_reason(reply)}")
-                self.crashes[k] = self.crashes.get(k, 0) + 1
+                crashes[k] = crashes.get(k, 0) + 1
                 if (
                     code != ErrorCode.NODE_UNAVAILABLE
-                    and self.crashes[k] < MAX_TRIES
+                    and crashes[k] < MAX_TRIES
                     and node in self.grid.get_node_ids()
                 ):
                     self.events("message_resent", client=k, node=str(node), message=what, reason=_reason(reply))
                     push([k])
                 else:
-                    self.events("message_lost", client=k, node=str(node), message=what, reason=_reason(reply))
-                    self.retired.add(node)
-                    waiting[k] = time.monotonic() + self.node_wait
+                    lose(k, _reason(reply))
+            # A node that missed its heartbeats and reconnected keeps its node id.
+            if waiting:
+                listed = set(self.grid.get_node_ids())
+                for k in [k for k in waiting if self.node_of[k] in listed]:
+                    self.retired.discard(self.node_of[k])
+                    del waiting[k]
+                    self.events("message_resent", client=k, node=str(self.node_of[k]), message=what, reason="its node is back")
+                    push([k])
             # A restarted node serves its client under a new node id: send it there,
             # whether or not Flower has reported the old node gone yet.
             for k in self.discover():
@@ -299,12 +328,12 @@ def run(grid: Grid, context: Context) -> None:
         records.SETUP,
         {k: RecordDict({"config": ConfigRecord({"gal": [int(g) for g in gal]})}) for k in k_all},
         "round 0 setup",
+        lambda k, _: nodes.set_up.add(k),
     )
     initial = records.from_record(setups[0].content["arrays"])
     for k in k_all:
         if not _same(initial, records.from_record(setups[k].content["arrays"])):
             raise RunFailed(f"client {k}'s initial global tensors differ from client 0's: the nodes load different models")
-    nodes.set_up = True
     pruned = [int(setups[k].content["metrics"]["pruned"]) for k in k_all if "pruned" in setups[k].content["metrics"]]
     write(
         server.start(
@@ -323,9 +352,9 @@ def run(grid: Grid, context: Context) -> None:
             k: RecordDict({"arrays": record, "config": ConfigRecord({"round": t, "gal": [int(g) for g in gal]})})
             for k in draw["active"]
         }
-        replies = nodes.exchange(records.TRAIN, content, f"round {t} training")
-        for k in draw["active"]:
-            nodes.acked[k] = t
+        replies = nodes.exchange(
+            records.TRAIN, content, f"round {t} training", lambda k, _, t=t: nodes.acked.__setitem__(k, t)
+        )
         gathered = []
         for k in draw["active"]:
             c = replies[k].content
