@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use fibecfed_aggregation::{Aggregator, Tensors, message_bytes, restrict};
+use fibecfed_aggregation::{Aggregator, Tensors, restrict};
 use fibecfed_fisher::{ImportanceReport, LayerSelector};
 use fibecfed_lora::{LoraConfig, LoraParams};
 use fibecfed_transformer::{Adapter, BertModel};
@@ -30,7 +30,7 @@ use crate::eval::{EvalCounts, evaluate_counts};
 use crate::local::{Curriculum, FirstState, LocalTrainer, Outcome, overlay};
 use crate::model::fresh_adapter;
 use crate::registry::Registry;
-use crate::server::{self, Draw, Reply};
+use crate::server::{self, Draw};
 pub use crate::state::{ClientData, ClientRound, ClientState, RoundMetrics, RunState};
 
 mod standalone;
@@ -251,12 +251,6 @@ impl Engine {
         let clock = Instant::now();
         let t = state.round + 1;
         let draw = self.draw(t);
-        // Nothing global (local-only): nothing is sent, not even an empty message.
-        let down_bytes = if state.global.is_empty() {
-            0
-        } else {
-            message_bytes(&state.global)?
-        };
         // Round-0 work a client deferred (`federation.prepare = "on_selection"`), done
         // before it trains and kept even if its training diverges, so that it is done
         // (and paid for) once; its tokens count in this round's time for the client.
@@ -301,37 +295,24 @@ impl Engine {
         let mut replies = Vec::with_capacity(outcomes.len());
         for (&k, outcome) in draw.active.iter().zip(outcomes) {
             let prep = prep_tokens.get(&k).copied().unwrap_or(0);
-            let reply = match outcome.with_context(|| format!("round {t}, client {k}"))? {
-                Outcome::Diverged(why, spent) => Reply::Diverged {
-                    why,
-                    tokens: spent + prep,
-                },
-                Outcome::Trained(tr) => {
-                    let tr = *tr;
-                    state.clients[k] = tr.state;
-                    Reply::Trained {
-                        upload: tr.upload,
-                        loss_sum: tr.loss_sum,
-                        samples: tr.samples,
-                        tokens: tr.tokens + prep,
-                        batches: tr.batches,
-                    }
-                }
-            };
+            let (reply, trained) = outcome
+                .with_context(|| format!("round {t}, client {k}"))?
+                .into_reply(prep);
+            if let Some(client) = trained {
+                state.clients[k] = client;
+            }
             replies.push((k, reply));
         }
         let data = &self.data;
-        let g = server::gather(t, self.config.simulation, down_bytes, replies, |k| {
-            data[k].train.len()
-        })?;
-        if !g.updates.is_empty() && !state.global.is_empty() {
-            state.global = self
-                .aggregator
-                .aggregate(&state.global, &g.updates)
-                .with_context(|| format!("round {t}: aggregation"))?;
-        }
-        // Everyone selected downloads the global tensors, even those that fail later.
-        let down = down_bytes * (draw.selected.len() - draw.empty.len()) as u64;
+        let (g, down) = server::settle(
+            t,
+            self.config.simulation,
+            self.aggregator.as_mut(),
+            &mut state.global,
+            &draw,
+            replies,
+            |k| data[k].train.len(),
+        )?;
         let evaluation = if self.config.evaluates(t) {
             let (a, l, n) = self.evaluate_all(&state.clients, &state.global)?;
             (Some(a), Some(l), n)

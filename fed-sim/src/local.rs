@@ -29,6 +29,7 @@ use crate::fisher::{
     FisherHook, FisherOptions, adversarial_sensitivity, cpu_backend, fisher_pass,
     perturbation_importance,
 };
+use crate::server::Reply;
 use crate::state::{ClientState, Pending};
 use crate::step::{ProxAnchor, Step, StepOutcome};
 
@@ -80,6 +81,36 @@ pub(crate) enum Outcome {
     Trained(Box<Trained>),
     /// Why, and the padded tokens it had processed until then (the round waited for it).
     Diverged(String, u64),
+}
+
+impl Outcome {
+    /// The round as the server sees it, `prep` padded tokens of deferred preparation
+    /// added to the client's; with the trained client's new state (`None` when it
+    /// diverged).
+    pub fn into_reply(self, prep: u64) -> (Reply, Option<ClientState>) {
+        match self {
+            Outcome::Diverged(why, tokens) => (
+                Reply::Diverged {
+                    why,
+                    tokens: tokens + prep,
+                },
+                None,
+            ),
+            Outcome::Trained(tr) => {
+                let tr = *tr;
+                (
+                    Reply::Trained {
+                        upload: tr.upload,
+                        loss_sum: tr.loss_sum,
+                        samples: tr.samples,
+                        tokens: tr.tokens + prep,
+                        batches: tr.batches,
+                    },
+                    Some(tr.state),
+                )
+            }
+        }
+    }
 }
 
 /// A client's round-0 state, the layer importance it reports (when asked) and the

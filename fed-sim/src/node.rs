@@ -177,8 +177,10 @@ impl Node {
     }
 
     /// Round 0: the client's scoring pass (once; asked again, the saved answer) and
-    /// its layer report.
-    pub fn report(&mut self) -> Result<LayerReport> {
+    /// its layer report; with the last round the client trained in (0: none) and
+    /// whether it has its global layers, which a server compares with its own record
+    /// when a node claims the client.
+    pub fn report(&mut self) -> Result<(LayerReport, usize, bool)> {
         let _lock = self.lock()?;
         let progress = if let Some((_, progress, _)) = self.load_saved()? {
             progress
@@ -193,14 +195,16 @@ impl Node {
             progress
         };
         let (train, test) = self.engine.client_sizes(self.k).unwrap_or_default();
-        Ok(LayerReport {
+        let (round, set_up) = (progress.round, progress.gal.is_some());
+        let report = LayerReport {
             client: self.k,
             train,
             test,
             importance: progress.importance,
             tokens: progress.report_tokens,
             layers: self.engine.layers(),
-        })
+        };
+        Ok((report, round, set_up))
     }
 
     /// Round 0, once the server chose the global layers `gal`: the pruning mask (with
@@ -310,15 +314,6 @@ impl Node {
             self.check_global(global, gal)?;
         }
         self.engine.evaluate_client(self.k, &state, global)
-    }
-
-    /// The last round the client trained in (0: none) and whether it has its global
-    /// layers: what a server compares with its own record when a node claims the client.
-    pub fn progress(&self) -> Result<(usize, bool)> {
-        let _lock = self.lock()?;
-        Ok(self
-            .load_saved()?
-            .map_or((0, false), |(_, p, _)| (p.round, p.gal.is_some())))
     }
 
     /// The client's training and test examples.

@@ -227,6 +227,34 @@ pub fn gather(
     Ok(g)
 }
 
+/// Round t's replies gathered ([`gather`]) and aggregated into `global`; with the
+/// round's download bytes: the global tensors before aggregation to every selected
+/// client with data, even those that fail later (nothing when nothing is global, not
+/// even an empty message).
+pub fn settle(
+    t: usize,
+    sim: Simulation,
+    aggregator: &mut dyn Aggregator,
+    global: &mut Tensors,
+    draw: &Draw,
+    replies: Vec<(usize, Reply)>,
+    n_train: impl Fn(usize) -> usize,
+) -> Result<(Gathered, u64)> {
+    let down_bytes = if global.is_empty() {
+        0
+    } else {
+        message_bytes(global)?
+    };
+    let g = gather(t, sim, down_bytes, replies, n_train)?;
+    if !g.updates.is_empty() && !global.is_empty() {
+        *global = aggregator
+            .aggregate(global, &g.updates)
+            .with_context(|| format!("round {t}: aggregation"))?;
+    }
+    let down = down_bytes * (draw.selected.len() - draw.empty.len()) as u64;
+    Ok((g, down))
+}
+
 /// Personalised accuracy, mean loss over finite outputs and the non-finite count,
 /// from every client's evaluation counts and test size, added up in client order.
 pub fn combine_evaluations(per_client: &[(EvalCounts, usize)]) -> Result<(f64, f64, usize)> {
@@ -507,22 +535,16 @@ impl Federation {
                 draw.active
             );
         }
-        let down_bytes = if self.global.is_empty() {
-            0
-        } else {
-            message_bytes(&self.global)?
-        };
         let sizes = &self.sizes;
-        let g = gather(t, self.config.simulation, down_bytes, replies, |k| {
-            sizes[k].0
-        })?;
-        if !g.updates.is_empty() && !self.global.is_empty() {
-            self.global = self
-                .aggregator
-                .aggregate(&self.global, &g.updates)
-                .with_context(|| format!("round {t}: aggregation"))?;
-        }
-        let down = down_bytes * (draw.selected.len() - draw.empty.len()) as u64;
+        let (g, down) = settle(
+            t,
+            self.config.simulation,
+            self.aggregator.as_mut(),
+            &mut self.global,
+            &draw,
+            replies,
+            |k| sizes[k].0,
+        )?;
         self.open = Some(OpenRound { t, draw, g, down });
         Ok(&self.global)
     }

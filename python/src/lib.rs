@@ -183,12 +183,7 @@ impl Node {
     /// what a server checks: config_digest, data_digest, round (the last it trained
     /// in) and set_up (whether it has its global layers).
     fn report_json(&mut self, py: Python<'_>) -> PyResult<String> {
-        let (r, (round, set_up)) = py
-            .detach(|| {
-                let r = self.inner.report()?;
-                Ok((r, self.inner.progress()?))
-            })
-            .map_err(|e: anyhow::Error| py_err(&e))?;
+        let (r, round, set_up) = py.detach(|| self.inner.report()).map_err(|e| py_err(&e))?;
         Ok(json!({
             "data_digest": self.inner.data_digest(),
             "round": round,

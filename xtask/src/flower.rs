@@ -228,25 +228,10 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
     }
     let wheel = build_wheel(&python, &root)?;
     // The Flower App's SuperLink and SuperNodes run their apps with this Python.
-    let status = run_quietly(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--force-reinstall",
-                "--no-deps",
-            ])
-            .arg(&wheel),
+    pip_install(
+        &python,
+        &["--force-reinstall", "--no-deps", &wheel.to_string_lossy()],
     )?;
-    if !status.success() {
-        bail!(
-            "pip could not install {} into the flwr venv",
-            wheel.display()
-        );
-    }
     let fresh = fresh_venv(&root.join("target/flower-e2e"), &wheel)?;
     let mut cmd = cargo();
     cmd.args([

@@ -114,33 +114,11 @@ impl Engine {
         } else {
             0
         };
-        Ok(
-            match self
-                .trainer()
-                .train(k, t, data, base.clone(), global, gal)?
-            {
-                Outcome::Diverged(why, tokens) => (
-                    Reply::Diverged {
-                        why,
-                        tokens: tokens + prep,
-                    },
-                    prepared.then_some(base),
-                ),
-                Outcome::Trained(tr) => {
-                    let tr = *tr;
-                    (
-                        Reply::Trained {
-                            upload: tr.upload,
-                            loss_sum: tr.loss_sum,
-                            samples: tr.samples,
-                            tokens: tr.tokens + prep,
-                            batches: tr.batches,
-                        },
-                        Some(tr.state),
-                    )
-                }
-            },
-        )
+        let (reply, trained) = self
+            .trainer()
+            .train(k, t, data, base.clone(), global, gal)?
+            .into_reply(prep);
+        Ok((reply, trained.or_else(|| prepared.then_some(base))))
     }
 
     /// Client k's round-0 step once the global layers `gal` are known, as the engine
