@@ -278,6 +278,27 @@ def ratio(a, b):
     return None if a is None or b is None or b <= 0 else a / b
 
 
+def our_check_passed(o):
+    """Our row's checks: the cut shape against the f64 reference and the timed run
+    against the Gram identity (gpu-bench writes null for a non-finite error and
+    "check": "failed" for any failure)."""
+    tol = TF32_TOL if o["mode"] == "tf32" else FP32_TOL
+    errs = [o.get("rel_err"), o.get("timed_err", 0.0)]
+    return o.get("check", "ok") == "ok" and all(e is not None and e <= tol for e in errs)
+
+
+def fmt_err(e):
+    return "not finite" if e is None else f"{e:.2e}"
+
+
+def max_err(errs):
+    if not errs:
+        return "-"
+    if any(e is None for e in errs):
+        return "not finite"
+    return f"{max(errs):.1e}"
+
+
 def table(args):
     with open(args.ours) as f:
         ours = json.load(f)
@@ -289,6 +310,9 @@ def table(args):
         f"Ceilings measured in this run: fp32 GEMM {c['fp32_flops'] / 1e12:.1f} TFLOP/s, "
         f"tf32 GEMM {c['tf32_flops'] / 1e12:.1f} TFLOP/s, copy {c['copy_bytes_per_s'] / 1e9:,.0f} GB/s.",
         f"Ours: {ours['timing']}; PyTorch: {theirs['timing']}. Times are medians in µs.",
+        f"Our kernels: NVRTC {ours.get('nvrtc', '?')}, driver CUDA {ours.get('driver', '?')}, "
+        f"loaded as {ours.get('binary', '?')}, resident blocks per SM (m8, m16, m64, tf32) "
+        f"{ours.get('occupancy', '?')}.",
         "floor = max(FLOPs / GEMM rate, bytes / copy bandwidth); best fp32 = the faster of "
         "PyTorch's bmm and vmap(grad) in fp32 (ghost gives S only, no F).",
         "",
@@ -311,10 +335,13 @@ def table(args):
         o32 = mine.get((kind, shape, "fp32"))
         o_tf = mine.get((kind, shape, "tf32"))
         for o in (o32, o_tf):
-            if o is not None:
-                tol = TF32_TOL if o["mode"] == "tf32" else FP32_TOL
-                if not o["rel_err"] <= tol:
-                    bad.append(f"ours {o['mode']} at {kind} {list(shape)}: rel err {o['rel_err']:.2e}")
+            if o is not None and not our_check_passed(o):
+                bad.append(
+                    f"ours {o['mode']} at {kind} {list(shape)}: rel err {fmt_err(o.get('rel_err'))}, "
+                    f"timed run {fmt_err(o.get('timed_err'))}, "
+                    f"timed runs differing from the first: {o.get('runs_differing', 0)}"
+                    + (f", error: {o['error']}" if o.get("error") else "")
+                )
         us32 = o32["median_us"] if o32 else None
         us_tf = o_tf["median_us"] if o_tf else None
         fp32_paths = [p.get("bmm_fp32"), p.get("vmap_grad_fp32")]
@@ -322,7 +349,14 @@ def table(args):
         flops, nbytes = work(kind, shape)
         floor32 = max(flops / c["fp32_flops"], nbytes / c["copy_bytes_per_s"]) * 1e6
         floor_tf = max(flops / c["tf32_flops"], nbytes / c["copy_bytes_per_s"]) * 1e6
-        errs = [o["rel_err"] for o in (o32, o_tf) if o is not None]
+        # timed_err is absent from JSON written before gpu-bench checked its timed runs.
+        errs = [
+            o[key]
+            for o in (o32, o_tf)
+            if o is not None
+            for key in ("rel_err", "timed_err")
+            if key in o
+        ]
         lines.append(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 kind,
@@ -339,9 +373,14 @@ def table(args):
                 fmt(ratio(us32, floor32), 2),
                 fmt(floor_tf),
                 fmt(ratio(us_tf, floor_tf), 2),
-                f"{max(errs):.1e}" if errs else "-",
+                max_err(errs),
             )
         )
+    # Our rows without a PyTorch row were not in the table: their checks still count.
+    theirs_keys = {(r["kind"], tuple(r["shape"])) for r in theirs["rows"]}
+    for (kind, shape, mode), o in mine.items():
+        if (kind, shape) not in theirs_keys and not our_check_passed(o):
+            bad.append(f"ours {mode} at {kind} {list(shape)} (no PyTorch row): check failed")
     if bad:
         lines += ["", "CORRECTNESS FAILURES (their timings mean nothing):"] + bad
     print("\n".join(lines))
@@ -394,7 +433,17 @@ def selftest(_args):
             with open(path, "w") as f:
                 json.dump(obj, f)
         assert table(argparse.Namespace(ours=po, torch=pt)) == 0
-    print("selftest: ok (CPU paths agree with float64; the table renders)")
+        ours["rows"][0]["timed_err"] = 2e-7
+        with open(po, "w") as f:
+            json.dump(ours, f)
+        assert table(argparse.Namespace(ours=po, torch=pt)) == 0
+        # A failed check (a non-finite error is null in gpu-bench's JSON) is flagged,
+        # not a crash.
+        ours["rows"][0].update({"rel_err": None, "timed_err": 3e-2, "check": "failed"})
+        with open(po, "w") as f:
+            json.dump(ours, f)
+        assert table(argparse.Namespace(ours=po, torch=pt)) == 1
+    print("selftest: ok (CPU paths agree with float64; the table renders and flags failures)")
     return 0
 
 

@@ -16,7 +16,7 @@ use fibecfed_kernels::reference::{DenseData, LoraData, MaskKind, SplitMix64};
 use fibecfed_kernels::{DenseShape, GpuFisher, LoraShape, Mode};
 
 fn device_time(gpu: &GpuFisher, iters: u64, mut run: impl FnMut()) -> Duration {
-    let us = gpu
+    let (us, _clock) = gpu
         .time_us(|| {
             for _ in 0..iters {
                 run();

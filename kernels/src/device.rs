@@ -1,48 +1,67 @@
 //! The device side: finding a usable GPU, compiling the CUDA sources once per process
 //! with NVRTC, uploading a site's batch and launching the kernels.
 //!
+//! A site is at most two launches: the LoRA projections x·Aᵀ and δ·B when the caller
+//! has none (`project_pair`, both in one grid), then one site kernel (`sq_site_*`) for
+//! both factors, which reads the sample lengths from the mask itself and sums its
+//! partials in the blocks that finish last (cuda/site.cu). The grid is planned from the
+//! kernel's occupancy so that it runs in one wave.
+//!
 //! Every driver call's result is checked and turned into a [`KernelError`]; launches
 //! report configuration errors at once and faults at the next synchronisation, which
 //! every read-back does before it returns.
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, cudaError_enum};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use crate::shape::{DenseInputs, DenseShape, DenseSquares, LoraInputs, LoraShape, LoraSquares};
 use crate::{KernelError, Mode, ShapeError};
 
 /// The CUDA C sources, compiled together as one program. `common.cuh` goes first: NVRTC
-/// gets no include path, so the shared helpers are prepended rather than `#include`d.
-const SOURCES: [&str; 4] = [
+/// gets no include path, so the shared helpers are prepended rather than `#include`d;
+/// `site.cu` last, as it instantiates the tiles of the two files before it.
+const SOURCES: [&str; 5] = [
     include_str!("../cuda/common.cuh"),
-    include_str!("../cuda/reduce.cu"),
+    include_str!("../cuda/project.cu"),
     include_str!("../cuda/sq_gemm.cu"),
     include_str!("../cuda/sq_gemm_tf32.cu"),
+    include_str!("../cuda/site.cu"),
 ];
 
-/// Every kernel the host launches; the NVRTC test checks that the PTX defines them all.
-pub const KERNEL_NAMES: [&str; 9] = [
-    "sample_lengths",
-    "project_rows",
-    "sum_tiles",
-    "sum_groups",
+/// Every kernel the host launches; the NVRTC test checks that each binary defines them all.
+pub const KERNEL_NAMES: [&str; 6] = [
+    "project_pair",
     "fill_f32",
-    "sq_gemm_f32_m8",
-    "sq_gemm_f32_m16",
-    "sq_gemm_f32_m64",
-    "sq_gemm_tf32",
+    "sq_site_f32_m8",
+    "sq_site_f32_m16",
+    "sq_site_f32_m64",
+    "sq_site_tf32",
 ];
 
-/// PTX per virtual architecture: NVRTC takes a second or more, so each process compiles
-/// once per architecture and every [`GpuFisher`] (one per context) loads the cached text.
-static PTX_CACHE: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+/// Compiled binaries per target (`sm_90`, `compute_90`, …): NVRTC takes a second or
+/// more, so each process compiles once per target and every [`GpuFisher`] (one per
+/// context) loads the cached bytes.
+static BINARY_CACHE: Mutex<Vec<(String, Compiled)>> = Mutex::new(Vec::new());
+
+/// What NVRTC made of the sources for one target.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The PTX text (for a `compute_XY` target) or the CUBIN (for `sm_XY`).
+    pub bytes: Vec<u8>,
+    /// NVRTC's log; for an `sm_XY` target it holds ptxas's resource report (registers,
+    /// shared memory, spills) per kernel.
+    pub log: String,
+}
 
 /// Runs a closure that calls into cudarc, turning a panic (cudarc panics on a missing
 /// library or symbol) into an error the caller can fall back on.
@@ -73,41 +92,138 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// The PTX of all kernels for a virtual architecture such as `compute_90`, compiled by
-/// NVRTC on first use and cached for the process. Needs NVRTC but no GPU and no driver,
-/// so it also checks the sources on machines without a GPU.
-pub fn compile_ptx(arch: &str) -> Result<String, KernelError> {
+/// NVRTC's version as "13.0", or why it is unknown.
+pub fn nvrtc_version() -> String {
+    if !nvrtc_present() {
+        return "absent".to_owned();
+    }
+    let (mut major, mut minor) = (0, 0);
+    let r = guarded("reading the NVRTC version", || {
+        // SAFETY: nvrtcVersion writes two ints through the pointers, which are valid.
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&raw mut major, &raw mut minor) };
+        Ok(status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS)
+    });
+    match r {
+        Ok(true) => format!("{major}.{minor}"),
+        Ok(false) => "unknown (nvrtcVersion failed)".to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// The CUDA version the driver supports, as "13.0", or why it is unknown.
+pub fn driver_version() -> String {
+    if !driver_present() {
+        return "absent".to_owned();
+    }
+    let mut v = 0;
+    let r = guarded("reading the driver version", || {
+        // SAFETY: cuDriverGetVersion writes one int through the pointer, which is valid;
+        // it needs no cuInit.
+        let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&raw mut v) };
+        Ok(status == cudaError_enum::CUDA_SUCCESS)
+    });
+    match r {
+        Ok(true) => format!("{}.{}", v / 1000, (v % 1000) / 10),
+        Ok(false) => "unknown (cuDriverGetVersion failed)".to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// The kernels compiled by NVRTC for `target`: a virtual architecture such as
+/// `compute_90` gives PTX, a real one such as `sm_90` a CUBIN (with ptxas's resource
+/// report in the log). Cached for the process. Needs NVRTC but no GPU and no driver, so
+/// it also checks the sources on machines without a GPU.
+pub fn compile(target: &str) -> Result<Compiled, KernelError> {
     {
-        let cache = PTX_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, ptx)) = cache.iter().find(|(a, _)| a == arch) {
-            return Ok(ptx.clone());
+        let cache = BINARY_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, c)) = cache.iter().find(|(t, _)| t == target) {
+            return Ok(c.clone());
         }
     }
     if !nvrtc_present() {
         return Err(KernelError::NoNvrtc);
     }
-    let source = SOURCES.concat();
-    let ptx = guarded("compiling with NVRTC", || {
-        let options = CompileOptions {
-            options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-            name: Some("fibecfed_squares.cu".into()),
-            ..CompileOptions::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(&source, options).map_err(|e| {
-            let log = match &e {
-                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                other => other.to_string(),
-            };
-            KernelError::Compile {
-                arch: arch.to_owned(),
-                log,
+    let cubin = target.starts_with("sm_");
+    let compiled = guarded("compiling with NVRTC", || nvrtc_compile(target, cubin))?;
+    let mut cache = BINARY_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    cache.push((target.to_owned(), compiled.clone()));
+    Ok(compiled)
+}
+
+/// The PTX text for a virtual architecture such as `compute_90` (see [`compile`]).
+pub fn compile_ptx(arch: &str) -> Result<String, KernelError> {
+    let c = compile(arch)?;
+    Ok(String::from_utf8_lossy(&c.bytes)
+        .trim_end_matches('\0')
+        .to_owned())
+}
+
+/// An NVRTC program, destroyed however `nvrtc_compile` ends (a panic of cudarc's on a
+/// symbol an old NVRTC lacks included).
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: made by create_program in `nvrtc_compile`, destroyed only here.
+        let _ = unsafe { cudarc::nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+fn nvrtc_compile(target: &str, cubin: bool) -> Result<Compiled, KernelError> {
+    use cudarc::nvrtc::{result, sys};
+    let fail = |log: String| KernelError::Compile {
+        arch: target.to_owned(),
+        log,
+    };
+    let source = std::ffi::CString::new(SOURCES.concat())
+        .map_err(|_| fail("a NUL byte in the sources".to_owned()))?;
+    let name = c"fibecfed_squares.cu";
+    let prog = result::create_program(&source, Some(name)).map_err(|e| fail(e.to_string()))?;
+    let program = Program(prog);
+    let mut options = vec![format!("--gpu-architecture={target}"), "--std=c++17".into()];
+    if cubin {
+        // ptxas's report (registers, shared memory, spills per kernel) into the log.
+        options.push("--ptxas-options=-v".into());
+    }
+    // SAFETY: `program.0` is a live program (destroyed by the guard, after this block);
+    // every buffer handed to NVRTC is sized by the matching *Size call.
+    unsafe {
+        let prog = program.0;
+        let compiled = result::compile_program(prog, &options);
+        let log = result::get_program_log(prog)
+            .map(|raw| {
+                let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+                std::ffi::CStr::from_bytes_until_nul(&bytes).map_or_else(
+                    |_| String::from_utf8_lossy(&bytes).into_owned(),
+                    |c| c.to_string_lossy().into_owned(),
+                )
+            })
+            .unwrap_or_default();
+        let bytes = match compiled {
+            Err(e) => Err(fail(format!("{e}: {log}"))),
+            Ok(()) if cubin => {
+                let mut size = 0usize;
+                let mut bytes = Vec::new();
+                if sys::nvrtcGetCUBINSize(prog, &raw mut size) == sys::nvrtcResult::NVRTC_SUCCESS {
+                    bytes = vec![0u8; size];
+                    if sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr().cast())
+                        != sys::nvrtcResult::NVRTC_SUCCESS
+                    {
+                        bytes.clear();
+                    }
+                }
+                if bytes.is_empty() {
+                    Err(fail("NVRTC compiled but gave no CUBIN".to_owned()))
+                } else {
+                    Ok(bytes)
+                }
             }
-        })?;
-        Ok(ptx.to_src())
-    })?;
-    let mut cache = PTX_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
-    cache.push((arch.to_owned(), ptx.clone()));
-    Ok(ptx)
+            Ok(()) => result::get_ptx(prog)
+                .map(|raw| raw.iter().map(|&c| c as u8).collect())
+                .map_err(|e| fail(e.to_string())),
+        };
+        bytes.map(|bytes| Compiled { bytes, log })
+    }
 }
 
 /// How per-sample products are formed on the device.
@@ -142,23 +258,144 @@ impl Tile {
             Self::Tf32 => (64, 64, 128),
         }
     }
+
+    fn index(self) -> usize {
+        match self {
+            Self::M8 => 0,
+            Self::M16 => 1,
+            Self::M64 => 2,
+            Self::Tf32 => 3,
+        }
+    }
 }
 
-/// The launch geometry of one product C_n = G_nᵀ·X_n (M × K) over a batch.
-#[derive(Debug, Clone, Copy)]
+/// The launch geometry of one product C_n = G_nᵀ·X_n (M × K) within a site launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
-    tile: Tile,
     tiles_m: usize,
     tiles_k: usize,
+    /// Sample groups: the batch split evenly (sizes differ by at most one).
     groups: usize,
-    per_group: usize,
 }
 
 impl Plan {
     fn tiles(&self) -> usize {
         self.tiles_m * self.tiles_k
     }
+
+    fn blocks(&self) -> usize {
+        self.tiles() * self.groups
+    }
 }
+
+/// The most blocks one launch may have (gridDim.x of a 1-D grid, and the kernels'
+/// 32-bit block index).
+const MAX_BLOCKS: usize = i32::MAX as usize;
+
+/// The plans of a site's products (one or two, all with the same tile kind): groups
+/// chosen so that the grid fits the blocks the device holds at once (`resident`, from
+/// the kernel's occupancy), in one wave; `max_groups` caps them (tests use it to put
+/// several samples in each block).
+fn plan_site(
+    tile: Tile,
+    batch: usize,
+    products: &[(usize, usize)],
+    resident: usize,
+    max_groups: Option<usize>,
+) -> Result<Vec<Plan>, KernelError> {
+    let (bm, bk, _) = tile.dims();
+    let mut plans = Vec::with_capacity(products.len());
+    let mut tiles_total = 0usize;
+    for &(m, k) in products {
+        let (tiles_m, tiles_k) = (m.div_ceil(bm), k.div_ceil(bk));
+        let tiles = tiles_m
+            .checked_mul(tiles_k)
+            .filter(|&t| t <= MAX_BLOCKS)
+            .ok_or(KernelError::Shape(ShapeError::Grid {
+                rows: m,
+                cols: k,
+                tile_rows: bm,
+                tile_cols: bk,
+                tiles: tiles_m.saturating_mul(tiles_k),
+                limit: MAX_BLOCKS,
+            }))?;
+        tiles_total += tiles;
+        plans.push(Plan {
+            tiles_m,
+            tiles_k,
+            groups: 1,
+        });
+    }
+    // Every product's per-sample cost is about proportional to its tile count (same
+    // tile kind), so one group count for all splits the resident blocks by work. A site
+    // with more tiles than resident blocks runs in several waves of one group each.
+    let mut groups = (resident / tiles_total.max(1)).clamp(1, batch.max(1));
+    if let Some(cap) = max_groups {
+        groups = groups.min(cap.max(1));
+    }
+    // Fewer groups until the grid fits one launch.
+    while groups > 1 && tiles_total.saturating_mul(groups) > MAX_BLOCKS {
+        groups /= 2;
+    }
+    if tiles_total > MAX_BLOCKS {
+        let (m, k) = products[0];
+        return Err(KernelError::Shape(ShapeError::Grid {
+            rows: m,
+            cols: k,
+            tile_rows: bm,
+            tile_cols: bk,
+            tiles: tiles_total,
+            limit: MAX_BLOCKS,
+        }));
+    }
+    for p in &mut plans {
+        p.groups = groups;
+    }
+    Ok(plans)
+}
+
+/// One product of a site launch as the kernel reads it (`struct Product` in
+/// cuda/common.cuh): pointers first, then 32-bit fields, 88 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct ProductArgs {
+    g: u64,
+    x: u64,
+    s_part: u64,
+    f_part: u64,
+    s_out: u64,
+    f_out: u64,
+    tile_done: u64,
+    m: i32,
+    k: i32,
+    gscale: f32,
+    transpose: i32,
+    tiles_m: i32,
+    tiles_k: i32,
+    groups: i32,
+}
+
+/// A site launch's parameters (`struct Site` in cuda/common.cuh), 216 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SiteArgs {
+    p: [ProductArgs; 2],
+    mask: u64,
+    all_done: u64,
+    nprod: i32,
+    batch: i32,
+    seq_len: i32,
+    blocks0: i32,
+    blocks: i32,
+}
+
+// The CUDA side asserts the same sizes (static_assert in common.cuh).
+const _: () = assert!(std::mem::size_of::<ProductArgs>() == 88);
+const _: () = assert!(std::mem::size_of::<SiteArgs>() == 216);
+
+// SAFETY: plain #[repr(C)] data (integers, floats, device addresses) laid out exactly as
+// the kernels' `struct Site`, checked by the size assertions on both sides.
+unsafe impl DeviceRepr for SiteArgs {}
 
 /// One product to launch: G (rows × m) weighted by m_t²·gscale, X (rows × k); `transpose`
 /// writes the diagonal k × m.
@@ -171,23 +408,42 @@ struct Product<'a> {
     transpose: bool,
 }
 
-/// Device scratch for the per-tile and per-group partial sums.
+/// Device scratch of one product: per-(sample, tile) and per-group partial sums, and the
+/// per-tile counters of finished groups (zero between launches: the last block resets
+/// them).
 struct Scratch {
     s_part: CudaSlice<f32>,
     f_part: CudaSlice<f32>,
+    tile_done: CudaSlice<u32>,
+}
+
+/// Where a product's results go.
+struct Outputs<'a> {
+    scratch: &'a mut Scratch,
+    s_out: &'a mut CudaSlice<f32>,
+    f_out: &'a mut CudaSlice<f32>,
 }
 
 /// The loaded module's kernels.
 struct Kernels {
-    sample_lengths: CudaFunction,
-    project_rows: CudaFunction,
-    sum_tiles: CudaFunction,
-    sum_groups: CudaFunction,
+    project_pair: CudaFunction,
     fill: CudaFunction,
-    sq_m8: CudaFunction,
-    sq_m16: CudaFunction,
-    sq_m64: CudaFunction,
-    sq_tf32: CudaFunction,
+    /// Indexed by [`Tile::index`].
+    site: [CudaFunction; 4],
+}
+
+/// How the kernels came to be on the device, for logs and the bench's JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// NVRTC's version, e.g. "13.0".
+    pub nvrtc: String,
+    /// The CUDA version the driver supports, e.g. "13.0".
+    pub driver: String,
+    /// "CUBIN sm_90", or "PTX compute_90 (CUBIN: <why not>)".
+    pub binary: String,
+    /// Resident blocks per multiprocessor of each site kernel (m8, m16, m64, tf32), from
+    /// the driver's occupancy calculator.
+    pub occupancy: [usize; 4],
 }
 
 /// A GPU with the kernels loaded: the entry point of the GPU path.
@@ -202,8 +458,28 @@ pub struct GpuFisher {
     capability: (i32, i32),
     sms: usize,
     l2_bytes: usize,
+    build: BuildInfo,
     flush: Mutex<Option<CudaSlice<u8>>>,
+    reuse: Mutex<Reuse>,
+    /// Set once reading an event time has failed by a panic (a driver without
+    /// `cuEventElapsedTime_v2`): later timings use the host clock without trying again.
+    no_event_timing: AtomicBool,
 }
+
+/// What [`GpuFisher::lora_site`] keeps between calls, so that a Fisher pass (the same
+/// few site shapes over and over) neither allocates device memory nor copies from
+/// pageable host memory at every site: the jobs of the shapes seen last, and one pinned
+/// host buffer the inputs are staged through (pageable copies go through the driver's
+/// own bounce buffer and are synchronous; pinned ones are DMA at full link speed).
+#[derive(Default)]
+struct Reuse {
+    pinned: Option<PinnedHostSlice<f32>>,
+    jobs: Vec<LoraJob>,
+}
+
+/// Jobs kept by [`Reuse`]: a site's shapes differ by the batch (the last one is short)
+/// and by the projection's widths, so a handful covers a pass.
+const REUSED_JOBS: usize = 8;
 
 impl fmt::Debug for GpuFisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -212,12 +488,21 @@ impl fmt::Debug for GpuFisher {
             .field("ordinal", &self.ctx.ordinal())
             .field("capability", &self.capability)
             .field("multiprocessors", &self.sms)
+            .field("build", &self.build)
             .finish_non_exhaustive()
     }
 }
 
 fn is_no_device(e: DriverError) -> bool {
     e.0 == cudaError_enum::CUDA_ERROR_NO_DEVICE
+}
+
+/// The device address of a buffer, for the kernels' parameter block. Event tracking is
+/// off (one stream, see `load`), so the guard cudarc returns records nothing and may be
+/// dropped before the launch; with tracking on, the guards would have to outlive it.
+fn addr<T>(buf: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (ptr, _guard) = buf.device_ptr(stream);
+    ptr
 }
 
 impl GpuFisher {
@@ -261,6 +546,41 @@ impl GpuFisher {
         guarded("loading the kernels", || Self::load(ctx))
     }
 
+    /// The module: the CUBIN NVRTC builds for the device's own `sm_XY` (no JIT, and no
+    /// PTX version the driver may be too old for), else the PTX for `compute_XY`, which
+    /// the driver JIT-compiles (an NVRTC too old to know the architecture, say).
+    fn load_module(
+        ctx: &Arc<CudaContext>,
+        capability: (i32, i32),
+    ) -> Result<(Arc<cudarc::driver::CudaModule>, String), KernelError> {
+        let (major, minor) = capability;
+        let sm = format!("sm_{major}{minor}");
+        let cubin_failure = match compile(&sm) {
+            Ok(c) => match ctx.load_module(Ptx::from_binary(c.bytes)) {
+                Ok(module) => return Ok((module, format!("CUBIN {sm}"))),
+                Err(e) => format!("the driver refused it: {e}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        let arch = format!("compute_{major}{minor}");
+        let ptx_failure = match compile_ptx(&arch) {
+            Ok(ptx) => match ctx.load_module(Ptx::from_src(ptx)) {
+                Ok(module) => {
+                    return Ok((module, format!("PTX {arch} (CUBIN: {cubin_failure})")));
+                }
+                Err(e) => format!("the driver refused it: {e}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        Err(KernelError::NoBinary {
+            arch: sm,
+            cubin: cubin_failure,
+            ptx: ptx_failure,
+            nvrtc: nvrtc_version(),
+            driver: driver_version(),
+        })
+    }
+
     fn load(ctx: Arc<CudaContext>) -> Result<Self, KernelError> {
         let capability = ctx
             .compute_capability()
@@ -286,26 +606,38 @@ impl GpuFisher {
         // per-buffer events would only add driver calls to each allocation and launch.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let arch = format!("compute_{}{}", capability.0, capability.1);
-        let ptx = compile_ptx(&arch)?;
-        let module = ctx
-            .load_module(Ptx::from_src(ptx))
-            .map_err(KernelError::driver("loading the compiled kernels"))?;
+        let (module, binary) = Self::load_module(&ctx, capability)?;
         let f = |name: &str| {
             module
                 .load_function(name)
                 .map_err(KernelError::driver("finding a kernel in the module"))
         };
         let kernels = Kernels {
-            sample_lengths: f("sample_lengths")?,
-            project_rows: f("project_rows")?,
-            sum_tiles: f("sum_tiles")?,
-            sum_groups: f("sum_groups")?,
+            project_pair: f("project_pair")?,
             fill: f("fill_f32")?,
-            sq_m8: f("sq_gemm_f32_m8")?,
-            sq_m16: f("sq_gemm_f32_m16")?,
-            sq_m64: f("sq_gemm_f32_m64")?,
-            sq_tf32: f("sq_gemm_tf32")?,
+            site: [
+                f("sq_site_f32_m8")?,
+                f("sq_site_f32_m16")?,
+                f("sq_site_f32_m64")?,
+                f("sq_site_tf32")?,
+            ],
+        };
+        let mut occupancy = [1usize; 4];
+        for tile in [Tile::M8, Tile::M16, Tile::M64, Tile::Tf32] {
+            if tile == Tile::Tf32 && capability.0 < 8 {
+                continue;
+            }
+            let (_, _, threads) = tile.dims();
+            let blocks = kernels.site[tile.index()]
+                .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+                .map_err(KernelError::driver("reading a kernel's occupancy"))?;
+            occupancy[tile.index()] = (blocks as usize).max(1);
+        }
+        let build = BuildInfo {
+            nvrtc: nvrtc_version(),
+            driver: driver_version(),
+            binary,
+            occupancy,
         };
         Ok(Self {
             ctx,
@@ -315,7 +647,10 @@ impl GpuFisher {
             capability,
             sms,
             l2_bytes,
+            build,
             flush: Mutex::new(None),
+            reuse: Mutex::new(Reuse::default()),
+            no_event_timing: AtomicBool::new(false),
         })
     }
 
@@ -327,6 +662,11 @@ impl GpuFisher {
     /// Compute capability (major, minor).
     pub fn capability(&self) -> (i32, i32) {
         self.capability
+    }
+
+    /// NVRTC and driver versions, the binary loaded, the kernels' occupancy.
+    pub fn build_info(&self) -> &BuildInfo {
+        &self.build
     }
 
     /// Whether this device can run `mode` (tf32 needs compute capability 8.0 or later).
@@ -351,52 +691,42 @@ impl GpuFisher {
         }
     }
 
-    /// Launch geometry: blocks over tiles of C, and the batch split into groups so that
-    /// about four blocks per multiprocessor are in flight (LoRA factors have few tiles:
-    /// r × d_in of 8 × 384 is 3 tiles). Each group adds one M × K partial to the scratch,
-    /// summed in group order afterwards.
-    fn plan(&self, batch: usize, m: usize, k: usize, mode: Mode) -> Result<Plan, KernelError> {
-        const GRID_YZ: usize = 65_535;
-        let tile = Tile::pick(m, mode);
-        let (bm, bk, _) = tile.dims();
-        let (tiles_m, tiles_k) = (m.div_ceil(bm), k.div_ceil(bk));
-        if tiles_m > GRID_YZ {
-            return Err(KernelError::Shape(ShapeError::Grid {
-                rows: m,
-                tiles: tiles_m,
-                limit: GRID_YZ,
-            }));
-        }
-        let target = 4 * self.sms;
-        let wanted = target.div_ceil(tiles_m * tiles_k).clamp(1, batch.max(1));
-        let per_group = batch.div_ceil(wanted).max(batch.div_ceil(GRID_YZ)).max(1);
-        let groups = batch.div_ceil(per_group).max(1);
-        Ok(Plan {
-            tile,
-            tiles_m,
-            tiles_k,
-            groups,
-            per_group,
-        })
+    /// Blocks of `tile`'s kernel the whole device holds at once.
+    fn resident(&self, tile: Tile) -> usize {
+        self.build.occupancy[tile.index()] * self.sms
     }
 
-    /// Scratch sizes (s_part, f_part) that cover `products` in both modes.
-    fn scratch_len(
+    /// Scratch for `products` ((m, k, transpose) each) sized for the plans of both modes.
+    fn scratch_for(
         &self,
         batch: usize,
-        products: &[(usize, usize, bool)],
-    ) -> Result<(usize, usize), KernelError> {
-        let (mut s, mut f) = (1, 1);
-        for &(m, k, transpose) in products {
-            for mode in [Mode::Fp32, Mode::Tf32] {
-                let p = self.plan(batch, m, k, mode)?;
-                s = s.max(batch * p.tiles());
-                if p.groups > 1 || transpose {
-                    f = f.max(p.groups * m * k);
+        products: &[(usize, usize)],
+        max_groups: Option<usize>,
+    ) -> Result<Vec<Scratch>, KernelError> {
+        let mut sizes = vec![(1usize, 1usize, 1usize); products.len()];
+        for mode in [Mode::Fp32, Mode::Tf32] {
+            let tile = Tile::pick(products[0].0, mode);
+            let plans = plan_site(tile, batch, products, self.resident(tile), max_groups)?;
+            for ((s, f, t), (plan, &(m, k))) in sizes.iter_mut().zip(plans.iter().zip(products)) {
+                if plan.tiles() > 1 {
+                    *s = (*s).max(batch * plan.tiles());
                 }
+                if plan.groups > 1 {
+                    *f = (*f).max(plan.groups * m * k);
+                }
+                *t = (*t).max(plan.tiles());
             }
         }
-        Ok((s, f))
+        sizes
+            .into_iter()
+            .map(|(s, f, t)| {
+                Ok(Scratch {
+                    s_part: self.zeros(s)?,
+                    f_part: self.zeros(f)?,
+                    tile_done: self.zeros(t)?,
+                })
+            })
+            .collect()
     }
 
     fn upload(&self, data: &[f32], what: &'static str) -> Result<CudaSlice<f32>, KernelError> {
@@ -414,13 +744,6 @@ impl GpuFisher {
             .map_err(KernelError::driver("allocating device memory"))
     }
 
-    fn scratch(&self, lens: (usize, usize)) -> Result<Scratch, KernelError> {
-        Ok(Scratch {
-            s_part: self.zeros(lens.0)?,
-            f_part: self.zeros(lens.1)?,
-        })
-    }
-
     fn fill(&self, buf: &mut CudaSlice<f32>, value: f32) -> Result<(), KernelError> {
         let n = buf.len() as i64;
         let cfg = LaunchConfig {
@@ -436,175 +759,132 @@ impl GpuFisher {
             .map_err(KernelError::driver("launching fill_f32"))
     }
 
-    fn sample_lengths(
-        &self,
-        mask: &CudaSlice<f32>,
-        batch: usize,
-        seq_len: usize,
-        lens: &mut CudaSlice<i32>,
-    ) -> Result<(), KernelError> {
-        let (b_, t_) = (batch as i32, seq_len as i32);
+    /// u = x·Aᵀ and δ·B (rows × rank each) in one launch.
+    fn project_pair(&self, job: &mut LoraJob) -> Result<(), KernelError> {
+        let s = job.shape;
+        let rows = s.rows()?;
+        let row_blocks = rows.div_ceil(16);
+        let (d_in, d_out, rows_, rank, rb) = (
+            s.d_in as i32,
+            s.d_out as i32,
+            rows as i32,
+            s.rank as i32,
+            row_blocks as i32,
+        );
         let cfg = LaunchConfig {
-            grid_dim: (batch as u32, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.kernels.sample_lengths);
-        b.arg(mask).arg(&b_).arg(&t_).arg(&mut *lens);
-        // SAFETY: sample_lengths(const float* mask, int batch, int seq_len, int* lens) reads
-        // batch·seq_len mask entries and writes batch lengths; both buffers have those sizes.
-        unsafe { b.launch(cfg) }
-            .map(drop)
-            .map_err(KernelError::driver("launching sample_lengths"))
-    }
-
-    /// out (rows × rank) = y (rows × d) · Wᵀ with W's element (j, k) at
-    /// w[j·rank_stride + k·col_stride].
-    fn project(
-        &self,
-        y: &CudaSlice<f32>,
-        rows: usize,
-        d: usize,
-        w: &CudaSlice<f32>,
-        strides: (usize, usize),
-        rank: usize,
-        mask: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        let (rows_, d_, rank_) = (rows as i32, d as i32, rank as i32);
-        let (rs, cs) = (strides.0 as i64, strides.1 as i64);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(16) as u32, 1, 1),
+            grid_dim: ((2 * row_blocks) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.kernels.project_rows);
-        b.arg(y)
+        let mut b = self.stream.launch_builder(&self.kernels.project_pair);
+        b.arg(&job.x)
+            .arg(&d_in)
+            .arg(&job.a)
+            .arg(&job.delta)
+            .arg(&d_out)
+            .arg(&job.b)
             .arg(&rows_)
-            .arg(&d_)
-            .arg(w)
-            .arg(&rs)
-            .arg(&cs)
-            .arg(&rank_)
-            .arg(mask)
-            .arg(&mut *out);
-        // SAFETY: project_rows(const float* y, int rows, int d, const float* w, long long,
-        // long long, int rank, const float* mask, float* out): y holds rows·d floats, w
-        // rank·d reachable through the strides (checked by the callers' shapes), mask rows,
-        // out rows·rank.
+            .arg(&rank)
+            .arg(&job.mask)
+            .arg(&rb)
+            .arg(&mut job.u)
+            .arg(&mut job.db);
+        // SAFETY: project_pair(const float* x, int d_in, const float* a, const float*
+        // delta, int d_out, const float* b, int rows, int rank, const float* mask,
+        // int row_blocks, float* u, float* db): x holds rows·d_in floats, delta
+        // rows·d_out, a rank·d_in, b d_out·rank, mask rows, u and db rows·rank (the
+        // job's shapes, checked when it was made); 2·row_blocks blocks of 16 rows.
+        // rows < 2^31 - 128 (shape checks), so 2·row_blocks fits the grid.
         unsafe { b.launch(cfg) }
             .map(drop)
-            .map_err(KernelError::driver("launching project_rows"))
+            .map_err(KernelError::driver("launching project_pair"))
     }
 
-    /// Launches one product's square kernel and its fixed-order reductions into s_out
-    /// (batch) and f_out (M·K, transposed if asked).
-    fn product(
+    /// Launches the site kernel for one or two products that share a tile kind.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_site(
         &self,
-        p: &Product<'_>,
+        products: &[Product<'_>],
+        outputs: &mut [Outputs<'_>],
         mask: &CudaSlice<f32>,
-        lens: &CudaSlice<i32>,
+        all_done: &CudaSlice<u32>,
         batch: usize,
         seq_len: usize,
         mode: Mode,
-        scratch: &mut Scratch,
-        s_out: &mut CudaSlice<f32>,
-        f_out: &mut CudaSlice<f32>,
+        max_groups: Option<usize>,
     ) -> Result<(), KernelError> {
-        let plan = self.plan(batch, p.m, p.k, mode)?;
-        let direct = plan.groups == 1 && !p.transpose;
-        let (_, _, threads) = plan.tile.dims();
-        let func = match plan.tile {
-            Tile::M8 => &self.kernels.sq_m8,
-            Tile::M16 => &self.kernels.sq_m16,
-            Tile::M64 => &self.kernels.sq_m64,
-            Tile::Tf32 => &self.kernels.sq_tf32,
+        let tile = Tile::pick(products[0].m, mode);
+        let shapes: Vec<(usize, usize)> = products.iter().map(|p| (p.m, p.k)).collect();
+        let plans = plan_site(tile, batch, &shapes, self.resident(tile), max_groups)?;
+        let st = &*self.stream;
+        let mut args = SiteArgs {
+            mask: addr(mask, st),
+            nprod: products.len() as i32,
+            batch: batch as i32,
+            seq_len: seq_len as i32,
+            ..SiteArgs::default()
         };
-        let tiles = plan.tiles();
-        debug_assert!(scratch.s_part.len() >= batch * tiles);
-        debug_assert!(direct || scratch.f_part.len() >= plan.groups * p.m * p.k);
-        let (m_, k_, b_, t_, pg_) = (
-            p.m as i32,
-            p.k as i32,
-            batch as i32,
-            seq_len as i32,
-            plan.per_group as i32,
-        );
-        let gscale = p.gscale;
+        let mut blocks = 0usize;
+        let mut any_tiled = false;
+        for (i, ((p, plan), out)) in products.iter().zip(&plans).zip(outputs.iter()).enumerate() {
+            debug_assert!(plan.tiles() == 1 || out.scratch.s_part.len() >= batch * plan.tiles());
+            debug_assert!(plan.groups == 1 || out.scratch.f_part.len() >= plan.groups * p.m * p.k);
+            debug_assert!(out.scratch.tile_done.len() >= plan.tiles());
+            any_tiled |= plan.tiles() > 1;
+            args.p[i] = ProductArgs {
+                g: addr(p.g, st),
+                x: addr(p.x, st),
+                s_part: addr(&out.scratch.s_part, st),
+                f_part: addr(&out.scratch.f_part, st),
+                s_out: addr(out.s_out, st),
+                f_out: addr(out.f_out, st),
+                tile_done: addr(&out.scratch.tile_done, st),
+                m: p.m as i32,
+                k: p.k as i32,
+                gscale: p.gscale,
+                transpose: i32::from(p.transpose),
+                tiles_m: plan.tiles_m as i32,
+                tiles_k: plan.tiles_k as i32,
+                groups: plan.groups as i32,
+            };
+            if i == 0 {
+                args.blocks0 = plan.blocks() as i32;
+            }
+            blocks += plan.blocks();
+        }
+        if blocks > MAX_BLOCKS {
+            let (m, k) = shapes[0];
+            let (bm, bk, _) = tile.dims();
+            return Err(KernelError::Shape(ShapeError::Grid {
+                rows: m,
+                cols: k,
+                tile_rows: bm,
+                tile_cols: bk,
+                tiles: plans.iter().map(Plan::tiles).sum(),
+                limit: MAX_BLOCKS,
+            }));
+        }
+        args.blocks = blocks as i32;
+        args.all_done = if any_tiled { addr(all_done, st) } else { 0 };
+        let (_, _, threads) = tile.dims();
         let cfg = LaunchConfig {
-            grid_dim: (plan.tiles_k as u32, plan.tiles_m as u32, plan.groups as u32),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        {
-            let f_target = if direct {
-                &mut *f_out
-            } else {
-                &mut scratch.f_part
-            };
-            let mut b = self.stream.launch_builder(func);
-            b.arg(p.g)
-                .arg(&m_)
-                .arg(p.x)
-                .arg(&k_)
-                .arg(mask)
-                .arg(lens)
-                .arg(&b_)
-                .arg(&t_)
-                .arg(&gscale)
-                .arg(&pg_)
-                .arg(&mut scratch.s_part)
-                .arg(f_target);
-            // SAFETY: the sq_gemm_* signature is (const float* g, int M, const float* x,
-            // int K, const float* mask, const int* lens, int batch, int seq_len,
-            // float gscale, int samples_per_group, float* s_part, float* f_part). g holds
-            // batch·seq_len·M floats and x batch·seq_len·K (the job's shapes), mask and
-            // lens batch·seq_len and batch; s_part ≥ batch·tiles and f_part ≥ groups·M·K
-            // (scratch sized by `scratch_len` from the same plan, or f_out of M·K when
-            // there is one group). Blocks write disjoint entries of both.
-            unsafe { b.launch(cfg) }
-                .map(drop)
-                .map_err(KernelError::driver("launching a square kernel"))?;
-        }
-        let tiles_ = tiles as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (batch as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&self.kernels.sum_tiles);
-        b.arg(&scratch.s_part)
-            .arg(&b_)
-            .arg(&tiles_)
-            .arg(&mut *s_out);
-        // SAFETY: sum_tiles(const float* s_part, int batch, int tiles, float* s) reads
-        // batch·tiles partials (written above) and writes batch sums; s_out has batch.
+        let mut b = self.stream.launch_builder(&self.kernels.site[tile.index()]);
+        b.arg(&args);
+        // SAFETY: sq_site_*(const Site s) reads the parameter block laid out as SiteArgs
+        // (sizes asserted on both sides). Every address in it is a live buffer of this
+        // job, which outlives the launch (read-backs synchronise before the job can be
+        // dropped): g and x hold batch·seq_len·M and ·K floats (the job's shapes), mask
+        // batch·seq_len; s_part ≥ batch·tiles and f_part ≥ groups·M·K when used, and
+        // tile_done ≥ tiles counters (scratch sized by `scratch_for` from the same
+        // plans); s_out has batch entries and f_out M·K. The blocks write disjoint
+        // entries; the counters are only touched atomically, and reset by the last block.
         unsafe { b.launch(cfg) }
             .map(drop)
-            .map_err(KernelError::driver("launching sum_tiles"))?;
-        if !direct {
-            let mk = p.m * p.k;
-            let (groups_, transpose_) = (plan.groups as i32, i32::from(p.transpose));
-            let cfg = LaunchConfig {
-                grid_dim: (mk.div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = self.stream.launch_builder(&self.kernels.sum_groups);
-            b.arg(&scratch.f_part)
-                .arg(&groups_)
-                .arg(&m_)
-                .arg(&k_)
-                .arg(&transpose_)
-                .arg(&mut *f_out);
-            // SAFETY: sum_groups(const float* f_part, int groups, int M, int K,
-            // int transpose, float* f) reads groups·M·K partials and writes M·K entries;
-            // f_out has M·K.
-            unsafe { b.launch(cfg) }
-                .map(drop)
-                .map_err(KernelError::driver("launching sum_groups"))?;
-        }
-        Ok(())
+            .map_err(KernelError::driver("launching the site kernel"))
     }
 
     /// Waits for all queued work; a kernel fault surfaces here.
@@ -627,28 +907,51 @@ impl GpuFisher {
     }
 
     /// Device time of `work` in µs, from CUDA events recorded on the stream around it
-    /// (the host clock would time the launch calls, not the kernels).
+    /// (the host clock would time the launch calls, not the kernels). The events'
+    /// elapsed time needs `cuEventElapsedTime_v2` (drivers for CUDA 12.8 and later);
+    /// on an older driver cudarc panics on the missing symbol, which is caught here and
+    /// answered with the host clock around the work and a synchronisation, so that the
+    /// bench still prints its table ([`Timing`] says which clock it was).
     pub fn time_us(
         &self,
         work: impl FnOnce() -> Result<(), KernelError>,
-    ) -> Result<f64, KernelError> {
+    ) -> Result<(f64, Timing), KernelError> {
         let event = || {
             self.ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(KernelError::driver("creating a timing event"))
         };
         let (start, end) = (event()?, event()?);
+        self.synchronize()?;
+        let host = Instant::now();
         start
             .record(&self.stream)
             .map_err(KernelError::driver("recording an event"))?;
         work()?;
         end.record(&self.stream)
             .map_err(KernelError::driver("recording an event"))?;
-        let ms = start
-            .elapsed_ms(&end)
-            .map_err(KernelError::driver("reading an event time"))?;
         self.synchronize()?;
-        Ok(f64::from(ms) * 1e3)
+        let host_us = host.elapsed().as_secs_f64() * 1e6;
+        if self.no_event_timing.load(Ordering::Relaxed) {
+            return Ok((host_us, Timing::HostClock));
+        }
+        match guarded("reading an event time", || {
+            start
+                .elapsed_ms(&end)
+                .map_err(KernelError::driver("reading an event time"))
+        }) {
+            Ok(ms) => Ok((f64::from(ms) * 1e3, Timing::Events)),
+            Err(KernelError::Panicked { message, .. }) => {
+                // Said once; the default panic hook has printed cudarc's message too.
+                if !self.no_event_timing.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "warning: CUDA event times unavailable ({message}); timing with the host clock"
+                    );
+                }
+                Ok((host_us, Timing::HostClock))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Overwrites a buffer twice the size of the L2 cache (at least 64 MiB), so that the
@@ -667,6 +970,10 @@ impl GpuFisher {
     }
 
     /// Per-sample squares and diagonal sums of one LoRA site: upload, launch, read back.
+    ///
+    /// Made for being called once per site of a pass: the device buffers of the last
+    /// [`REUSED_JOBS`] shapes are kept and reused, and the inputs are staged through one
+    /// pinned host buffer that grows to the largest site seen.
     pub fn lora_site(
         &self,
         inputs: &LoraInputs<'_>,
@@ -677,9 +984,94 @@ impl GpuFisher {
         if inputs.shape.is_empty() {
             return Ok(LoraSquares::zeros(&inputs.shape));
         }
-        let mut job = self.lora_job(inputs)?;
+        let mut reuse = self.reuse.lock().unwrap_or_else(PoisonError::into_inner);
+        let form = inputs.products.is_none();
+        let found = reuse
+            .jobs
+            .iter()
+            .position(|j| j.shape == inputs.shape && j.form_products == form);
+        let mut job = match found {
+            Some(i) => reuse.jobs.remove(i),
+            None => self.alloc_lora_job(inputs.shape, form, None)?,
+        };
+        job.scale = inputs.scale;
+        self.stage_lora(&mut reuse, &mut job, inputs)?;
         self.run_lora(&mut job, mode)?;
-        self.read_lora(&job)
+        let out = self.read_lora(&job);
+        // Kept only after a clean run: a job whose kernels failed may hold counters that
+        // are not zero.
+        if out.is_ok() {
+            if reuse.jobs.len() >= REUSED_JOBS {
+                reuse.jobs.remove(0);
+            }
+            reuse.jobs.push(job);
+        }
+        out
+    }
+
+    /// Copies a site's inputs into `job` through the pinned buffer (grown when needed).
+    /// The copies are queued on the stream; the buffer is not written again before the
+    /// read-back that follows has synchronised the stream.
+    fn stage_lora(
+        &self,
+        reuse: &mut Reuse,
+        job: &mut LoraJob,
+        inputs: &LoraInputs<'_>,
+    ) -> Result<(), KernelError> {
+        // The copies from the pinned buffer are asynchronous and nothing else tracks them
+        // (cudarc records no event for a plain slice): a previous call that failed before
+        // its read-back may still be reading the buffer. Idle on the normal path.
+        self.synchronize()?;
+        // A and B are read only to form the products; given products make them unused.
+        let mut parts: Vec<&[f32]> = vec![inputs.x, inputs.delta, inputs.mask];
+        if let Some(p) = &inputs.products {
+            parts.push(p.u);
+            parts.push(p.db);
+        } else {
+            parts.push(inputs.a);
+            parts.push(inputs.b);
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if reuse.pinned.as_ref().is_none_or(|p| p.len() < total) {
+            // Dropped first: the old buffer's memory is released before the new one.
+            reuse.pinned = None;
+            // SAFETY: the memory is uninitialised; every element read below (by the
+            // copies) is written first, part by part.
+            let fresh = unsafe { self.ctx.alloc_pinned::<f32>(total) }
+                .map_err(KernelError::driver("allocating pinned host memory"))?;
+            reuse.pinned = Some(fresh);
+        }
+        let Some(pinned) = reuse.pinned.as_mut() else {
+            return Err(KernelError::Driver {
+                during: "staging the inputs",
+                message: "no pinned buffer".to_owned(),
+            });
+        };
+        let host = pinned
+            .as_mut_slice()
+            .map_err(KernelError::driver("mapping the pinned buffer"))?;
+        let mut at = 0;
+        let mut ranges = Vec::with_capacity(parts.len());
+        for part in &parts {
+            host[at..at + part.len()].copy_from_slice(part);
+            ranges.push(at..at + part.len());
+            at += part.len();
+        }
+        let host: &[f32] = host;
+        let mut targets: Vec<&mut CudaSlice<f32>> = vec![&mut job.x, &mut job.delta, &mut job.mask];
+        if inputs.products.is_some() {
+            targets.push(&mut job.u);
+            targets.push(&mut job.db);
+        } else {
+            targets.push(&mut job.a);
+            targets.push(&mut job.b);
+        }
+        for (range, target) in ranges.into_iter().zip(targets) {
+            self.stream
+                .memcpy_htod(&host[range], target)
+                .map_err(KernelError::driver("copying a site's inputs to the device"))?;
+        }
+        Ok(())
     }
 
     /// Per-sample squares and the diagonal sum of a dense linear site.
@@ -702,112 +1094,128 @@ impl GpuFisher {
     /// run (and timed) many times without host copies. Refuses shapes with a zero
     /// dimension ([`Self::lora_site`] answers those with zeros).
     pub fn lora_job(&self, inputs: &LoraInputs<'_>) -> Result<LoraJob, KernelError> {
+        self.lora_job_with(inputs, None)
+    }
+
+    /// [`Self::lora_job`] with at most `max_groups` sample groups per factor, so that
+    /// each block walks several samples (the tests' way to reach that path at small
+    /// batches; the plan otherwise gives small batches one sample per block).
+    pub fn lora_job_with(
+        &self,
+        inputs: &LoraInputs<'_>,
+        max_groups: Option<usize>,
+    ) -> Result<LoraJob, KernelError> {
         inputs.check()?;
         let s = inputs.shape;
         if let Some(dim) = s.zero_dim() {
             return Err(KernelError::Shape(ShapeError::Empty { dim }));
         }
+        let mut job = self.alloc_lora_job(s, inputs.products.is_none(), max_groups)?;
+        job.scale = inputs.scale;
+        job.x = self.upload(inputs.x, "uploading x")?;
+        job.delta = self.upload(inputs.delta, "uploading δ")?;
+        job.mask = self.upload(inputs.mask, "uploading the mask")?;
+        job.a = self.upload(inputs.a, "uploading A")?;
+        job.b = self.upload(inputs.b, "uploading B")?;
+        if let Some(p) = &inputs.products {
+            job.u = self.upload(p.u, "uploading x·Aᵀ")?;
+            job.db = self.upload(p.db, "uploading δ·B")?;
+        }
+        Ok(job)
+    }
+
+    /// A LoRA job's device buffers for `shape`, zeroed (inputs not uploaded).
+    fn alloc_lora_job(
+        &self,
+        s: LoraShape,
+        form_products: bool,
+        max_groups: Option<usize>,
+    ) -> Result<LoraJob, KernelError> {
         let n = s.rows()?;
-        let (u, db) = match &inputs.products {
-            Some(p) => (
-                self.upload(p.u, "uploading x·Aᵀ")?,
-                self.upload(p.db, "uploading δ·B")?,
-            ),
-            None => (self.zeros(n * s.rank)?, self.zeros(n * s.rank)?),
-        };
-        let scratch = self.scratch(
-            self.scratch_len(s.batch, &[(s.rank, s.d_in, false), (s.rank, s.d_out, true)])?,
-        )?;
+        let mut scratch =
+            self.scratch_for(s.batch, &[(s.rank, s.d_in), (s.rank, s.d_out)], max_groups)?;
+        let scratch_b = scratch.pop().ok_or(KernelError::Driver {
+            during: "planning the scratch",
+            message: "no scratch for the B factor".to_owned(),
+        })?;
+        let scratch_a = scratch.pop().ok_or(KernelError::Driver {
+            during: "planning the scratch",
+            message: "no scratch for the A factor".to_owned(),
+        })?;
         Ok(LoraJob {
             shape: s,
-            scale: inputs.scale,
-            form_products: inputs.products.is_none(),
-            x: self.upload(inputs.x, "uploading x")?,
-            delta: self.upload(inputs.delta, "uploading δ")?,
-            mask: self.upload(inputs.mask, "uploading the mask")?,
-            a: self.upload(inputs.a, "uploading A")?,
-            b: self.upload(inputs.b, "uploading B")?,
-            u,
-            db,
-            lens: self.zeros(s.batch)?,
+            scale: 1.0,
+            form_products,
+            max_groups,
+            x: self.zeros(n * s.d_in)?,
+            delta: self.zeros(n * s.d_out)?,
+            mask: self.zeros(n)?,
+            a: self.zeros(s.rank * s.d_in)?,
+            b: self.zeros(s.d_out * s.rank)?,
+            u: self.zeros(n * s.rank)?,
+            db: self.zeros(n * s.rank)?,
             sq_a: self.zeros(s.batch)?,
             sq_b: self.zeros(s.batch)?,
             diag_a: self.zeros(s.rank * s.d_in)?,
             diag_b: self.zeros(s.d_out * s.rank)?,
-            scratch,
+            scratch_a,
+            scratch_b,
+            all_done: self.zeros(1)?,
         })
     }
 
     /// Queues the LoRA kernels for `job`; [`Self::read_lora`] waits and reads back.
     ///
-    /// Launches: sample lengths; x·Aᵀ and δ·B unless the caller gave them; then
-    /// G_A = (scale·m²·δB)ᵀ·X (r × d_in) and G_Bᵀ = (scale·m²·U)ᵀ·δ (r × d_out, so that
-    /// the short side r is the tile's rows for both factors; its diagonal is written
-    /// transposed, d_out × r), each squared in the epilogue and reduced in fixed order.
+    /// Launches: x·Aᵀ and δ·B in one grid unless the caller gave them; then one site
+    /// kernel for G_A = (scale·m²·δB)ᵀ·X (r × d_in) and G_Bᵀ = (scale·m²·U)ᵀ·δ
+    /// (r × d_out, so that the short side r is the tile's rows for both factors; its
+    /// diagonal is written transposed, d_out × r), each squared in the epilogue and
+    /// reduced in fixed order.
     pub fn run_lora(&self, job: &mut LoraJob, mode: Mode) -> Result<(), KernelError> {
         self.check_mode(mode)?;
         let s = job.shape;
-        let n = s.rows()?;
-        self.sample_lengths(&job.mask, s.batch, s.seq_len, &mut job.lens)?;
         if job.form_products {
-            self.project(
-                &job.x,
-                n,
-                s.d_in,
-                &job.a,
-                (s.d_in, 1),
-                s.rank,
-                &job.mask,
-                &mut job.u,
-            )?;
-            self.project(
-                &job.delta,
-                n,
-                s.d_out,
-                &job.b,
-                (1, s.rank),
-                s.rank,
-                &job.mask,
-                &mut job.db,
-            )?;
+            self.project_pair(job)?;
         }
-        let grad_a = Product {
-            g: &job.db,
-            m: s.rank,
-            x: &job.x,
-            k: s.d_in,
-            gscale: job.scale,
-            transpose: false,
-        };
-        self.product(
-            &grad_a,
+        let products = [
+            Product {
+                g: &job.db,
+                m: s.rank,
+                x: &job.x,
+                k: s.d_in,
+                gscale: job.scale,
+                transpose: false,
+            },
+            Product {
+                g: &job.u,
+                m: s.rank,
+                x: &job.delta,
+                k: s.d_out,
+                gscale: job.scale,
+                transpose: true,
+            },
+        ];
+        let mut outputs = [
+            Outputs {
+                scratch: &mut job.scratch_a,
+                s_out: &mut job.sq_a,
+                f_out: &mut job.diag_a,
+            },
+            Outputs {
+                scratch: &mut job.scratch_b,
+                s_out: &mut job.sq_b,
+                f_out: &mut job.diag_b,
+            },
+        ];
+        self.launch_site(
+            &products,
+            &mut outputs,
             &job.mask,
-            &job.lens,
+            &job.all_done,
             s.batch,
             s.seq_len,
             mode,
-            &mut job.scratch,
-            &mut job.sq_a,
-            &mut job.diag_a,
-        )?;
-        let grad_b = Product {
-            g: &job.u,
-            m: s.rank,
-            x: &job.delta,
-            k: s.d_out,
-            gscale: job.scale,
-            transpose: true,
-        };
-        self.product(
-            &grad_b,
-            &job.mask,
-            &job.lens,
-            s.batch,
-            s.seq_len,
-            mode,
-            &mut job.scratch,
-            &mut job.sq_b,
-            &mut job.diag_b,
+            job.max_groups,
         )
     }
 
@@ -827,14 +1235,17 @@ impl GpuFisher {
 
     /// Fills everything the kernels write (outputs, partial sums, products formed on the
     /// device) with NaN, so that an element a kernel failed to write cannot pass a test.
+    /// The counters are left alone: the kernels need them at zero, and reset them.
     pub fn poison_lora(&self, job: &mut LoraJob) -> Result<(), KernelError> {
         for buf in [
             &mut job.sq_a,
             &mut job.sq_b,
             &mut job.diag_a,
             &mut job.diag_b,
-            &mut job.scratch.s_part,
-            &mut job.scratch.f_part,
+            &mut job.scratch_a.s_part,
+            &mut job.scratch_a.f_part,
+            &mut job.scratch_b.s_part,
+            &mut job.scratch_b.f_part,
         ] {
             self.fill(buf, f32::NAN)?;
         }
@@ -847,48 +1258,68 @@ impl GpuFisher {
 
     /// Uploads a dense site's batch and allocates its outputs (see [`Self::lora_job`]).
     pub fn dense_job(&self, inputs: &DenseInputs<'_>) -> Result<DenseJob, KernelError> {
+        self.dense_job_with(inputs, None)
+    }
+
+    /// [`Self::dense_job`] with at most `max_groups` sample groups (see
+    /// [`Self::lora_job_with`]).
+    pub fn dense_job_with(
+        &self,
+        inputs: &DenseInputs<'_>,
+        max_groups: Option<usize>,
+    ) -> Result<DenseJob, KernelError> {
         inputs.check()?;
         let s = inputs.shape;
         if let Some(dim) = s.zero_dim() {
             return Err(KernelError::Shape(ShapeError::Empty { dim }));
         }
-        let scratch = self.scratch(self.scratch_len(s.batch, &[(s.d_out, s.d_in, false)])?)?;
+        let scratch = self
+            .scratch_for(s.batch, &[(s.d_out, s.d_in)], max_groups)?
+            .pop()
+            .ok_or(KernelError::Driver {
+                during: "planning the scratch",
+                message: "no scratch for the product".to_owned(),
+            })?;
         Ok(DenseJob {
             shape: s,
+            max_groups,
             x: self.upload(inputs.x, "uploading x")?,
             delta: self.upload(inputs.delta, "uploading δ")?,
             mask: self.upload(inputs.mask, "uploading the mask")?,
-            lens: self.zeros(s.batch)?,
             sq: self.zeros(s.batch)?,
             diag: self.zeros(s.d_out * s.d_in)?,
             scratch,
+            all_done: self.zeros(1)?,
         })
     }
 
-    /// Queues the dense kernels: C_n = (m²·δ_n)ᵀ·X_n (d_out × d_in), squared in the
-    /// epilogue.
+    /// Queues the dense kernel: C_n = (m²·δ_n)ᵀ·X_n (d_out × d_in), squared in the
+    /// epilogue, one launch.
     pub fn run_dense(&self, job: &mut DenseJob, mode: Mode) -> Result<(), KernelError> {
         self.check_mode(mode)?;
         let s = job.shape;
-        self.sample_lengths(&job.mask, s.batch, s.seq_len, &mut job.lens)?;
-        let grad = Product {
+        let products = [Product {
             g: &job.delta,
             m: s.d_out,
             x: &job.x,
             k: s.d_in,
             gscale: 1.0,
             transpose: false,
-        };
-        self.product(
-            &grad,
+        }];
+        let mut outputs = [Outputs {
+            scratch: &mut job.scratch,
+            s_out: &mut job.sq,
+            f_out: &mut job.diag,
+        }];
+        self.launch_site(
+            &products,
+            &mut outputs,
             &job.mask,
-            &job.lens,
+            &job.all_done,
             s.batch,
             s.seq_len,
             mode,
-            &mut job.scratch,
-            &mut job.sq,
-            &mut job.diag,
+            job.max_groups,
         )
     }
 
@@ -916,6 +1347,43 @@ impl GpuFisher {
         }
         Ok(())
     }
+
+    /// The launch plan of a LoRA job in `mode`: (tiles, groups) of the A and B factors,
+    /// for tests and the bench's log.
+    pub fn lora_plan(&self, job: &LoraJob, mode: Mode) -> Result<[(usize, usize); 2], KernelError> {
+        let s = job.shape;
+        let tile = Tile::pick(s.rank, mode);
+        let plans = plan_site(
+            tile,
+            s.batch,
+            &[(s.rank, s.d_in), (s.rank, s.d_out)],
+            self.resident(tile),
+            job.max_groups,
+        )?;
+        Ok([
+            (plans[0].tiles(), plans[0].groups),
+            (plans[1].tiles(), plans[1].groups),
+        ])
+    }
+}
+
+/// Which clock [`GpuFisher::time_us`] used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// CUDA events on the stream: device time.
+    Events,
+    /// The host clock around the work and a synchronisation (a driver without
+    /// `cuEventElapsedTime_v2`): includes launch and synchronisation overhead.
+    HostClock,
+}
+
+impl Timing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Events => "cuda events",
+            Self::HostClock => "host clock (driver has no cuEventElapsedTime_v2)",
+        }
+    }
 }
 
 /// A LoRA site's batch resident on the device, with its outputs and scratch.
@@ -923,6 +1391,7 @@ pub struct LoraJob {
     shape: LoraShape,
     scale: f32,
     form_products: bool,
+    max_groups: Option<usize>,
     x: CudaSlice<f32>,
     delta: CudaSlice<f32>,
     mask: CudaSlice<f32>,
@@ -930,12 +1399,13 @@ pub struct LoraJob {
     b: CudaSlice<f32>,
     u: CudaSlice<f32>,
     db: CudaSlice<f32>,
-    lens: CudaSlice<i32>,
     sq_a: CudaSlice<f32>,
     sq_b: CudaSlice<f32>,
     diag_a: CudaSlice<f32>,
     diag_b: CudaSlice<f32>,
-    scratch: Scratch,
+    scratch_a: Scratch,
+    scratch_b: Scratch,
+    all_done: CudaSlice<u32>,
 }
 
 impl fmt::Debug for LoraJob {
@@ -956,13 +1426,14 @@ impl LoraJob {
 /// A dense site's batch resident on the device, with its outputs and scratch.
 pub struct DenseJob {
     shape: DenseShape,
+    max_groups: Option<usize>,
     x: CudaSlice<f32>,
     delta: CudaSlice<f32>,
     mask: CudaSlice<f32>,
-    lens: CudaSlice<i32>,
     sq: CudaSlice<f32>,
     diag: CudaSlice<f32>,
     scratch: Scratch,
+    all_done: CudaSlice<u32>,
 }
 
 impl fmt::Debug for DenseJob {

@@ -25,6 +25,19 @@ pub enum KernelError {
     /// NVRTC rejected the sources; `log` is its compiler log.
     #[error("NVRTC could not compile the kernels for {arch}: {log}")]
     Compile { arch: String, log: String },
+    /// Neither form of the kernels loads on the device: the CUBIN NVRTC built for its
+    /// `sm_XY` (or why it could not build it) and the PTX for `compute_XY`, which the
+    /// driver refuses when NVRTC is newer than the driver (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`).
+    #[error(
+        "the kernels load neither as a CUBIN for {arch} ({cubin}) nor as PTX ({ptx}); NVRTC {nvrtc}, driver {driver}"
+    )]
+    NoBinary {
+        arch: String,
+        cubin: String,
+        ptx: String,
+        nvrtc: String,
+        driver: String,
+    },
     /// A driver call failed; `during` names what was being done.
     #[error("CUDA error while {during}: {message}")]
     Driver {
@@ -94,9 +107,14 @@ pub enum ShapeError {
         limit: usize,
     },
     /// A per-sample gradient taller than one launch grid can cover.
-    #[error("{rows} rows of the per-sample gradient need {tiles} tiles; the grid allows {limit}")]
+    #[error(
+        "the per-sample gradient ({rows} × {cols}) needs {tiles} tiles of {tile_rows} × {tile_cols}; one launch allows {limit} blocks"
+    )]
     Grid {
         rows: usize,
+        cols: usize,
+        tile_rows: usize,
+        tile_cols: usize,
         tiles: usize,
         limit: usize,
     },

@@ -54,11 +54,13 @@ pub mod reference;
 mod shape;
 
 pub use device::{
-    DenseJob, GpuFisher, KERNEL_NAMES, LoraJob, compile_ptx, driver_present, nvrtc_present,
+    BuildInfo, Compiled, DenseJob, GpuFisher, KERNEL_NAMES, LoraJob, Timing, compile, compile_ptx,
+    driver_present, driver_version, nvrtc_present, nvrtc_version,
 };
 pub use error::{KernelError, ShapeError};
 pub use shape::{
     DenseInputs, DenseShape, DenseSquares, LoraInputs, LoraProducts, LoraShape, LoraSquares,
+    MAX_DIM,
 };
 
 /// The arithmetic of the per-sample products.

@@ -343,3 +343,237 @@ impl DenseData {
         }
     }
 }
+
+/// Non-finite values (NaN, +Inf, −Inf in turn) in every row the kernels must not read:
+/// the rows whose mask is 0, which include the right padding past each sample's length.
+/// A kernel that read one would turn a sum into NaN or Inf.
+fn poison_rows(mask: &[f32], buffers: &mut [(&mut [f32], usize)]) {
+    const BAD: [f32; 3] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for (row, _) in mask.iter().enumerate().filter(|(_, m)| **m == 0.0) {
+        for (i, (buf, width)) in buffers.iter_mut().enumerate() {
+            buf[row * *width..(row + 1) * *width].fill(BAD[(row + i) % BAD.len()]);
+        }
+    }
+}
+
+impl LoraData {
+    /// NaN and ±Inf in x, δ, x·Aᵀ and δ·B on every masked row (see `poison_rows`).
+    pub fn poison_masked_rows(&mut self) {
+        let s = self.shape;
+        poison_rows(
+            &self.mask,
+            &mut [
+                (&mut self.x, s.d_in),
+                (&mut self.delta, s.d_out),
+                (&mut self.u, s.rank),
+                (&mut self.db, s.rank),
+            ],
+        );
+    }
+}
+
+impl DenseData {
+    /// NaN and ±Inf in x and δ on every masked row (see `poison_rows`).
+    pub fn poison_masked_rows(&mut self) {
+        let s = self.shape;
+        poison_rows(
+            &self.mask,
+            &mut [(&mut self.x, s.d_in), (&mut self.delta, s.d_out)],
+        );
+    }
+}
+
+/// ‖G_nᵀ·X_n‖²_F per sample by the Gram identity, in f64:
+/// Σ_{t,t'} w_t w_t' (g_t·g_t')(x_t·x_t') with w_t = m_t²·gscale, rows with mask 0
+/// skipped. It costs O(T²·(M + K)) per sample instead of the O(T·M·K) of forming the
+/// product, so the bench checks its full-size timed runs with it, and it shares no code
+/// with [`lora_site`] / [`dense_site`], which check it in turn.
+#[allow(clippy::too_many_arguments)]
+pub fn gram_sq(
+    g: &[f32],
+    m: usize,
+    x: &[f32],
+    k: usize,
+    mask: &[f32],
+    batch: usize,
+    seq_len: usize,
+    gscale: f64,
+) -> Vec<f64> {
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&p, &q)| f64::from(p) * f64::from(q))
+            .sum()
+    };
+    (0..batch)
+        .map(|n| {
+            let rows: Vec<(usize, f64)> = (n * seq_len..(n + 1) * seq_len)
+                .filter(|&r| mask[r] != 0.0)
+                .map(|r| (r, f64::from(mask[r]).powi(2) * gscale))
+                .collect();
+            let mut total = 0.0;
+            for (i, &(r, wr)) in rows.iter().enumerate() {
+                for &(q, wq) in &rows[i..] {
+                    let term = wr
+                        * wq
+                        * dot(&g[r * m..(r + 1) * m], &g[q * m..(q + 1) * m])
+                        * dot(&x[r * k..(r + 1) * k], &x[q * k..(q + 1) * k]);
+                    total += if q == r { term } else { 2.0 * term };
+                }
+            }
+            total
+        })
+        .collect()
+}
+
+/// A LoRA site's per-sample (‖∂A‖², ‖∂B‖²) by the Gram identity ([`gram_sq`]); the
+/// products x·Aᵀ and δ·B are the caller's when given, else formed here (f32 inputs,
+/// f64 sums, rounded to f32 as the GPU's would be).
+pub fn lora_gram(inputs: &LoraInputs<'_>) -> Result<(Vec<f64>, Vec<f64>), KernelError> {
+    inputs.check()?;
+    let s = inputs.shape;
+    let n = s.rows()?;
+    let formed;
+    let (u, db) = if let Some(p) = &inputs.products {
+        (p.u, p.db)
+    } else {
+        let mut u = vec![0.0_f32; n * s.rank];
+        let mut db = vec![0.0_f32; n * s.rank];
+        for row in (0..n).filter(|&r| inputs.mask[r] != 0.0) {
+            for j in 0..s.rank {
+                let ua: f64 = (0..s.d_in)
+                    .map(|c| {
+                        f64::from(inputs.a[j * s.d_in + c]) * f64::from(inputs.x[row * s.d_in + c])
+                    })
+                    .sum();
+                let ub: f64 = (0..s.d_out)
+                    .map(|o| {
+                        f64::from(inputs.delta[row * s.d_out + o])
+                            * f64::from(inputs.b[o * s.rank + j])
+                    })
+                    .sum();
+                u[row * s.rank + j] = ua as f32;
+                db[row * s.rank + j] = ub as f32;
+            }
+        }
+        formed = (u, db);
+        (formed.0.as_slice(), formed.1.as_slice())
+    };
+    let scale = f64::from(inputs.scale);
+    let sq_a = gram_sq(
+        db,
+        s.rank,
+        inputs.x,
+        s.d_in,
+        inputs.mask,
+        s.batch,
+        s.seq_len,
+        scale,
+    );
+    let sq_b = gram_sq(
+        u,
+        s.rank,
+        inputs.delta,
+        s.d_out,
+        inputs.mask,
+        s.batch,
+        s.seq_len,
+        scale,
+    );
+    Ok((sq_a, sq_b))
+}
+
+/// A dense site's per-sample ‖∂W‖² by the Gram identity ([`gram_sq`]).
+pub fn dense_gram(inputs: &DenseInputs<'_>) -> Result<Vec<f64>, KernelError> {
+    inputs.check()?;
+    let s = inputs.shape;
+    Ok(gram_sq(
+        inputs.delta,
+        s.d_out,
+        inputs.x,
+        s.d_in,
+        inputs.mask,
+        s.batch,
+        s.seq_len,
+        1.0,
+    ))
+}
+
+/// The largest relative error of one sample: max_n |got_n − want_n| / |want_n| over the
+/// samples with want_n ≠ 0, and |got_n| for those with want_n = 0 (which must be exact
+/// zeros: an empty sample). Infinite for a NaN or a length mismatch.
+pub fn per_sample_error(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let g = f64::from(g);
+            if g.is_nan() {
+                f64::INFINITY
+            } else if w == 0.0 {
+                g.abs()
+            } else {
+                (g - w).abs() / w.abs()
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+impl LoraData {
+    /// The same batch with every input replaced by its absolute value: its reference
+    /// outputs bound the size of the terms each output sums (see [`bounded_error`]).
+    pub fn magnitudes(&self) -> Self {
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        Self {
+            shape: self.shape,
+            x: abs(&self.x),
+            delta: abs(&self.delta),
+            mask: abs(&self.mask),
+            a: abs(&self.a),
+            b: abs(&self.b),
+            scale: self.scale.abs(),
+            u: abs(&self.u),
+            db: abs(&self.db),
+        }
+    }
+}
+
+impl DenseData {
+    /// See [`LoraData::magnitudes`].
+    pub fn magnitudes(&self) -> Self {
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        Self {
+            shape: self.shape,
+            x: abs(&self.x),
+            delta: abs(&self.delta),
+            mask: abs(&self.mask),
+        }
+    }
+}
+
+/// max_i |got_i − want_i| / bound_i, where bound is the reference computed on the
+/// inputs' magnitudes ([`LoraData::magnitudes`]): the error of a rounded sum is bounded
+/// relative to the sum of its terms' sizes, not to the sum itself, which cancellation can
+/// make arbitrarily small (a rank-1 factor of a 3-token sample, say). Entries whose bound
+/// is 0 have no terms and must be exactly 0. Infinite for a NaN or a length mismatch.
+pub fn bounded_error(got: &[f32], want: &[f64], bound: &[f64]) -> f64 {
+    if got.len() != want.len() || got.len() != bound.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .zip(bound)
+        .map(|((&g, &w), &b)| {
+            let g = f64::from(g);
+            if g.is_nan() {
+                f64::INFINITY
+            } else if b == 0.0 {
+                if g == 0.0 { 0.0 } else { f64::INFINITY }
+            } else {
+                (g - w).abs() / b
+            }
+        })
+        .fold(0.0, f64::max)
+}

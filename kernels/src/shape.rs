@@ -6,8 +6,11 @@
 
 use crate::{KernelError, ShapeError};
 
-/// The largest dimension the kernels index with 32-bit integers.
-const MAX_DIM: usize = i32::MAX as usize;
+/// The largest dimension the kernels accept. They index with 32-bit integers, and some
+/// indices run a tile past a dimension (a tile's first column plus its width, a chunk's
+/// first row plus its height, at most 128), so the cap leaves two of the widest tiles
+/// of headroom below `i32::MAX` rather than none.
+pub const MAX_DIM: usize = i32::MAX as usize - 256;
 
 /// One LoRA site's batch: x (B·T × d_in), δ (B·T × d_out), A (r × d_in), B (d_out × r).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,10 +4,16 @@
 //!
 //! Per shape and mode: first a correctness check against the f64 reference on a cut of
 //! the shape (same widths, batch ≤ 2 and T ≤ 32, where the f64 loops stay fast) with
-//! outputs poisoned; then warm-up runs and `--reps` timed runs of the whole site (sample
-//! lengths, the square kernels, the fixed-order reductions), each preceded by an L2
-//! flush and timed by CUDA events around it, as triton's do_bench does for PyTorch.
-//! Inputs are random, never zeros.
+//! outputs poisoned; then warm-up runs and `--reps` timed runs of the whole site (one
+//! launch of the site kernel, which reads the sample lengths and sums its partials
+//! itself), each preceded by an L2 flush and timed by CUDA events around it, as triton's
+//! do_bench does for PyTorch. The timed job itself is checked too, after its last run:
+//! each sample's S against the f64 Gram identity (`reference::gram_sq`, cheap at full
+//! size), and Σ of the diagonal against Σ_n S_n; and every timed run's outputs must equal
+//! the first run's bit for bit (read back outside the timed span). Inputs are random,
+//! never zeros.
+//! A failed check is written as `"check": "failed"` with the error (`null` when it is
+//! not finite), never as a number JSON cannot hold.
 //!
 //! ```text
 //! gpu-bench [--out FILE.json] [--reps N] [--quick]
@@ -16,8 +22,10 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use fibecfed_kernels::reference::{self, DenseData, LoraData, MaskKind, SplitMix64, rel_error};
-use fibecfed_kernels::{DenseShape, GpuFisher, KernelError, LoraShape, Mode};
+use fibecfed_kernels::reference::{
+    self, DenseData, LoraData, MaskKind, SplitMix64, per_sample_error, rel_error,
+};
+use fibecfed_kernels::{DenseShape, GpuFisher, KernelError, LoraShape, Mode, Timing};
 
 /// ANCHORS.md's six shapes (B, T, d_in, d_out; d_out = r for a LoRA A factor) plus the
 /// LoRA ranks 16 and 64 at the same widths.
@@ -95,8 +103,97 @@ struct Row {
     kind: &'static str,
     shape: Vec<usize>,
     mode: Mode,
+    /// The cut shape against the f64 reference: every output, normwise.
     rel_err: f64,
+    /// The timed job: the worst sample's S against the Gram identity, and Σ diag
+    /// against Σ_n S_n.
+    timed_err: f64,
+    /// Timed runs whose outputs differed bit for bit from the first run's.
+    differing: usize,
     times: (f64, f64, f64),
+    clock: Timing,
+    /// Why the row could not be measured (a kernel or driver error); the other rows
+    /// still run and the JSON is still written.
+    error: Option<String>,
+}
+
+impl Row {
+    fn failed(&self) -> bool {
+        // NaN (an unwritten output) is a failure too.
+        !(self.rel_err <= tol(self.mode) && self.timed_err <= tol(self.mode))
+            || self.differing > 0
+            || self.error.is_some()
+    }
+
+    /// A row whose measurement failed with `error`.
+    fn failed_with(kind: &'static str, shape: Vec<usize>, mode: Mode, error: &KernelError) -> Self {
+        Self {
+            kind,
+            shape,
+            mode,
+            rel_err: f64::NAN,
+            timed_err: f64::NAN,
+            differing: 0,
+            times: (f64::NAN, f64::NAN, f64::NAN),
+            clock: Timing::Events,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// Relative difference of two totals (both f64).
+fn total_error(got: f64, want: f64) -> f64 {
+    if got.is_nan() {
+        f64::INFINITY
+    } else if want == 0.0 {
+        got.abs()
+    } else {
+        (got - want).abs() / want.abs()
+    }
+}
+
+fn sum32(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x)).sum()
+}
+
+/// A JSON string literal: quotes, backslashes and control characters escaped (Rust's
+/// `{:?}` writes escapes such as `\u{1b}` that JSON does not have).
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A time for JSON: three decimals, or null when not finite.
+fn json_fixed(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "null".to_owned()
+    }
+}
+
+/// A number for JSON: finite ones as they are, others as null.
+fn json_number(v: f64, precision: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.precision$e}")
+    } else {
+        "null".to_owned()
+    }
 }
 
 fn tol(mode: Mode) -> f64 {
@@ -106,21 +203,50 @@ fn tol(mode: Mode) -> f64 {
     }
 }
 
+/// What the timed runs gave: medians, the clock, and how many runs' outputs differed
+/// bit for bit from the first run's (the reductions have a fixed order, so any
+/// difference is a race or a visibility bug in the last-block reductions).
+struct Timed {
+    times: (f64, f64, f64),
+    clock: Timing,
+    differing: usize,
+}
+
+/// Warm-up, then `reps` timed runs; after each (outside the timed span) the outputs are
+/// read back with `read` and compared with the first run's.
 fn time_reps(
     gpu: &GpuFisher,
     o: &Options,
     mut run: impl FnMut() -> Result<(), KernelError>,
-) -> Result<(f64, f64, f64), KernelError> {
+    mut read: impl FnMut() -> Result<Vec<f32>, KernelError>,
+) -> Result<Timed, KernelError> {
     for _ in 0..o.warmup {
         run()?;
     }
     gpu.synchronize()?;
     let mut times = Vec::with_capacity(o.reps);
+    let mut clock = Timing::Events;
+    let mut first: Option<Vec<u32>> = None;
+    let mut differing = 0;
     for _ in 0..o.reps {
         gpu.flush_l2()?;
-        times.push(gpu.time_us(&mut run)?);
+        let (us, used) = gpu.time_us(&mut run)?;
+        if used != Timing::Events {
+            clock = used;
+        }
+        times.push(us);
+        let bits: Vec<u32> = read()?.iter().map(|v| v.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) if *f != bits => differing += 1,
+            Some(_) => {}
+        }
     }
-    Ok(summary(times))
+    Ok(Timed {
+        times: summary(times),
+        clock,
+        differing,
+    })
 }
 
 fn product_row(
@@ -142,7 +268,9 @@ fn product_row(
     gpu.poison_dense(&mut job)?;
     gpu.run_dense(&mut job, mode)?;
     let got = gpu.read_dense(&job)?;
-    let rel_err = rel_error(&got.sq, &want.sq).max(rel_error(&got.diag, &want.diag));
+    let rel_err = rel_error(&got.sq, &want.sq)
+        .max(rel_error(&got.diag, &want.diag))
+        .max(per_sample_error(&got.sq, &want.sq));
 
     let shape = DenseShape {
         batch: b,
@@ -151,14 +279,30 @@ fn product_row(
         d_out,
     };
     let data = DenseData::random(shape, MaskKind::Full, rng);
-    let mut job = gpu.dense_job(&data.inputs())?;
-    let times = time_reps(gpu, o, || gpu.run_dense(&mut job, mode))?;
+    let job = std::cell::RefCell::new(gpu.dense_job(&data.inputs())?);
+    let timing = time_reps(
+        gpu,
+        o,
+        || gpu.run_dense(&mut job.borrow_mut(), mode),
+        || {
+            let out = gpu.read_dense(&job.borrow())?;
+            Ok([out.sq, out.diag].concat())
+        },
+    )?;
+    let timed = gpu.read_dense(&job.borrow())?;
+    let gram = reference::dense_gram(&data.inputs())?;
+    let timed_err =
+        per_sample_error(&timed.sq, &gram).max(total_error(sum32(&timed.diag), gram.iter().sum()));
     Ok(Row {
         kind: "product",
         shape: vec![b, t, d_in, d_out],
         mode,
         rel_err,
-        times,
+        timed_err,
+        differing: timing.differing,
+        times: timing.times,
+        clock: timing.clock,
+        error: None,
     })
 }
 
@@ -187,6 +331,8 @@ fn site_row(
         rel_error(&got.sq_b, &want.sq_b),
         rel_error(&got.diag_a, &want.diag_a),
         rel_error(&got.diag_b, &want.diag_b),
+        per_sample_error(&got.sq_a, &want.sq_a),
+        per_sample_error(&got.sq_b, &want.sq_b),
     ]
     .into_iter()
     .fold(0.0, f64::max);
@@ -199,38 +345,80 @@ fn site_row(
         rank: r,
     };
     let data = LoraData::random(shape, MaskKind::Full, rng);
-    let mut job = gpu.lora_job(&data.inputs(true))?;
-    let times = time_reps(gpu, o, || gpu.run_lora(&mut job, mode))?;
+    let job = std::cell::RefCell::new(gpu.lora_job(&data.inputs(true))?);
+    let timing = time_reps(
+        gpu,
+        o,
+        || gpu.run_lora(&mut job.borrow_mut(), mode),
+        || {
+            let out = gpu.read_lora(&job.borrow())?;
+            Ok([out.sq_a, out.sq_b, out.diag_a, out.diag_b].concat())
+        },
+    )?;
+    let timed = gpu.read_lora(&job.borrow())?;
+    let (gram_a, gram_b) = reference::lora_gram(&data.inputs(true))?;
+    let timed_err = [
+        per_sample_error(&timed.sq_a, &gram_a),
+        per_sample_error(&timed.sq_b, &gram_b),
+        total_error(sum32(&timed.diag_a), gram_a.iter().sum()),
+        total_error(sum32(&timed.diag_b), gram_b.iter().sum()),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
     Ok(Row {
         kind: "lora_site",
         shape: vec![b, t, d_in, d_out, r],
         mode,
         rel_err,
-        times,
+        timed_err,
+        differing: timing.differing,
+        times: timing.times,
+        clock: timing.clock,
+        error: None,
     })
 }
 
 fn json(gpu: &GpuFisher, rows: &[Row], reps: usize) -> String {
     let mut s = String::new();
     let (major, minor) = gpu.capability();
+    let build = gpu.build_info();
+    let clock = if rows.iter().all(|r| r.clock == Timing::Events) {
+        Timing::Events
+    } else {
+        Timing::HostClock
+    };
     let _ = write!(
         s,
-        "{{\n  \"device\": {:?},\n  \"capability\": \"{major}.{minor}\",\n  \"reps\": {reps},\n  \"timing\": \"CUDA events around each run, L2 flushed before each, median\",\n  \"rows\": [",
-        gpu.device_name()
+        "{{\n  \"device\": {},\n  \"capability\": \"{major}.{minor}\",\n  \"nvrtc\": {},\n  \"driver\": {},\n  \"binary\": {},\n  \"occupancy\": {:?},\n  \"reps\": {reps},\n  \"timing\": {},\n  \"rows\": [",
+        json_string(gpu.device_name()),
+        json_string(&build.nvrtc),
+        json_string(&build.driver),
+        json_string(&build.binary),
+        build.occupancy,
+        json_string(&format!(
+            "{} around each run, L2 flushed before each, median",
+            clock.name()
+        )),
     );
     for (i, r) in rows.iter().enumerate() {
         let shape: Vec<String> = r.shape.iter().map(ToString::to_string).collect();
         let _ = write!(
             s,
-            "{}\n    {{\"kind\": \"{}\", \"shape\": [{}], \"mode\": \"{}\", \"median_us\": {:.3}, \"p10_us\": {:.3}, \"p90_us\": {:.3}, \"rel_err\": {:.3e}}}",
+            "{}\n    {{\"kind\": \"{}\", \"shape\": [{}], \"mode\": \"{}\", \"median_us\": {}, \"p10_us\": {}, \"p90_us\": {}, \"rel_err\": {}, \"timed_err\": {}, \"runs_differing\": {}, \"check\": \"{}\", \"error\": {}}}",
             if i == 0 { "" } else { "," },
             r.kind,
             shape.join(", "),
             r.mode.name(),
-            r.times.0,
-            r.times.1,
-            r.times.2,
-            r.rel_err
+            json_fixed(r.times.0),
+            json_fixed(r.times.1),
+            json_fixed(r.times.2),
+            json_number(r.rel_err, 3),
+            json_number(r.timed_err, 3),
+            r.differing,
+            if r.failed() { "failed" } else { "ok" },
+            r.error
+                .as_deref()
+                .map_or_else(|| "null".to_owned(), json_string),
         );
     }
     s.push_str("\n  ]\n}\n");
@@ -239,12 +427,17 @@ fn json(gpu: &GpuFisher, rows: &[Row], reps: usize) -> String {
 
 fn run(o: &Options) -> Result<bool, KernelError> {
     let gpu = GpuFisher::new()?;
+    let build = gpu.build_info();
     eprintln!(
-        "gpu-bench on {} (compute {}.{}), {} reps",
+        "gpu-bench on {} (compute {}.{}), {} reps; NVRTC {}, driver CUDA {}, kernels loaded as {}, resident blocks per SM (m8, m16, m64, tf32) {:?}",
         gpu.device_name(),
         gpu.capability().0,
         gpu.capability().1,
-        o.reps
+        o.reps,
+        build.nvrtc,
+        build.driver,
+        build.binary,
+        build.occupancy,
     );
     let seed = reference::time_seed();
     eprintln!("seed {seed}");
@@ -254,27 +447,36 @@ fn run(o: &Options) -> Result<bool, KernelError> {
         .filter(|&m| gpu.supports(m))
         .collect();
     let mut rows = Vec::new();
+    // A failing row is recorded and the others still run: one error must not cost the
+    // whole table.
     for &p in &PRODUCTS {
         for &mode in &modes {
-            rows.push(product_row(&gpu, o, &mut rng, p, mode)?);
+            let (b, t, d_in, d_out) = p;
+            rows.push(product_row(&gpu, o, &mut rng, p, mode).unwrap_or_else(|e| {
+                eprintln!("error: product {p:?} {}: {e}", mode.name());
+                Row::failed_with("product", vec![b, t, d_in, d_out], mode, &e)
+            }));
         }
     }
     for &p in &SITES {
         for &mode in &modes {
-            rows.push(site_row(&gpu, o, &mut rng, p, mode)?);
+            let (b, t, d_in, d_out, r) = p;
+            rows.push(site_row(&gpu, o, &mut rng, p, mode).unwrap_or_else(|e| {
+                eprintln!("error: LoRA site {p:?} {}: {e}", mode.name());
+                Row::failed_with("lora_site", vec![b, t, d_in, d_out, r], mode, &e)
+            }));
         }
     }
     let mut ok = true;
     println!(
-        "{:<10} {:<26} {:<5} {:>11} {:>11} {:>11} {:>10}",
-        "kind", "shape", "mode", "median µs", "p10 µs", "p90 µs", "rel err"
+        "{:<10} {:<26} {:<5} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "kind", "shape", "mode", "median µs", "p10 µs", "p90 µs", "rel err", "timed err"
     );
     for r in &rows {
-        // NaN (an unwritten output) is bad too.
-        let bad = r.rel_err.is_nan() || r.rel_err > tol(r.mode);
+        let bad = r.failed();
         ok &= !bad;
         println!(
-            "{:<10} {:<26} {:<5} {:>11.1} {:>11.1} {:>11.1} {:>10.2e}{}",
+            "{:<10} {:<26} {:<5} {:>11.1} {:>11.1} {:>11.1} {:>10.2e} {:>10.2e}{}",
             r.kind,
             format!("{:?}", r.shape),
             r.mode.name(),
@@ -282,7 +484,14 @@ fn run(o: &Options) -> Result<bool, KernelError> {
             r.times.1,
             r.times.2,
             r.rel_err,
-            if bad { "  WRONG" } else { "" }
+            r.timed_err,
+            if r.differing > 0 {
+                format!("  WRONG ({} runs differ from the first)", r.differing)
+            } else if bad {
+                "  WRONG".to_owned()
+            } else {
+                String::new()
+            }
         );
     }
     let text = json(&gpu, &rows, o.reps);

@@ -1,20 +1,5 @@
-// The small kernels around the square kernels: sample lengths, the LoRA projections,
-// the fixed-order reductions of the partials, and the NaN poisoning tests use.
-
-// lens[n] = 1 + the last t whose mask is non-zero in sample n, 0 when there is none.
-// One warp per sample. The square kernels stop there, so right padding is never read;
-// masked rows before it are skipped row by row.
-extern "C" __global__ void sample_lengths(const float* __restrict__ mask, int batch, int seq_len,
-                                          int* __restrict__ lens) {
-    const int n = blockIdx.x;
-    if (n >= batch) return;
-    int last = 0;
-    for (int t = threadIdx.x; t < seq_len; t += 32)
-        if (mask[(i64)n * seq_len + t] != 0.0f) last = t + 1;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) last = max(last, __shfl_down_sync(0xffffffffu, last, off));
-    if (threadIdx.x == 0) lens[n] = last;
-}
+// The small kernels around the site kernel: the LoRA projections (when the caller has
+// none) and the NaN poisoning tests use.
 
 // out[row, j] = Σ_k y[row, k] · w[j·w_rank_stride + k·w_col_stride] for j < rank: the
 // LoRA products u = x·Aᵀ (A is rank × d_in: strides d_in, 1) and δ·B (B is d_out × rank:
@@ -25,14 +10,15 @@ extern "C" __global__ void sample_lengths(const float* __restrict__ mask, int ba
 #define PROJ_ROWS 16
 #define PROJ_RC 8
 #define PROJ_KC 256
-extern "C" __global__ void __launch_bounds__(256)
-    project_rows(const float* __restrict__ y, int rows, int d, const float* __restrict__ w,
-                 i64 w_rank_stride, i64 w_col_stride, int rank, const float* __restrict__ mask,
-                 float* __restrict__ out) {
+__device__ __forceinline__ void project_rows(int block, const float* __restrict__ y, int rows,
+                                             int d, const float* __restrict__ w,
+                                             i64 w_rank_stride, i64 w_col_stride, int rank,
+                                             const float* __restrict__ mask,
+                                             float* __restrict__ out) {
     __shared__ float ws[PROJ_RC * PROJ_KC];
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const i64 row0 = (i64)blockIdx.x * PROJ_ROWS + warp * 2;
+    const i64 row0 = (i64)block * PROJ_ROWS + warp * 2;
     bool live[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) live[r] = row0 + r < rows && mask[row0 + r] != 0.0f;
@@ -80,35 +66,17 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// s[n] = Σ_tile s_part[n·tiles + tile]: one block per sample, a fixed order (strided
-// partial sums, then block_sum's tree), so the result does not depend on scheduling.
+// Both LoRA projections in one launch: blocks [0, row_blocks) form u = x·Aᵀ (A is
+// rank × d_in: strides d_in, 1), the rest δ·B (B is d_out × rank: strides 1, rank).
 extern "C" __global__ void __launch_bounds__(256)
-    sum_tiles(const float* __restrict__ s_part, int batch, int tiles, float* __restrict__ s) {
-    __shared__ float red[256 / 32];
-    const int n = blockIdx.x;
-    if (n >= batch) return;
-    float acc = 0.0f;
-    for (int i = threadIdx.x; i < tiles; i += 256) acc += s_part[(i64)n * tiles + i];
-    acc = block_sum<256>(acc, red);
-    if (threadIdx.x == 0) s[n] = acc;
-}
-
-// f[e] = Σ_g f_part[g·M·K + e] in group order. With `transpose`, entry (m, k) lands at
-// f[k·M + m]: the LoRA B factor is computed as Uᵀ·δ (r × d_out) so that its small side is
-// the tile's M, and its diagonal is wanted d_out × r.
-extern "C" __global__ void sum_groups(const float* __restrict__ f_part, int groups, int m_total,
-                                      int k_total, int transpose, float* __restrict__ f) {
-    const i64 mk = (i64)m_total * k_total;
-    const i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= mk) return;
-    float acc = 0.0f;
-    for (int g = 0; g < groups; ++g) acc += f_part[(i64)g * mk + e];
-    if (transpose) {
-        const i64 m = e / k_total;
-        const i64 k = e - m * k_total;
-        f[k * m_total + m] = acc;
+    project_pair(const float* __restrict__ x, int d_in, const float* __restrict__ a,
+                 const float* __restrict__ delta, int d_out, const float* __restrict__ b,
+                 int rows, int rank, const float* __restrict__ mask, int row_blocks,
+                 float* __restrict__ u, float* __restrict__ db) {
+    if ((int)blockIdx.x < row_blocks) {
+        project_rows(blockIdx.x, x, rows, d_in, a, d_in, 1, rank, mask, u);
     } else {
-        f[e] = acc;
+        project_rows(blockIdx.x - row_blocks, delta, rows, d_out, b, 1, rank, rank, mask, db);
     }
 }
 
