@@ -122,6 +122,9 @@ struct Tf32Tile {
                         s += v;
                         f[mi][ni][e] += v;
                     }
+            // The same stores as F32Tile's epilogue, written out rather than shared through
+            // a helper: with one, ptxas spilled this kernel and the m64 one on some targets
+            // (nvrtc_compiles_every_kernel checks).
             s = block_sum<THREADS>(s, red);
             if (threadIdx.x == 0) {
                 if (tiles == 1) {

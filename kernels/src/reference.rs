@@ -521,11 +521,14 @@ pub fn per_sample_error(got: &[f32], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+fn abs(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
 impl LoraData {
     /// The same batch with every input replaced by its absolute value: its reference
     /// outputs bound the size of the terms each output sums (see [`bounded_error`]).
     pub fn magnitudes(&self) -> Self {
-        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
         Self {
             shape: self.shape,
             x: abs(&self.x),
@@ -543,7 +546,6 @@ impl LoraData {
 impl DenseData {
     /// See [`LoraData::magnitudes`].
     pub fn magnitudes(&self) -> Self {
-        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
         Self {
             shape: self.shape,
             x: abs(&self.x),
