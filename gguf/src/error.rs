@@ -27,6 +27,13 @@ pub enum GgufError {
     /// A tensor the caller needs is absent.
     #[error("{}: no tensor {tensor:?}", path.display())]
     MissingTensor { path: PathBuf, tensor: String },
+    /// The `tokenizer.ggml.*` keys do not make a tokenizer; `key` is the one at fault.
+    #[error("{}: {key}: {what}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        key: &'static str,
+        what: String,
+    },
     /// A tensor's values cannot be had (a type not dequantised, say).
     #[error("{}: tensor {tensor:?}: {what}", path.display())]
     Tensor {

@@ -9,8 +9,9 @@
 //! fetches use); other known types are listed, sized and checked, and refused by name
 //! when asked for values.
 //!
-//! Does not own what the tensors mean (the LLaMA decoder in `fibecfed-transformer`) nor
-//! the tokenizer built from the `tokenizer.ggml.*` keys.
+//! Also builds the tokenizer the `tokenizer.ggml.*` keys describe ([`tokenizer()`]), as a
+//! `tokenizers` tokenizer. Does not own what the tensors mean (the LLaMA decoder) nor how
+//! text is turned into a model's batches.
 //!
 //! The format (GGUF v2 and v3, little-endian), as llama.cpp's `gguf` documents it:
 //! magic `GGUF`, version u32, tensor count u64, metadata count u64; the metadata as
@@ -22,6 +23,7 @@
 
 mod dequant;
 mod error;
+mod tokenizer;
 mod types;
 
 use std::collections::BTreeMap;
@@ -29,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 pub use dequant::dequantize;
 pub use error::GgufError;
+pub use tokenizer::tokenizer;
 pub use types::GgmlType;
 
 /// The alignment of the tensor data when `general.alignment` is absent.
