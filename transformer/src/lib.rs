@@ -7,7 +7,8 @@
 //! [`SiteHook`] sees every LoRA site's input rows and output gradients during backward;
 //! that is how `fibecfed-fisher` gets per-sample gradient squares without this crate
 //! knowing about Fisher information. Does not own optimisers or adapter files: those
-//! are in `fibecfed-lora`.
+//! are in `fibecfed-lora`. Beside the encoder, the forward pass of a LLaMA decoder
+//! loaded from GGUF (`llama`; no LoRA or backward yet).
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod llama;
 pub mod loss;
 mod ops;
 mod par;
@@ -33,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Activation, BertConfig};
 pub use encoder::{Adapter, Dropout, Forward, NoHook, SiteHook, SiteTrace, mean_pool};
+pub use llama::{LlamaConfig, LlamaModel};
 pub use loss::{Reduction, cross_entropy};
 pub use tokenize::{Batch, Encoded, TextEncoder};
 pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};
@@ -68,6 +71,8 @@ pub enum ModelError {
     Input(String),
     #[error("non-finite values: {0}")]
     NonFinite(String),
+    #[error(transparent)]
+    Gguf(#[from] fibecfed_gguf::GgufError),
 }
 
 /// The default model's folder as `cargo xtask assets` leaves it, if it holds a model:
