@@ -230,12 +230,16 @@ pub fn e2e(extra: &[String]) -> Result<ExitCode> {
     // The test executables are built before the wheel and then run directly: maturin's
     // cargo build shares target/debug with the tests, and after it cargo found the
     // test chain stale (a shared dependency's artefact newer than its dependants'
-    // fingerprints) and rebuilt it, 4 minutes of CI for nothing.
+    // fingerprints) and rebuilt it, 4 minutes of CI for nothing. They are built with
+    // the selection `cargo xtask test` uses (--workspace --all-targets), so that the
+    // features cargo unifies, and so the artefacts, are the ones that run already
+    // built: `-p fibecfed-sim` alone unified them differently and rebuilt the chain
+    // (3 min 24 s in a CI run).
     let tests = ["flower_e2e", "flower_app"]
         .iter()
         .map(|name| {
             let mut cmd = cargo();
-            cmd.args(["test", "--no-run", "-p", "fibecfed-sim", "--test", name])
+            cmd.args(["test", "--no-run", "--workspace", "--all-targets"])
                 .current_dir(&root);
             build_executable(&mut cmd, name)
         })
