@@ -31,6 +31,24 @@ fn hex_bits(v: &Json) -> Vec<u32> {
         .collect()
 }
 
+/// A fixture row's tensor dequantised, its shape and type checked against the row.
+fn dequantize_as_listed<'a>(g: &Gguf, t: &'a Json) -> (&'a str, Vec<f32>) {
+    let name = t["name"].as_str().unwrap();
+    let (shape, values) = g.dequantize(name).unwrap();
+    let want_shape: Vec<usize> = t["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(shape, want_shape, "{name}");
+    assert_eq!(
+        format!("{:?}", g.tensor(name).unwrap().kind),
+        t["type"].as_str().unwrap()
+    );
+    (name, values)
+}
+
 #[test]
 fn small_file_matches_the_reference_bit_for_bit() {
     let g = Gguf::open(fixtures().join("small.gguf")).unwrap();
@@ -38,19 +56,7 @@ fn small_file_matches_the_reference_bit_for_bit() {
     assert_eq!(g.alignment(), 64);
     let want = expected("small.expected.json");
     for t in want["tensors"].as_array().unwrap() {
-        let name = t["name"].as_str().unwrap();
-        let (shape, values) = g.dequantize(name).unwrap();
-        let want_shape: Vec<usize> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(shape, want_shape, "{name}");
-        assert_eq!(
-            format!("{:?}", g.tensor(name).unwrap().kind),
-            t["type"].as_str().unwrap()
-        );
+        let (name, values) = dequantize_as_listed(&g, t);
         let got: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
         assert_eq!(
             got,
@@ -155,19 +161,7 @@ fn smollm2_file_matches_the_reference() {
     let rows = want["tensors"].as_array().unwrap();
     assert_eq!(g.tensors().len(), rows.len());
     for t in rows {
-        let name = t["name"].as_str().unwrap();
-        let (shape, values) = g.dequantize(name).unwrap();
-        let want_shape: Vec<usize> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(shape, want_shape, "{name}");
-        assert_eq!(
-            format!("{:?}", g.tensor(name).unwrap().kind),
-            t["type"].as_str().unwrap()
-        );
+        let (name, values) = dequantize_as_listed(&g, t);
         assert_eq!(values.len() as u64, t["count"].as_u64().unwrap(), "{name}");
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let sum_sq: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();

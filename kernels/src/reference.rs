@@ -269,20 +269,7 @@ impl LoraData {
         let delta = rng.vec(n * d_out);
         let a = rng.vec(rank * d_in);
         let b = rng.vec(d_out * rank);
-        let mut u = vec![0.0; n * rank];
-        let mut db = vec![0.0; n * rank];
-        for row in 0..n {
-            for j in 0..rank {
-                let dot_a: f64 = (0..d_in)
-                    .map(|k| f64::from(a[j * d_in + k]) * f64::from(x[row * d_in + k]))
-                    .sum();
-                let dot_b: f64 = (0..d_out)
-                    .map(|o| f64::from(delta[row * d_out + o]) * f64::from(b[o * rank + j]))
-                    .sum();
-                u[row * rank + j] = dot_a as f32;
-                db[row * rank + j] = dot_b as f32;
-            }
-        }
+        let (u, db) = lora_products(&shape, &x, &delta, &a, &b);
         Self {
             shape,
             mask: random_mask(rng, shape.batch, shape.seq_len, kind),
@@ -342,6 +329,34 @@ impl DenseData {
             mask: &self.mask,
         }
     }
+}
+
+/// x·Aᵀ and δ·B for every row (f32 inputs, f64 sums rounded to f32, as the encoder would
+/// hand them over); rows the mask skips are formed too and never read.
+fn lora_products(
+    s: &LoraShape,
+    x: &[f32],
+    delta: &[f32],
+    a: &[f32],
+    b: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (d_in, d_out, rank) = (s.d_in, s.d_out, s.rank);
+    let n = s.batch * s.seq_len;
+    let mut u = vec![0.0; n * rank];
+    let mut db = vec![0.0; n * rank];
+    for row in 0..n {
+        for j in 0..rank {
+            let dot_a: f64 = (0..d_in)
+                .map(|k| f64::from(a[j * d_in + k]) * f64::from(x[row * d_in + k]))
+                .sum();
+            let dot_b: f64 = (0..d_out)
+                .map(|o| f64::from(delta[row * d_out + o]) * f64::from(b[o * rank + j]))
+                .sum();
+            u[row * rank + j] = dot_a as f32;
+            db[row * rank + j] = dot_b as f32;
+        }
+    }
+    (u, db)
 }
 
 /// Non-finite values (NaN, +Inf, −Inf in turn) in every row the kernels must not read:
@@ -432,31 +447,11 @@ pub fn gram_sq(
 pub fn lora_gram(inputs: &LoraInputs<'_>) -> Result<(Vec<f64>, Vec<f64>), KernelError> {
     inputs.check()?;
     let s = inputs.shape;
-    let n = s.rows()?;
     let formed;
     let (u, db) = if let Some(p) = &inputs.products {
         (p.u, p.db)
     } else {
-        let mut u = vec![0.0_f32; n * s.rank];
-        let mut db = vec![0.0_f32; n * s.rank];
-        for row in (0..n).filter(|&r| inputs.mask[r] != 0.0) {
-            for j in 0..s.rank {
-                let ua: f64 = (0..s.d_in)
-                    .map(|c| {
-                        f64::from(inputs.a[j * s.d_in + c]) * f64::from(inputs.x[row * s.d_in + c])
-                    })
-                    .sum();
-                let ub: f64 = (0..s.d_out)
-                    .map(|o| {
-                        f64::from(inputs.delta[row * s.d_out + o])
-                            * f64::from(inputs.b[o * s.rank + j])
-                    })
-                    .sum();
-                u[row * s.rank + j] = ua as f32;
-                db[row * s.rank + j] = ub as f32;
-            }
-        }
-        formed = (u, db);
+        formed = lora_products(&s, inputs.x, inputs.delta, inputs.a, inputs.b);
         (formed.0.as_slice(), formed.1.as_slice())
     };
     let scale = f64::from(inputs.scale);
