@@ -91,7 +91,7 @@ pub fn step_flops(c: &BertConfig, lora: &LoraConfig, batch: usize, seq_len: usiz
     }
     for s in &sites {
         let (din, dout) = match s.kind {
-            fibecfed_lora::SiteKind::Intermediate => (h, i),
+            fibecfed_lora::SiteKind::Intermediate | fibecfed_lora::SiteKind::Gate => (h, i),
             fibecfed_lora::SiteKind::Output => (i, h),
             _ => (h, h),
         };

@@ -1,4 +1,5 @@
-//! LoRA sites of a BERT-family encoder and PEFT's `adapter_config.json`.
+//! LoRA sites of a BERT-family encoder or a LLaMA decoder, and PEFT's
+//! `adapter_config.json`.
 
 use std::fmt;
 use std::path::Path;
@@ -7,7 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::LoraError;
 
-/// The six linear modules of a BERT block that can carry a LoRA adapter.
+/// The linear modules of a block that can carry a LoRA adapter. A BERT block has the
+/// first six; a LLaMA block has all seven, named by [`SiteKind::llama_suffix`]:
+/// `Intermediate` is its `up_proj`, `Output` its `down_proj`, and `Gate` (LLaMA only,
+/// last so that the order of the BERT kinds, and every map keyed by them, is unchanged)
+/// its `gate_proj`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SiteKind {
     Query,
@@ -16,6 +21,7 @@ pub enum SiteKind {
     AttentionOutput,
     Intermediate,
     Output,
+    Gate,
 }
 
 impl SiteKind {
@@ -28,7 +34,20 @@ impl SiteKind {
         SiteKind::Output,
     ];
 
-    /// The module path inside a layer, as Hugging Face names it.
+    /// The seven of a LLaMA block, in the order of its forward pass.
+    pub const LLAMA: [SiteKind; 7] = [
+        SiteKind::Query,
+        SiteKind::Key,
+        SiteKind::Value,
+        SiteKind::AttentionOutput,
+        SiteKind::Gate,
+        SiteKind::Intermediate,
+        SiteKind::Output,
+    ];
+
+    /// The module path inside a BERT layer, as Hugging Face names it. `Gate` has none in
+    /// BERT; its LLaMA name is returned so that the function stays total, and
+    /// [`LoraConfig::resolve_sites`] never yields it.
     pub fn suffix(self) -> &'static str {
         match self {
             SiteKind::Query => "attention.self.query",
@@ -37,6 +56,21 @@ impl SiteKind {
             SiteKind::AttentionOutput => "attention.output.dense",
             SiteKind::Intermediate => "intermediate.dense",
             SiteKind::Output => "output.dense",
+            SiteKind::Gate => "mlp.gate_proj",
+        }
+    }
+
+    /// The module path inside a LLaMA layer (`model.layers.N.<this>`), as transformers
+    /// and PEFT name it.
+    pub fn llama_suffix(self) -> &'static str {
+        match self {
+            SiteKind::Query => "self_attn.q_proj",
+            SiteKind::Key => "self_attn.k_proj",
+            SiteKind::Value => "self_attn.v_proj",
+            SiteKind::AttentionOutput => "self_attn.o_proj",
+            SiteKind::Gate => "mlp.gate_proj",
+            SiteKind::Intermediate => "mlp.up_proj",
+            SiteKind::Output => "mlp.down_proj",
         }
     }
 }
@@ -56,6 +90,11 @@ impl SiteId {
     /// Module path in a `BertModel`, e.g. `encoder.layer.3.attention.self.value`.
     pub fn module_path(self) -> String {
         format!("encoder.layer.{}.{}", self.layer, self.kind.suffix())
+    }
+
+    /// Module path in a LLaMA model, e.g. `model.layers.3.self_attn.v_proj`.
+    pub fn llama_module_path(self) -> String {
+        format!("model.layers.{}.{}", self.layer, self.kind.llama_suffix())
     }
 }
 
@@ -159,6 +198,38 @@ impl LoraConfig {
                 self.target_modules.iter().any(|t| target_matches(t, &path))
             })
             .collect())
+    }
+
+    /// The sites of a LLaMA decoder with `num_layers` layers that the targets select
+    /// (PEFT's names: `q_proj`, `v_proj`, `mlp.down_proj`, `model.layers.0.self_attn.q_proj`,
+    /// ...), in (layer, kind) order; a target that selects nothing is an error.
+    pub fn resolve_llama_sites(&self, num_layers: usize) -> Result<Vec<SiteId>, LoraError> {
+        self.validate()?;
+        let all: Vec<SiteId> = (0..num_layers)
+            .flat_map(|layer| SiteKind::LLAMA.map(|kind| SiteId::new(layer, kind)))
+            .collect();
+        for target in &self.target_modules {
+            if !all
+                .iter()
+                .any(|s| target_matches(target, &s.llama_module_path()))
+            {
+                return Err(LoraError::UnknownTarget {
+                    target: target.clone(),
+                    valid: "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or a \
+                            full path such as model.layers.0.self_attn.q_proj"
+                        .into(),
+                });
+            }
+        }
+        let mut sites: Vec<SiteId> = all
+            .into_iter()
+            .filter(|s| {
+                let path = s.llama_module_path();
+                self.target_modules.iter().any(|t| target_matches(t, &path))
+            })
+            .collect();
+        sites.sort();
+        Ok(sites)
     }
 
     /// PEFT's `adapter_config.json`, with the fields PEFT needs to load it.

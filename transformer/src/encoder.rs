@@ -66,7 +66,7 @@ impl<F> SiteHook<F> for NoHook {
 }
 
 #[derive(Debug, Clone)]
-struct SiteCache<F> {
+pub(crate) struct SiteCache<F> {
     /// LoRA input after dropout; None when dropout is off (then it is the base input).
     x_drop: Option<Array2<F>>,
     /// Dropout multipliers (0 or 1/(1−p)), None when dropout is off.
@@ -118,7 +118,7 @@ fn linear<F: Real>(x: &ArrayView2<F>, lin: &Linear<F>) -> Array2<F> {
 }
 
 /// Adds scale·(x_drop·Aᵀ)·Bᵀ to `y` and returns what backward needs.
-fn lora_forward<F: Real>(
+pub(crate) fn lora_forward<F: Real>(
     x: &Array2<F>,
     w: &LoraWeights<F>,
     scale: F,
@@ -151,16 +151,16 @@ fn lora_forward<F: Real>(
 }
 
 /// An adapted site during backward: its factors, what forward kept, its gradient.
-struct SiteState<'a, F> {
-    weights: &'a LoraWeights<F>,
-    scale: F,
-    cache: &'a SiteCache<F>,
-    grad: &'a mut LoraWeights<F>,
+pub(crate) struct SiteState<'a, F> {
+    pub weights: &'a LoraWeights<F>,
+    pub scale: F,
+    pub cache: &'a SiteCache<F>,
+    pub grad: &'a mut LoraWeights<F>,
 }
 
 /// The adapter's part of one site's backward: accumulates dA and dB, shows the hook
 /// (x, δ), and adds the adapter's share of dx when the caller needs dx.
-fn lora_backward<F: Real>(
+pub(crate) fn lora_backward<F: Real>(
     dy: &ArrayView2<'_, F>,
     x: &Array2<F>,
     site: SiteId,
@@ -208,11 +208,11 @@ fn lora_backward<F: Real>(
     });
 }
 
-struct BackwardCtx<'h, 'm, F> {
-    hook: &'h mut dyn SiteHook<F>,
-    mask: &'m Array1<F>,
-    batch: usize,
-    seq_len: usize,
+pub(crate) struct BackwardCtx<'h, 'm, F> {
+    pub hook: &'h mut dyn SiteHook<F>,
+    pub mask: &'m Array1<F>,
+    pub batch: usize,
+    pub seq_len: usize,
 }
 
 /// How far down a layer's backward must go: 0 = output dense, 1 = intermediate,
@@ -220,7 +220,7 @@ struct BackwardCtx<'h, 'm, F> {
 fn depth(kind: SiteKind) -> u8 {
     match kind {
         SiteKind::Output => 0,
-        SiteKind::Intermediate => 1,
+        SiteKind::Intermediate | SiteKind::Gate => 1,
         SiteKind::AttentionOutput => 2,
         SiteKind::Query | SiteKind::Key | SiteKind::Value => 3,
     }
@@ -274,7 +274,11 @@ impl<F: Real> BertModel<F> {
                     self.layers.len()
                 )));
             };
-            let lin = layer.linear(site.kind);
+            let Some(lin) = layer.linear(site.kind) else {
+                return Err(ModelError::Input(format!(
+                    "adapter site {site}: a BERT block has no gate projection"
+                )));
+            };
             let r = w.a.nrows();
             if w.a.ncols() != lin.weight.ncols()
                 || w.b.nrows() != lin.weight.nrows()
@@ -468,18 +472,31 @@ impl<F: Real> BertModel<F> {
                 let mut y = qkv.slice_mut(s![.., j * hid..(j + 1) * hid]);
                 adapt(&x, kind, &mut y, &mut dropout);
             }
-            let mut fwd = |input: &Array2<F>, kind: SiteKind, dropout: &mut Option<Dropout<'_>>| {
-                let mut y = linear(&input.view(), layer.linear(kind));
+            let mut fwd = |input: &Array2<F>,
+                           kind: SiteKind,
+                           lin: &Linear<F>,
+                           dropout: &mut Option<Dropout<'_>>| {
+                let mut y = linear(&input.view(), lin);
                 adapt(input, kind, &mut y.view_mut(), dropout);
                 y
             };
             let (context, probs) = self.attention(&qkv, batch, record);
-            let mut a = fwd(&context, SiteKind::AttentionOutput, &mut dropout);
+            let mut a = fwd(
+                &context,
+                SiteKind::AttentionOutput,
+                &layer.attention_output,
+                &mut dropout,
+            );
             add_assign(&mut a, &x);
             let (h1, attention_norm) = layer_norm(a, &layer.attention_norm, record);
-            let mut act = fwd(&h1, SiteKind::Intermediate, &mut dropout);
+            let mut act = fwd(
+                &h1,
+                SiteKind::Intermediate,
+                &layer.intermediate,
+                &mut dropout,
+            );
             let act_grad = activate(&mut act, self.config.hidden_act, record);
-            let mut o = fwd(&act, SiteKind::Output, &mut dropout);
+            let mut o = fwd(&act, SiteKind::Output, &layer.output, &mut dropout);
             add_assign(&mut o, &h1);
             let (h2, output_norm) = layer_norm(o, &layer.output_norm, record);
             if let (Some(attention_norm), Some(act_grad), Some(output_norm)) =

@@ -7,8 +7,9 @@
 //! [`SiteHook`] sees every LoRA site's input rows and output gradients during backward;
 //! that is how `fibecfed-fisher` gets per-sample gradient squares without this crate
 //! knowing about Fisher information. Does not own optimisers or adapter files: those
-//! are in `fibecfed-lora`. Beside the encoder, the forward pass of a LLaMA decoder
-//! loaded from GGUF (`llama`; no LoRA or backward yet).
+//! are in `fibecfed-lora`. Beside the encoder, a LLaMA decoder loaded from GGUF
+//! (`llama`) with the same LoRA sites, hook and hand-written backward, classifying
+//! through its frozen LM head (a verbalizer).
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -35,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Activation, BertConfig};
 pub use encoder::{Adapter, Dropout, Forward, NoHook, SiteHook, SiteTrace, mean_pool};
-pub use llama::{LlamaConfig, LlamaModel};
+pub use llama::{DecoderForward, LlamaConfig, LlamaModel};
 pub use loss::{Reduction, cross_entropy};
 pub use tokenize::{Batch, Encoded, TextEncoder};
 pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};

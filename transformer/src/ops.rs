@@ -159,6 +159,20 @@ pub(crate) fn masked_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool])
     simd(|| masked_softmax_rows_inner(s, key_mask));
 }
 
+/// The causal form of [`masked_softmax_rows`] for a square block of one sequence: row
+/// i's softmax runs over the keys j ≤ i that are not padding; later keys get exactly 0.
+pub(crate) fn causal_softmax_rows<F: Real>(s: &mut Array2<F>, key_mask: &[bool]) {
+    simd(|| {
+        for (i, mut row) in s.rows_mut().into_iter().enumerate() {
+            if let Some(r) = row.as_slice_mut() {
+                let (seen, future) = r.split_at_mut((i + 1).min(r.len()));
+                softmax_slice(seen, &key_mask[..seen.len()]);
+                future.fill(F::zero());
+            }
+        }
+    });
+}
+
 // Must inline into `simd`'s AVX2 instance to be compiled with its features.
 #[allow(clippy::inline_always)]
 #[inline(always)]

@@ -86,15 +86,17 @@ impl<F: Real> EncoderLayer<F> {
 }
 
 impl<F> EncoderLayer<F> {
-    pub fn linear(&self, kind: SiteKind) -> &Linear<F> {
-        match kind {
+    /// The module of a site kind; `None` for `Gate`, which a BERT block does not have.
+    pub fn linear(&self, kind: SiteKind) -> Option<&Linear<F>> {
+        Some(match kind {
             SiteKind::Query => &self.query,
             SiteKind::Key => &self.key,
             SiteKind::Value => &self.value,
             SiteKind::AttentionOutput => &self.attention_output,
             SiteKind::Intermediate => &self.intermediate,
             SiteKind::Output => &self.output,
-        }
+            SiteKind::Gate => return None,
+        })
     }
 }
 
@@ -311,7 +313,7 @@ impl<F: Real> BertModel<F> {
         sites
             .iter()
             .filter_map(|&site| {
-                let lin = self.layers.get(site.layer)?.linear(site.kind);
+                let lin = self.layers.get(site.layer)?.linear(site.kind)?;
                 Some(SiteShape {
                     site,
                     d_in: lin.weight.ncols(),
