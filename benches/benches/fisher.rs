@@ -187,6 +187,7 @@ fn main() {
         ..FisherOptions::default()
     };
 
+    let classifier = fibecfed_transformer::Classifier::Bert(model.clone());
     let mut c = Criterion::default().configure_from_args().sample_size(10);
     let mut group = c.benchmark_group("fisher_site_minilm_query_r8_t128");
     let case = SiteCase::new(384, 384, 8, 128);
@@ -203,7 +204,7 @@ fn main() {
             scale: lora.scale(),
         };
         group.bench_function(format!("fisher pass {name}"), |b| {
-            b.iter(|| fisher_pass(&model, adapter, &samples, options, &CpuBackend));
+            b.iter(|| fisher_pass(&classifier, adapter, &samples, options, &CpuBackend));
         });
         group.bench_function(format!("forward+backward {name}"), |b| {
             b.iter(|| plain_pass(&model, adapter, &samples));
@@ -278,7 +279,7 @@ fn main() {
             let p = start.elapsed().as_secs_f64();
             let start = Instant::now();
             std::hint::black_box(
-                fisher_pass(&model, adapter, &samples, options, &CpuBackend)
+                fisher_pass(&classifier, adapter, &samples, options, &CpuBackend)
                     .unwrap_or_else(|e| panic!("Fisher pass: {e:#}")),
             );
             let f = start.elapsed().as_secs_f64();

@@ -23,6 +23,7 @@
 pub mod partition;
 pub mod samples;
 pub mod tsv;
+pub mod verbalizer;
 
 pub use partition::{Partition, PartitionConfig, PartitionError, apportion, partition};
 pub use samples::{
@@ -32,3 +33,4 @@ pub use samples::{
 pub use tsv::{
     DataError, Dataset, Example, GenericLayout, Layout, read_train_eval, read_tsv, read_tsv_with,
 };
+pub use verbalizer::{Verbalizer, authors_verbalizer};

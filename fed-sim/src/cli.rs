@@ -172,6 +172,7 @@ fn run_fisher(args: &FisherArgs) -> Result<()> {
         );
     }
     let (model, tok) = load_model(&args.model_dir, args.max_len, "--max-len")?;
+    let model = fibecfed_transformer::Classifier::Bert(model);
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let fresh = fibecfed_lora::LoraConfig::new(args.lora_rank, args.lora_alpha, &targets);
     let (lora, params) = load_or_init_adapter(
@@ -404,7 +405,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
     lora.base_model_name_or_path = Some(model_dir.display().to_string());
     let (train_set, eval_set) = read_train_eval(&train_file, &eval)?;
     let (model, tok) = load_model(&model_dir, config.max_len, "--max-len")?;
-    lora.resolve_sites(model.config.num_hidden_layers)?;
+    let model = fibecfed_transformer::Classifier::Bert(model);
+    model.resolve_sites(&lora)?;
     let seed = config.seed;
     let train_samples = limit_samples(tokenize(&tok, &train_set, &train_file)?, limit_train, seed);
     let eval_samples = limit_samples(

@@ -103,8 +103,26 @@ pub fn kind_table(name: &str) -> toml::Table {
 pub struct ModelSection {
     /// A Hugging Face BERT-family folder; `--model-dir` overrides it.
     pub dir: Option<PathBuf>,
-    /// Inputs are truncated to this many tokens, [CLS] and [SEP] included.
+    /// Inputs are truncated to this many tokens, [CLS] and [SEP] (or the prompt)
+    /// included.
     pub max_len: usize,
+    /// `"bert"` (the folder in `dir`, a trained head) or `"llama"` (the GGUF in `file`,
+    /// classifying through its frozen LM head; needs `sharing.head = "none"`). Written
+    /// only when not `"bert"`, so older configs read and write as before.
+    #[serde(skip_serializing_if = "ModelKind::is_bert")]
+    pub kind: ModelKind,
+    /// `kind = "llama"`: the GGUF file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// `kind = "llama"`: the prompt, `{a}` for the text (and `{b}` for a pair's second);
+    /// the label words are read after its last token. Default: the authors' template
+    /// for the dataset (`fibecfed_data::authors_verbalizer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// `kind = "llama"`: label name → word (one token, leading space), for every label
+    /// of the data. Default: the authors' words for the dataset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_words: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl Default for ModelSection {
@@ -112,7 +130,27 @@ impl Default for ModelSection {
         Self {
             dir: None,
             max_len: 64,
+            kind: ModelKind::Bert,
+            file: None,
+            template: None,
+            label_words: None,
         }
+    }
+}
+
+/// The model family of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    #[default]
+    Bert,
+    Llama,
+}
+
+impl ModelKind {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if lends it
+    fn is_bert(&self) -> bool {
+        *self == ModelKind::Bert
     }
 }
 
@@ -347,6 +385,9 @@ pub enum HeadMode {
     /// Never trained: every client keeps the seeded initial head (the closest analogue
     /// of the authors' frozen verbalizer, FIBECFED.md §7).
     Frozen,
+    /// No head: the model classifies through its frozen LM head (`model.kind =
+    /// "llama"`). The adapter's head tensors are never read, trained or sent.
+    None,
 }
 
 /// How `head` is written: the booleans of configs made before the modes existed stay
@@ -364,6 +405,7 @@ impl Serialize for HeadMode {
             Self::Shared => HeadRepr::Flag(true),
             Self::Local => HeadRepr::Flag(false),
             Self::Frozen => HeadRepr::Name("frozen".into()),
+            Self::None => HeadRepr::Name("none".into()),
         }
         .serialize(s)
     }
@@ -378,8 +420,9 @@ impl<'de> Deserialize<'de> for HeadMode {
                 "shared" => Ok(Self::Shared),
                 "local" => Ok(Self::Local),
                 "frozen" => Ok(Self::Frozen),
+                "none" => Ok(Self::None),
                 other => Err(serde::de::Error::custom(format!(
-                    "sharing.head: unknown mode {other:?}; expected \"shared\", \"local\", \"frozen\" (or true/false)"
+                    "sharing.head: unknown mode {other:?}; expected \"shared\", \"local\", \"frozen\", \"none\" (or true/false)"
                 ))),
             },
         }
@@ -589,6 +632,35 @@ impl RunConfig {
         }
         if self.model.max_len < 3 {
             bail!("model.max_len: must be at least 3 ([CLS], a token, [SEP])");
+        }
+        let m = &self.model;
+        match m.kind {
+            ModelKind::Bert => {
+                for (key, set) in [
+                    ("model.file", m.file.is_some()),
+                    ("model.template", m.template.is_some()),
+                    ("model.label_words", m.label_words.is_some()),
+                ] {
+                    if set {
+                        bail!("{key}: only read with model.kind = \"llama\"");
+                    }
+                }
+                if self.sharing.head == HeadMode::None {
+                    bail!(
+                        "sharing.head = \"none\": a BERT model classifies with its head; say \"shared\", \"local\" or \"frozen\""
+                    );
+                }
+            }
+            ModelKind::Llama => {
+                if m.dir.is_some() {
+                    bail!("model.dir: a LLaMA model is one GGUF file; name it in model.file");
+                }
+                if self.sharing.head != HeadMode::None {
+                    bail!(
+                        "sharing.head: model.kind = \"llama\" classifies through its frozen LM head, so there is no head to share, keep or freeze; say sharing.head = \"none\""
+                    );
+                }
+            }
         }
         self.partition.validate()?;
         let l = &self.lora;

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use fibecfed_aggregation::{Aggregator, Tensors, restrict};
 use fibecfed_fisher::{ImportanceReport, LayerSelector};
 use fibecfed_lora::{LoraConfig, LoraParams};
-use fibecfed_transformer::{Adapter, BertModel};
+use fibecfed_transformer::{Adapter, Classifier};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -47,7 +47,7 @@ pub trait RoundObserver: Send + Sync {
 /// The engine of one run.
 pub struct Engine {
     pub config: RunConfig,
-    model: Arc<BertModel<f32>>,
+    model: Arc<Classifier<f32>>,
     data: Vec<ClientData>,
     lora: LoraConfig,
     curriculum: Curriculum,
@@ -76,7 +76,7 @@ impl Engine {
     pub fn new(
         config: RunConfig,
         registry: &Registry,
-        model: Arc<BertModel<f32>>,
+        model: Arc<Classifier<f32>>,
         data: Vec<ClientData>,
         classes: usize,
     ) -> Result<Self> {
@@ -119,7 +119,7 @@ impl Engine {
     }
 
     pub fn layers(&self) -> usize {
-        self.model.config.num_hidden_layers
+        self.model.num_layers()
     }
 
     /// One client's round-local work, borrowing the engine's shared parts.
@@ -384,7 +384,7 @@ impl Engine {
             gamma: self.config.sparse.gamma,
             digest: self.digest.clone(),
             rounds: self.config.federation.rounds,
-            layers: self.model.config.num_hidden_layers,
+            layers: self.model.num_layers(),
             sizes: self
                 .data
                 .iter()

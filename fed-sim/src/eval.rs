@@ -3,12 +3,12 @@
 
 use anyhow::{Result, bail};
 use fibecfed_data::{Sample, batch_of, by_length};
-use fibecfed_transformer::{Adapter, BertModel, Reduction, cross_entropy};
+use fibecfed_transformer::{Adapter, Classifier, Reduction, cross_entropy};
 
 /// Accuracy and mean loss over `samples`; batches are formed by length so that
 /// little compute goes to padding (order does not change the result).
 pub fn evaluate(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     batch_size: usize,
@@ -44,14 +44,14 @@ pub struct EvalCounts {
 /// Correct predictions and the summed loss over `samples` (federated evaluation adds
 /// these up over clients).
 pub fn evaluate_counts(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     batch_size: usize,
 ) -> Result<EvalCounts> {
     let mut c = EvalCounts::default();
     for chunk in by_length(samples).chunks(batch_size.max(1)) {
-        let batch = batch_of(samples, chunk, model.config.pad_token_id)?;
+        let batch = batch_of(samples, chunk, model.pad_token_id())?;
         let logits = model.logits(&batch, adapter)?;
         let finite: Vec<usize> = (0..chunk.len())
             .filter(|&r| logits.row(r).iter().all(|v| v.is_finite()))

@@ -14,9 +14,7 @@ use fibecfed_fisher::{
     Products, SampleStats, SiteRows, head_fisher, normalise, sample_labels,
 };
 use fibecfed_lora::{LoraConfig, LoraParams, SiteId, read_adapter};
-use fibecfed_transformer::{
-    Adapter, BertModel, Reduction, SiteHook, SiteTrace, cross_entropy, mean_pool,
-};
+use fibecfed_transformer::{Adapter, Classifier, Reduction, SiteHook, SiteTrace, cross_entropy};
 use ndarray::{Array1, Array2, ArrayView2};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -137,14 +135,14 @@ impl SiteHook<f32> for FisherHook<'_> {
 /// diagonal Fisher and the layer importance. Errors name the sample (0-based index
 /// into `samples`) or the tensor.
 pub fn fisher_pass(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     options: FisherOptions,
     backend: &dyn FisherBackend<f32>,
 ) -> Result<FisherReport> {
     check_pass(samples, options.batch_size, adapter.params.num_labels())?;
-    let n_layers = model.config.num_hidden_layers;
+    let n_layers = model.num_layers();
     let blank = SampleStats::zeros(n_layers);
     let mut out = vec![blank.clone(); samples.len()];
     let mut diag = DiagFisher::new();
@@ -153,10 +151,10 @@ pub fn fisher_pass(
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     rng.set_stream(LABEL_STREAM);
     for chunk in by_length(samples).chunks(options.batch_size) {
-        let batch = batch_of(samples, chunk, model.config.pad_token_id)?;
+        let batch = batch_of(samples, chunk, model.pad_token_id())?;
         let fwd = model.forward(&batch, adapter, None)?;
         if let Some(row) = fwd
-            .logits
+            .logits()
             .rows()
             .into_iter()
             .position(|r| r.iter().any(|v| !v.is_finite()))
@@ -164,11 +162,11 @@ pub fn fisher_pass(
             bail!(
                 "sample {}: the logits are not finite ({}), so its loss is NaN: check the model and adapter weights",
                 chunk[row],
-                fwd.logits.row(row)
+                fwd.logits().row(row)
             );
         }
         let (losses, dlogits) =
-            losses_and_gradient(&fwd.logits, samples, chunk, options.labels, &mut rng)?;
+            losses_and_gradient(fwd.logits(), samples, chunk, options.labels, &mut rng)?;
         let mut hook = FisherHook {
             backend,
             stats: vec![blank.clone(); chunk.len()],
@@ -249,7 +247,7 @@ fn losses_and_gradient(
 /// I_l = mean_i ‖h_l(x_i) − h_l(x_i+ε_i)‖ / ‖ε_i‖, ε ~ N(0, σ²) on the input
 /// embeddings of real tokens, normalised over layers.
 pub fn perturbation_importance(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     batch_size: usize,
@@ -268,10 +266,10 @@ pub fn perturbation_importance(
         .with_context(|| format!("the perturbation σ must be positive and finite, got {sigma}"))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(NOISE_STREAM);
-    let mut acc = PerturbationImportance::new(model.config.num_hidden_layers);
-    let hid = model.config.hidden_size;
+    let mut acc = PerturbationImportance::new(model.num_layers());
+    let hid = model.hidden_size();
     for chunk in by_length(samples).chunks(batch_size) {
-        let batch = batch_of(samples, chunk, model.config.pad_token_id)?;
+        let batch = batch_of(samples, chunk, model.pad_token_id())?;
         let rows = batch.batch * batch.seq_len;
         let noise = Array2::from_shape_fn((rows, hid), |(r, _)| {
             if batch.mask[r] {
@@ -308,7 +306,7 @@ pub fn perturbation_importance(
 /// the L raw scores (not normalised: the authors sum them over clients) and the
 /// padded tokens of the batch.
 pub fn adversarial_sensitivity(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter: Adapter<'_, f32>,
     samples: &[Sample],
     step: f64,
@@ -321,13 +319,13 @@ pub fn adversarial_sensitivity(
     }
     check_pass(samples, 1, adapter.params.num_labels())?;
     let ids: Vec<usize> = (0..samples.len()).collect();
-    let batch = batch_of(samples, &ids, model.config.pad_token_id)?;
+    let batch = batch_of(samples, &ids, model.pad_token_id())?;
     let labels: Vec<usize> = samples.iter().map(|s| s.label).collect();
     let fwd = model.forward(&batch, adapter, None)?;
-    if fwd.logits.iter().any(|v| !v.is_finite()) {
+    if fwd.logits().iter().any(|v| !v.is_finite()) {
         bail!("the logits are not finite, so the loss is NaN: check the model and adapter weights");
     }
-    let (_, dlogits) = cross_entropy(&fwd.logits, &labels, Reduction::Mean)?;
+    let (_, dlogits) = cross_entropy(fwd.logits(), &labels, Reduction::Mean)?;
     let mut g = model.embedding_gradient(&batch, adapter, &fwd, &dlogits)?;
     // Padding never reaches a real token, so its rows are zero already; zeroing them
     // states it, as the perturbation noise does.
@@ -351,7 +349,8 @@ pub fn adversarial_sensitivity(
     let clean = model.layer_outputs(&batch, Some(adapter), None)?;
     let nudged = model.layer_outputs(&batch, Some(adapter), Some(&eps))?;
     let frobenius = |h: &Array2<f32>| {
-        mean_pool(h, &batch)
+        model
+            .pool(h, &batch)
             .iter()
             .map(|&v| f64::from(v) * f64::from(v))
             .sum::<f64>()
@@ -373,25 +372,25 @@ pub fn adversarial_sensitivity(
 /// The adapter to score: a PEFT folder, checked against the model, or a fresh
 /// PEFT-style init (A uniform, B zero, head normal) from `seed` for `num_labels`.
 pub fn load_or_init_adapter(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     adapter_dir: Option<&Path>,
     fresh: &LoraConfig,
     num_labels: usize,
     seed: u64,
 ) -> Result<(LoraConfig, LoraParams<f32>)> {
-    let layers = model.config.num_hidden_layers;
+    let layers = model.num_layers();
     if let Some(dir) = adapter_dir {
         let (config, tensors) =
             read_adapter(dir).with_context(|| format!("adapter {}", dir.display()))?;
-        let sites = config
-            .resolve_sites(layers)
+        let sites = model
+            .resolve_sites(&config)
             .with_context(|| format!("adapter {}", dir.display()))?;
         let shapes = model.site_shapes(&sites);
         let (params, _ignored) = LoraParams::<f32>::from_named(
             &tensors,
             config.r,
             &shapes,
-            model.config.hidden_size,
+            model.hidden_size(),
             &dir.display().to_string(),
         )
         .with_context(|| {
@@ -399,7 +398,7 @@ pub fn load_or_init_adapter(
                 "adapter {} does not fit the model ({}-layer, hidden {})",
                 dir.display(),
                 layers,
-                model.config.hidden_size
+                model.hidden_size()
             )
         })?;
         model

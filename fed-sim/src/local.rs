@@ -18,7 +18,7 @@ use fibecfed_fisher::{
 };
 use fibecfed_lora::params::{PEFT_HEAD_BIAS, PEFT_HEAD_WEIGHT, peft_site_name};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, SiteId};
-use fibecfed_transformer::{Adapter, BertModel, NoHook, Reduction, SiteHook};
+use fibecfed_transformer::{Adapter, Classifier, NoHook, Reduction, SiteHook};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -53,7 +53,7 @@ pub(crate) struct Curriculum {
 /// (each client's work depends only on its own data, state and seeded streams).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LocalTrainer<'e> {
-    pub model: &'e BertModel<f32>,
+    pub model: &'e Classifier<f32>,
     pub config: &'e RunConfig,
     pub lora: &'e LoraConfig,
     pub curriculum: &'e Curriculum,
@@ -165,7 +165,7 @@ impl LocalTrainer<'_> {
     }
 
     fn layers(&self) -> usize {
-        self.model.config.num_hidden_layers
+        self.model.num_layers()
     }
 
     /// Names of the tensors that travel, given the global layers, in site order (the
@@ -515,7 +515,7 @@ impl LocalTrainer<'_> {
         for epoch in 0..prune.epochs {
             let before = effective_weights(&params, &local, scale);
             for chunk in &batches {
-                let batch = batch_of(data, chunk, self.model.config.pad_token_id)?;
+                let batch = batch_of(data, chunk, self.model.pad_token_id())?;
                 tokens += (batch.batch * batch.seq_len) as u64;
                 let labels: Vec<usize> = chunk.iter().map(|&i| data[i].label).collect();
                 let outcome = step.run(
@@ -601,7 +601,7 @@ impl LocalTrainer<'_> {
                 subset.chunks(batch_size).collect()
             };
             for chunk in shuffled {
-                let batch = batch_of(data, chunk, self.model.config.pad_token_id)?;
+                let batch = batch_of(data, chunk, self.model.pad_token_id())?;
                 tokens += (batch.batch * batch.seq_len) as u64;
                 let labels: Vec<usize> = chunk.iter().map(|&i| data[i].label).collect();
                 let mut fisher_hook = collect_fisher.then(|| FisherHook {
@@ -791,7 +791,7 @@ impl LocalTrainer<'_> {
             }
             out.push(Some(b));
         }
-        if self.config.sharing.head == HeadMode::Frozen {
+        if matches!(self.config.sharing.head, HeadMode::Frozen | HeadMode::None) {
             let head = &state.params.head;
             out.push(Some(vec![false; head.weight.len()]));
             out.push(Some(vec![false; head.bias.len()]));
@@ -895,7 +895,7 @@ mod tests {
     fn the_mask_prunes_the_lowest_scores_of_the_mask_epochs() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../transformer/tests/fixtures/tiny-bert");
-        let model = BertModel::<f32>::load(&dir).unwrap();
+        let model = Classifier::Bert(fibecfed_transformer::BertModel::<f32>::load(&dir).unwrap());
         let config = RunConfig::parse(
             "method = \"t\"\n[federation]\nbatch_size = 4\nlr = 1e-2\n[lora]\nrank = 4\n[sparse]\nrho = 1.0\n[sparse.prune]\nratio = 0.1\nepochs = 1\n",
         )

@@ -14,16 +14,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::config::RunConfig;
+use crate::config::{ModelKind, RunConfig};
 use crate::engine::{ClientData, Engine, RoundMetrics, RoundObserver, RunState};
-use crate::model::load_model;
+use crate::model::{load_llama, load_model};
 use crate::output::{
     FolderLock, LOCK_FILE, check_input_file, check_outputs_apart, check_writable_dir, lock_folder,
     same_file, write_atomic,
 };
 use crate::registry::Registry;
 use fibecfed_data::{Sample, limit_samples, partition, read_train_eval, tokenize};
-use fibecfed_transformer::BertModel;
+use fibecfed_transformer::Classifier;
 use std::sync::Arc;
 
 const CONFIG_FILE: &str = "config.toml";
@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// Overrides model.dir.
     #[arg(long, conflicts_with = "resume")]
     pub model_dir: Option<PathBuf>,
+    /// Overrides model.file (the GGUF of `model.kind = "llama"`).
+    #[arg(long, value_name = "GGUF", conflicts_with_all = ["resume", "model_dir"])]
+    pub model_file: Option<PathBuf>,
     /// Overrides data.train.
     #[arg(long, conflicts_with = "resume")]
     pub train: Option<PathBuf>,
@@ -191,12 +194,22 @@ fn open(args: &RunArgs, registry: &Registry) -> Result<(Opened, FolderLock)> {
             args.train.as_deref(),
             args.test.as_deref(),
         );
+        if let Some(f) = &args.model_file {
+            if config.model.kind != ModelKind::Llama {
+                bail!(
+                    "--model-file names a GGUF, read only with model.kind = \"llama\" (config {} has a BERT model: use --model-dir)",
+                    config_path.display()
+                );
+            }
+            config.model.file = Some(f.clone());
+        }
         if let Some(s) = args.seed {
             config.seed = s;
         }
         // Absolute, so that `--resume` works from any directory.
         for p in [
             &mut config.model.dir,
+            &mut config.model.file,
             &mut config.data.train,
             &mut config.data.test,
         ]
@@ -263,6 +276,10 @@ fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: Option<&Pat
     if let Some(p) = &config.model.dir {
         inputs.push(("model.dir", p));
     }
+    if let Some(p) = &config.model.file {
+        check_input_file("model.file", p)?;
+        inputs.push(("model.file", p));
+    }
     let Some(out) = out else { return Ok(()) };
     let outputs: Vec<(&str, PathBuf)> = RUN_FILES.iter().map(|f| ("--out", out.join(f))).collect();
     check_outputs_apart(&inputs, &outputs)?;
@@ -275,7 +292,7 @@ fn check_inputs(config: &RunConfig, config_path: Option<&Path>, out: Option<&Pat
 /// A config's model and its clients' data.
 #[derive(Debug)]
 pub struct Prepared {
-    pub model: BertModel<f32>,
+    pub model: Classifier<f32>,
     /// One part per client, as `partition` cut it.
     pub data: Vec<ClientData>,
     pub label_names: Vec<String>,
@@ -287,11 +304,20 @@ pub struct Prepared {
 /// parts. Deterministic in the config: every participant of a multi-process federation
 /// that reads the same files with the same config gets the same parts.
 pub fn prepare(config: &RunConfig) -> Result<Prepared> {
-    let model_dir = config
-        .model
-        .dir
-        .clone()
-        .context("model.dir is not set: put it in the config or pass --model-dir")?;
+    let llama = config.model.kind == ModelKind::Llama;
+    let model_path = if llama {
+        config
+            .model
+            .file
+            .clone()
+            .context("model.file is not set: a LLaMA model is a GGUF file")?
+    } else {
+        config
+            .model
+            .dir
+            .clone()
+            .context("model.dir is not set: put it in the config or pass --model-dir")?
+    };
     let train_file = config
         .data
         .train
@@ -307,7 +333,19 @@ pub fn prepare(config: &RunConfig) -> Result<Prepared> {
     }
     let (train_set, test_set) = read_train_eval(&train_file, &test_file)?;
     let classes = train_set.label_names.len();
-    let (model, tok) = load_model(&model_dir, config.model.max_len, "model.max_len")?;
+    let (model, tok) = if llama {
+        load_llama(
+            &model_path,
+            config.model.max_len,
+            config.model.template.as_deref(),
+            config.model.label_words.as_ref(),
+            &train_set.name,
+            &train_set.label_names,
+        )?
+    } else {
+        let (m, tok) = load_model(&model_path, config.model.max_len, "model.max_len")?;
+        (Classifier::Bert(m), tok)
+    };
     let train = limit_samples(
         tokenize(&tok, &train_set, &train_file)?,
         config.data.limit_train,

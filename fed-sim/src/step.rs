@@ -7,7 +7,7 @@ use anyhow::Result;
 use fibecfed_aggregation::{FedProx, Tensors};
 use fibecfed_lora::{AdamW, LoraParams};
 use fibecfed_transformer::{
-    Adapter, Batch, BertModel, Dropout, Reduction, SiteHook, cross_entropy,
+    Adapter, Batch, Classifier, Dropout, Reduction, SiteHook, cross_entropy,
 };
 use ndarray::Array1;
 use rand_chacha::ChaCha8Rng;
@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 /// The model and the LoRA settings every step of a run shares.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Step<'a> {
-    pub model: &'a BertModel<f32>,
+    pub model: &'a Classifier<f32>,
     /// LoRA's α/r.
     pub scale: f32,
     /// LoRA dropout probability.
@@ -110,10 +110,10 @@ impl Step<'_> {
             rng,
         });
         let fwd = self.model.forward(batch, adapter, dropout)?;
-        if fwd.logits.iter().any(|v| !v.is_finite()) {
+        if fwd.logits().iter().any(|v| !v.is_finite()) {
             return Ok(StepOutcome::Diverged("the logits are not finite".into()));
         }
-        let (losses, dlogits) = cross_entropy(&fwd.logits, labels, self.reduction)?;
+        let (losses, dlogits) = cross_entropy(fwd.logits(), labels, self.reduction)?;
         let loss_sum: f64 = losses.iter().sum();
         if !loss_sum.is_finite() {
             return Ok(StepOutcome::Diverged(format!(

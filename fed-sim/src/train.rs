@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use fibecfed_data::{Sample, batch_of};
 use fibecfed_lora::{AdamW, AdamWConfig, LoraConfig, LoraParams, write_adapter};
-use fibecfed_transformer::{Adapter, BertModel, NoHook, Reduction};
+use fibecfed_transformer::{Adapter, Classifier, NoHook, Reduction};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -142,7 +142,7 @@ pub fn check_outputs(out: &TrainOutputs) -> Result<()> {
 
 /// Trains LoRA + head with AdamW on `train`, evaluating on `eval` after each epoch.
 pub fn train(
-    model: &BertModel<f32>,
+    model: &Classifier<f32>,
     config: &TrainConfig,
     lora: &LoraConfig,
     train: &[Sample],
@@ -237,7 +237,7 @@ fn train_epoch(
     let (mut loss_sum, mut seen, mut tokens) = (0.0, 0usize, 0usize);
     for (i, chunk) in order.chunks(batch_size).enumerate() {
         let labels: Vec<usize> = chunk.iter().map(|&i| train[i].label).collect();
-        let batch = batch_of(train, chunk, step.model.config.pad_token_id)?;
+        let batch = batch_of(train, chunk, step.model.pad_token_id())?;
         let outcome = step.run(&batch, &labels, params, opt, &[], rng, &mut NoHook, None)?;
         let losses = match outcome {
             StepOutcome::Stepped { losses, .. } => losses,

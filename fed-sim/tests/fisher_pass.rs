@@ -75,7 +75,14 @@ fn per_sample_traces_and_diagonals_equal_single_sample_gradients() {
         batch_size: 4,
         ..FisherOptions::default()
     };
-    let report = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap();
+    let report = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &data,
+        options,
+        &CpuBackend,
+    )
+    .unwrap();
 
     let mut diag = params.zeros_like();
     let layers = model.config.num_hidden_layers;
@@ -183,7 +190,14 @@ fn batching_does_not_change_the_scores() {
             batch_size,
             ..FisherOptions::default()
         };
-        fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap()
+        fisher_pass(
+            &fibecfed_transformer::Classifier::Bert(model.clone()),
+            adapter,
+            &data,
+            options,
+            &CpuBackend,
+        )
+        .unwrap()
     };
     let (one, all) = (run(1), run(9));
     for (i, (a, b)) in one.samples.iter().zip(&all.samples).enumerate() {
@@ -211,9 +225,15 @@ fn sampled_labels_and_perturbation_are_seeded() {
             labels: LabelMode::Sampled,
             seed,
         };
-        fisher_pass(&model, adapter, &data, options, &CpuBackend)
-            .unwrap()
-            .samples
+        fisher_pass(
+            &fibecfed_transformer::Classifier::Bert(model.clone()),
+            adapter,
+            &data,
+            options,
+            &CpuBackend,
+        )
+        .unwrap()
+        .samples
     };
     assert_eq!(sampled(3), sampled(3));
     let s = sampled(3);
@@ -223,7 +243,7 @@ fn sampled_labels_and_perturbation_are_seeded() {
     );
     // The reported loss stays the true-label loss.
     let truth = fisher_pass(
-        &model,
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
         adapter,
         &data,
         FisherOptions::default(),
@@ -246,7 +266,14 @@ fn sampled_labels_and_perturbation_are_seeded() {
         labels: LabelMode::Sampled,
         seed: 3,
     };
-    let got = fisher_pass(&model, adapter2, &data, options, &CpuBackend).unwrap();
+    let got = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter2,
+        &data,
+        options,
+        &CpuBackend,
+    )
+    .unwrap();
     let relabelled: Vec<Sample> = data
         .iter()
         .map(|s| Sample {
@@ -255,7 +282,7 @@ fn sampled_labels_and_perturbation_are_seeded() {
         })
         .collect();
     let want = fisher_pass(
-        &model,
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
         adapter2,
         &relabelled,
         FisherOptions::default(),
@@ -272,7 +299,7 @@ fn sampled_labels_and_perturbation_are_seeded() {
     }
     // At the true labels (mostly not 2) it differs.
     let at_truth = fisher_pass(
-        &model,
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
         adapter2,
         &data,
         FisherOptions::default(),
@@ -285,7 +312,17 @@ fn sampled_labels_and_perturbation_are_seeded() {
             .zip(&at_truth.samples)
             .any(|(a, b)| !close(a.fisher, b.fisher))
     );
-    let p = |seed| perturbation_importance(&model, adapter, &data, 4, 0.1, seed).unwrap();
+    let p = |seed| {
+        perturbation_importance(
+            &fibecfed_transformer::Classifier::Bert(model.clone()),
+            adapter,
+            &data,
+            4,
+            0.1,
+            seed,
+        )
+        .unwrap()
+    };
     let (a, b) = (p(1), p(1));
     assert_eq!(a, b);
     assert_eq!(a.len(), model.config.num_hidden_layers);
@@ -300,26 +337,60 @@ fn empty_data_zero_batch_and_impossible_labels_are_refused() {
         params: &params,
         scale: lora.scale(),
     };
-    let err = fisher_pass(&model, adapter, &[], FisherOptions::default(), &CpuBackend).unwrap_err();
+    let err = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &[],
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
     let data = samples(2, 64);
     let options = FisherOptions {
         batch_size: 0,
         ..FisherOptions::default()
     };
-    let err = fisher_pass(&model, adapter, &data, options, &CpuBackend).unwrap_err();
+    let err = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &data,
+        options,
+        &CpuBackend,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("batch size"), "{err}");
     let mut bad = samples(3, 64);
     bad[1].label = 5;
-    let err =
-        fisher_pass(&model, adapter, &bad, FisherOptions::default(), &CpuBackend).unwrap_err();
+    let err = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &bad,
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("sample 1 has label id 5"), "{err}");
     let mut bad = samples(3, 64);
     bad[1].label = 5;
-    let err =
-        fisher_pass(&model, adapter, &bad, FisherOptions::default(), &CpuBackend).unwrap_err();
+    let err = fisher_pass(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &bad,
+        FisherOptions::default(),
+        &CpuBackend,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("sample 1 has label id 5"), "{err}");
-    let err = perturbation_importance(&model, adapter, &data, 2, f32::NAN, 0).unwrap_err();
+    let err = perturbation_importance(
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
+        adapter,
+        &data,
+        2,
+        f32::NAN,
+        0,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("σ"), "{err}");
 }
 
@@ -334,7 +405,7 @@ fn adversarial_sensitivity_matches_an_f64_recomputation() {
     let data = samples(10, model.config.vocab_size as u32);
     let step = 0.5;
     let (got, tokens) = fibecfed_sim::fisher::adversarial_sensitivity(
-        &model,
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
         Adapter {
             params: &params,
             scale: lora.scale(),
@@ -386,7 +457,7 @@ fn adversarial_sensitivity_matches_an_f64_recomputation() {
     }
     // A longer nudge moves the outputs further.
     let (far, _) = fibecfed_sim::fisher::adversarial_sensitivity(
-        &model,
+        &fibecfed_transformer::Classifier::Bert(model.clone()),
         Adapter {
             params: &params,
             scale: lora.scale(),

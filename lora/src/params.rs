@@ -88,7 +88,11 @@ fn parse_peft_key(name: &str) -> Option<PeftKey> {
     if rest.starts_with("pooler.dense.lora_") {
         return Some(PeftKey::Pooler);
     }
-    let rest = rest.strip_prefix("encoder.layer.")?;
+    // BERT's layer paths, or a LLaMA model's (`model.layers.N.self_attn.q_proj`).
+    let (rest, llama) = match rest.strip_prefix("encoder.layer.") {
+        Some(r) => (r, false),
+        None => (rest.strip_prefix("model.layers.")?, true),
+    };
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     // PEFT files written with an adapter name keep it: `lora_A.default.weight`.
@@ -100,7 +104,15 @@ fn parse_peft_key(name: &str) -> Option<PeftKey> {
     } else {
         return None;
     };
-    let kind = SiteKind::ALL.into_iter().find(|k| k.suffix() == module)?;
+    // Every kind's `suffix` is distinct, `Gate`'s included, so an adapter of LLaMA sites
+    // written with BERT-style paths (as `to_named` writes them) reads back too.
+    let kind = SiteKind::LLAMA.into_iter().find(|k| {
+        if llama {
+            k.llama_suffix() == module
+        } else {
+            k.suffix() == module
+        }
+    })?;
     Some(PeftKey::Site {
         layer,
         kind,

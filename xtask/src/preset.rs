@@ -142,6 +142,18 @@ pub struct Plan {
 }
 
 impl Preset {
+    /// Whether the shared settings run a LLaMA decoder (`[model] kind = "llama"`): its
+    /// model is the SmolLM2 GGUF, passed as `--model-file`.
+    pub fn runs_llama(&self) -> bool {
+        self.settings
+            .get("model")
+            .and_then(|m| m.get("kind"))
+            .and_then(toml::Value::as_str)
+            == Some("llama")
+    }
+}
+
+impl Preset {
     /// The preset `asked` names (`None`: the default one). A bare name (no `/`, no
     /// `.toml`) is a file under `configs/presets/`; anything else is a path, relative to
     /// the current directory.
@@ -677,7 +689,7 @@ mod tests {
     use super::*;
     use crate::common::{UserError, workspace_root};
 
-    const BUILT_IN: [&str; 5] = ["smoke", "default", "paper", "heads", "evidence"];
+    const BUILT_IN: [&str; 6] = ["smoke", "default", "paper", "heads", "evidence", "smollm2"];
 
     /// The message of a `UserError` (exit 2), or a failure naming what came instead.
     fn user_message<T: std::fmt::Debug>(result: Result<T>) -> String {
@@ -704,11 +716,13 @@ mod tests {
         let root = workspace_root()?;
         assert_eq!(
             available(&presets_dir(&root)),
-            ["default", "evidence", "heads", "paper", "smoke"]
+            ["default", "evidence", "heads", "paper", "smoke", "smollm2"]
         );
         for name in BUILT_IN {
             let preset = Preset::load(&root, Some(name))?;
             assert_eq!(preset.label, name);
+            // Only the SmolLM2 preset runs the LLaMA decoder (and so `--model-file`).
+            assert_eq!(preset.runs_llama(), name == "smollm2", "{name}");
             assert!(preset.description.as_deref().is_some_and(|d| !d.is_empty()));
             assert_eq!(preset.methods[..2], ["fibecfed", "fedavg-lora"]);
             assert_eq!(preset.primary, "fibecfed");

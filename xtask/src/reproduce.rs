@@ -19,7 +19,7 @@ use crate::common::{absolute, cargo, describe, user_error, workspace_root};
 use crate::preset::Preset;
 use crate::summarise::{self, Job, JobDataset};
 use crate::system::{self, Piece};
-use crate::{assets, data};
+use crate::{assets, data, smollm2};
 
 #[derive(Debug, Default)]
 pub struct Options {
@@ -27,6 +27,8 @@ pub struct Options {
     pub model_dir: Option<PathBuf>,
     /// `--preset`: a built-in name or a file; `None` is the default preset.
     pub preset: Option<String>,
+    /// `--model smollm2`: the preset must run the LLaMA decoder.
+    pub smollm2: bool,
     /// Dataset folder names; default MR (or its stand-in).
     pub datasets: Vec<String>,
     /// One run per seed and method; default the preset's `seeds`, else 42.
@@ -63,7 +65,26 @@ pub fn run(options: &Options) -> Result<()> {
     let seeds = pick_seeds(&options.seeds, preset.seeds.as_deref())?;
     // Before the downloads, so a missing OpenBLAS stops the job at once.
     system::ensure(&[Piece::OpenBlas])?;
-    let model = assets::resolve(options.model_dir.as_deref())?;
+    // A LLaMA preset runs the SmolLM2 GGUF (`--model-file`); the others a BERT folder.
+    let llama = preset.runs_llama();
+    if options.smollm2 && !llama {
+        return Err(user_error(format!(
+            "--model smollm2: preset {} runs a BERT model; a SmolLM2 preset has [model] kind = \"llama\" (configs/presets/smollm2.toml)",
+            preset.label
+        )));
+    }
+    if llama && options.model_dir.is_some() {
+        return Err(user_error(format!(
+            "--model-dir names a BERT folder, but preset {} runs a LLaMA model (the SmolLM2 GGUF; set FIBECFED_SMOLLM2_GGUF to use another file)",
+            preset.label
+        )));
+    }
+    let model = if llama {
+        smollm2::resolve()?
+    } else {
+        assets::resolve(options.model_dir.as_deref())?
+    };
+    let model_flag = if llama { "--model-file" } else { "--model-dir" };
     let data_root = data::resolve(options.data_dir.as_deref())?;
     // `--datasets`, else the preset's `run_on`, else MR (or its stand-in).
     let asked = if options.datasets.is_empty() {
@@ -119,7 +140,7 @@ pub fn run(options: &Options) -> Result<()> {
                     .arg(&config_path)
                     .arg("--out")
                     .arg(&out)
-                    .arg("--model-dir")
+                    .arg(model_flag)
                     .arg(&model)
                     .arg("--train")
                     .arg(&ds.train)
