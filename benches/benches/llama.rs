@@ -21,11 +21,13 @@ const SEQ: usize = 48;
 const LABELS: [u32; 2] = [13321, 1109];
 
 fn model() -> (LlamaModel<f32>, String) {
-    if let Some(file) = std::env::var_os("FIBECFED_SMOLLM2_GGUF").map(PathBuf::from)
-        && let Ok(m) = LlamaModel::<f32>::load(&file)
-    {
-        return (m, format!("SmolLM2-135M-Instruct ({})", file.display()));
-    }
+    let why = match std::env::var_os("FIBECFED_SMOLLM2_GGUF").map(PathBuf::from) {
+        Some(file) => match LlamaModel::<f32>::load(&file) {
+            Ok(m) => return (m, format!("SmolLM2-135M-Instruct ({})", file.display())),
+            Err(e) => format!("{} did not load: {e}", file.display()),
+        },
+        None => "FIBECFED_SMOLLM2_GGUF not set".to_owned(),
+    };
     let config = LlamaConfig {
         vocab_size: 49_152,
         hidden_size: 576,
@@ -39,7 +41,7 @@ fn model() -> (LlamaModel<f32>, String) {
     };
     (
         LlamaModel::random(config, 3),
-        "a random model of SmolLM2-135M's shape (FIBECFED_SMOLLM2_GGUF not set)".into(),
+        format!("a random model of SmolLM2-135M's shape ({why})"),
     )
 }
 

@@ -561,14 +561,21 @@ impl RunConfig {
 
     /// Command-line overrides of the model folder and data files (`--model-dir`,
     /// `--train`, `--test`).
+    /// The command line's (or a node's) paths over the config's. For a LLaMA config
+    /// (`model.kind = "llama"`) the model path names its GGUF file (`model.file`),
+    /// since a node config or `--model-dir` has one model slot.
     pub fn override_paths(
         &mut self,
         model_dir: Option<&Path>,
         train: Option<&Path>,
         test: Option<&Path>,
     ) {
+        let model_slot = match self.model.kind {
+            ModelKind::Bert => &mut self.model.dir,
+            ModelKind::Llama => &mut self.model.file,
+        };
         for (slot, value) in [
-            (&mut self.model.dir, model_dir),
+            (model_slot, model_dir),
             (&mut self.data.train, train),
             (&mut self.data.test, test),
         ] {

@@ -44,7 +44,7 @@ pub struct RunArgs {
     /// Continue the run in this folder from its last checkpoint.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Overrides model.dir.
+    /// Overrides model.dir (model.file for a LLaMA config).
     #[arg(long, conflicts_with = "resume")]
     pub model_dir: Option<PathBuf>,
     /// Overrides model.file (the GGUF of `model.kind = "llama"`).

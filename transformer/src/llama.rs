@@ -84,11 +84,37 @@ impl LlamaConfig {
         };
         let hidden_size = int("llama.embedding_length")?;
         let heads = int("llama.attention.head_count")?;
-        let kv_heads = int("llama.attention.head_count_kv")?;
+        // Optional in GGUF: absent means no grouping (one key/value head per query head).
+        let kv_heads = match g.get("llama.attention.head_count_kv") {
+            Ok(_) => int("llama.attention.head_count_kv")?,
+            Err(_) => heads,
+        };
         let bad = |problem: String| ModelError::Config {
             path: g.path().to_path_buf(),
             problem,
         };
+        // What this decoder does not compute is refused rather than silently skipped:
+        // scaled or frequency-corrected rotary embeddings (Llama 3.x), and heads whose
+        // width is not embedding_length / head_count.
+        if let Some(key) = g.metadata().keys().find(|k| {
+            k.starts_with("llama.rope.scaling.")
+                || k.as_str() == "llama.attention.key_length"
+                || k.as_str() == "llama.attention.value_length"
+        }) && !(key.ends_with("scaling.type") && g.get_str(key).is_ok_and(|t| t == "none"))
+            && !(key.ends_with("_length")
+                && heads > 0
+                && g.get_u64(key)
+                    .is_ok_and(|v| v as usize * heads == hidden_size))
+        {
+            return Err(bad(format!(
+                "{key} is set: this decoder computes plain rotary embeddings and heads of embedding_length / head_count values only"
+            )));
+        }
+        if g.tensor("rope_freqs.weight").is_ok() {
+            return Err(bad(
+                "tensor rope_freqs.weight is present (rotary frequency factors, Llama 3.1+): not computed by this decoder".into(),
+            ));
+        }
         if hidden_size % heads != 0 || heads % kv_heads != 0 {
             return Err(bad(format!(
                 "llama.embedding_length {hidden_size}, head_count {heads} and head_count_kv {kv_heads} do not divide"
@@ -114,7 +140,11 @@ impl LlamaConfig {
             head_dim,
             ffn_size: int("llama.feed_forward_length")?,
             rms_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
-            rope_theta: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            // Absent means the LLaMA default; present but unreadable is an error.
+            rope_theta: match g.get("llama.rope.freq_base") {
+                Ok(_) => g.get_f64("llama.rope.freq_base")?,
+                Err(_) => 10_000.0,
+            },
         })
     }
 }
@@ -504,6 +534,16 @@ impl<F: Real> LlamaModel<F> {
     /// real row.
     fn check_batch(&self, batch: &Batch) -> Result<Vec<usize>, ModelError> {
         let vocab = self.config.vocab_size;
+        let n = batch.batch.saturating_mul(batch.seq_len);
+        if n == 0 || batch.input_ids.len() != n || batch.mask.len() != n {
+            return Err(ModelError::Input(format!(
+                "a batch of {} × {} needs that many ids and mask entries (got {} and {})",
+                batch.batch,
+                batch.seq_len,
+                batch.input_ids.len(),
+                batch.mask.len()
+            )));
+        }
         if let Some((i, id)) = batch
             .input_ids
             .iter()

@@ -123,3 +123,31 @@ fn non_finite_adapter_tensor_is_named() {
         .to_string();
     assert!(err.contains(name) && err.contains("inf"), "{err}");
 }
+
+/// Prompt templates: `{a}` once, `{b}` at most once, no other braces.
+#[test]
+fn prompt_templates_are_checked() {
+    use fibecfed_transformer::PromptTemplate;
+    for ok in [
+        "{a} . It was",
+        "{a} ? {b} These two sentences are",
+        "Review: {a}",
+    ] {
+        let t = PromptTemplate::parse(ok).unwrap();
+        assert_eq!(t.as_str(), ok);
+        assert_eq!(t.has_pair(), ok.contains("{b}"));
+    }
+    for bad in [
+        "",
+        "no text",
+        "{a} {a}",
+        "{b}",
+        "{a} {c}",
+        "{a} }",
+        "{a} {b} {b}",
+        "{ a}",
+    ] {
+        let e = PromptTemplate::parse(bad).unwrap_err().to_string();
+        assert!(e.contains("prompt template"), "{bad:?}: {e}");
+    }
+}

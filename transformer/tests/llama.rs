@@ -273,3 +273,67 @@ fn smollm2_lora_gradients_match_peft() {
     );
     assert!(rel <= 1e-4, "normwise relative error {rel:e}");
 }
+
+/// The prompted encoder (the template's text and each example tokenised piece by piece)
+/// gives the ids transformers' GGUF tokenizer gives the whole prompt string, for the
+/// fixture's prompts; the label words are single tokens with those ids.
+#[test]
+fn smollm2_prompts_tokenise_as_transformers_does() {
+    use fibecfed_transformer::{PromptTemplate, TextEncoder};
+    let Some(file) = model_file("smollm2_prompts_tokenise_as_transformers_does") else {
+        return;
+    };
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2.grads.json");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let template = PromptTemplate::parse(
+        want["template"]
+            .as_str()
+            .unwrap()
+            .replace("{}", "{a}")
+            .as_str(),
+    )
+    .unwrap();
+    let tok = TextEncoder::from_gguf(&file, 64, template).unwrap();
+    for row in want["rows"].as_array().unwrap() {
+        let ids: Vec<u32> = row["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(row["text"].as_str().unwrap(), None).unwrap();
+        assert_eq!(got.ids, ids, "{:?}", row["text"]);
+    }
+    let words: Vec<String> = want["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap().to_owned())
+        .collect();
+    let ids: Vec<u32> = want["word_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(tok.label_ids(&words).unwrap(), ids);
+    // A long text is cut from its end; the template's tail stays.
+    let short =
+        TextEncoder::from_gguf(&file, 8, PromptTemplate::parse("{a} . It was").unwrap()).unwrap();
+    let long = short
+        .encode("one two three four five six seven eight nine ten", None)
+        .unwrap();
+    assert_eq!(long.ids.len(), 8);
+    // The template around an empty text is the template's own tokens.
+    let tail = tok.encode("", None).unwrap().ids;
+    assert!(
+        !tail.is_empty() && long.ids.ends_with(&tail),
+        "{long:?} {tail:?}"
+    );
+    assert!(
+        short.encode("a", Some("b")).is_err(),
+        "a pair into a one-text prompt"
+    );
+    assert!(tok.label_ids(&[" xqzvkjw".to_owned()]).is_err());
+}

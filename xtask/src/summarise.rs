@@ -408,7 +408,17 @@ fn render(results: &Path, job: &Job, sections: &str) -> String {
     let _ = writeln!(out, "- target fraction: {}", job.target_fraction);
     let seeds: Vec<String> = job.seeds.iter().map(u64::to_string).collect();
     let _ = writeln!(out, "- seeds: {}", seeds.join(", "));
-    let _ = writeln!(out, "- model folder: `{}`", unknown(&job.model));
+    // A LLaMA preset's model is one GGUF file; every other job's is a folder.
+    let what = if job.model.as_deref().is_some_and(|m| {
+        std::path::Path::new(m)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    }) {
+        "model file"
+    } else {
+        "model folder"
+    };
+    let _ = writeln!(out, "- {what}: `{}`", unknown(&job.model));
     for d in &job.datasets {
         let _ = writeln!(
             out,
