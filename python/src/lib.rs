@@ -129,7 +129,8 @@ fn parse(text: &str, what: &str) -> anyhow::Result<Value> {
 /// One FibecFed client: `Node(config, client_id, model_dir=None, train=None,
 /// test=None, state_dir=None)`. With `state_dir`, each step reads and writes the
 /// client's state there (so a new process can continue it); without, it lives in
-/// memory.
+/// memory. `model_dir` overrides the config's model path: its folder, or for a LLaMA
+/// config (`model.kind = "llama"`) its GGUF file.
 #[pyclass(module = "fibecfed._native")]
 struct Node {
     inner: RustNode,

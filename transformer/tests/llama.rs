@@ -15,6 +15,15 @@ use fibecfed_transformer::{
 use ndarray::{Array2, s};
 use rand_chacha::rand_core::SeedableRng;
 
+/// A JSON array of token ids.
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
 fn model_file(test: &str) -> Option<PathBuf> {
     use std::io::Write as _;
     let file = std::env::var_os("FIBECFED_SMOLLM2_GGUF").map(PathBuf::from);
@@ -45,12 +54,7 @@ fn smollm2_logits_match_transformers() {
     let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
     for row in rows {
         let text = row["text"].as_str().unwrap();
-        let ids: Vec<u32> = row["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = ids(&row["ids"]);
         let logits = model.logits(&ids).unwrap();
         assert_eq!(logits.nrows(), ids.len(), "{text:?}");
         let vocab = logits.ncols();
@@ -114,15 +118,7 @@ fn bad_inputs_are_errors() {
 /// order q, k, v, o, gate, up, down) in layer l, in f64 then rounded to f32.
 fn formula_adapter(model: &LlamaModel<f32>, layers: &[usize], rank: usize) -> LoraParams<f32> {
     use fibecfed_lora::SiteKind;
-    let kinds = [
-        SiteKind::Query,
-        SiteKind::Key,
-        SiteKind::Value,
-        SiteKind::AttentionOutput,
-        SiteKind::Gate,
-        SiteKind::Intermediate,
-        SiteKind::Output,
-    ];
+    let kinds = SiteKind::LLAMA;
     let sites: Vec<SiteId> = layers
         .iter()
         .flat_map(|&l| kinds.map(|k| SiteId::new(l, k)))
@@ -175,24 +171,9 @@ fn smollm2_lora_gradients_match_peft() {
         serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let rank = want["rank"].as_u64().unwrap() as usize;
     let stride = want["stride"].as_u64().unwrap() as usize;
-    let words: Vec<u32> = want["word_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let words: Vec<u32> = ids(&want["word_ids"]);
     let rows = want["rows"].as_array().unwrap();
-    let seqs: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| {
-            r["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
+    let seqs: Vec<Vec<u32>> = rows.iter().map(|r| ids(&r["ids"])).collect();
     let labels: Vec<usize> = rows
         .iter()
         .map(|r| r["label"].as_u64().unwrap() as usize)
@@ -231,16 +212,12 @@ fn smollm2_lora_gradients_match_peft() {
         }
         for g in row["grads"].as_array().unwrap() {
             let layer = g["layer"].as_u64().unwrap() as usize;
-            let kind = match g["kind"].as_str().unwrap() {
-                "q_proj" => fibecfed_lora::SiteKind::Query,
-                "k_proj" => fibecfed_lora::SiteKind::Key,
-                "v_proj" => fibecfed_lora::SiteKind::Value,
-                "o_proj" => fibecfed_lora::SiteKind::AttentionOutput,
-                "gate_proj" => fibecfed_lora::SiteKind::Gate,
-                "up_proj" => fibecfed_lora::SiteKind::Intermediate,
-                "down_proj" => fibecfed_lora::SiteKind::Output,
-                other => panic!("kind {other}"),
-            };
+            // PEFT's module name, e.g. "q_proj", ends the kind's LLaMA path.
+            let name = g["kind"].as_str().unwrap();
+            let kind = fibecfed_lora::SiteKind::LLAMA
+                .into_iter()
+                .find(|k| k.llama_suffix().ends_with(&format!(".{name}")))
+                .unwrap_or_else(|| panic!("kind {name}"));
             let w = &hook.grads[b].sites[&SiteId::new(layer, kind)];
             let m = if g["factor"] == "A" { &w.a } else { &w.b };
             let shape: Vec<usize> = g["shape"]
@@ -296,12 +273,7 @@ fn smollm2_prompts_tokenise_as_transformers_does() {
     .unwrap();
     let tok = TextEncoder::from_gguf(&file, 64, template).unwrap();
     for row in want["rows"].as_array().unwrap() {
-        let ids: Vec<u32> = row["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = ids(&row["ids"]);
         let got = tok.encode(row["text"].as_str().unwrap(), None).unwrap();
         assert_eq!(got.ids, ids, "{:?}", row["text"]);
     }
@@ -311,12 +283,7 @@ fn smollm2_prompts_tokenise_as_transformers_does() {
         .iter()
         .map(|w| w.as_str().unwrap().to_owned())
         .collect();
-    let ids: Vec<u32> = want["word_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids: Vec<u32> = ids(&want["word_ids"]);
     assert_eq!(tok.label_ids(&words).unwrap(), ids);
     // A long text is cut from its end; the template's tail stays.
     let short =
