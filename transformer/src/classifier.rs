@@ -201,15 +201,14 @@ impl<F: Real> Classifier<F> {
         match self {
             Self::Bert(_) => mean_pool(hidden, batch),
             Self::Llama { .. } => {
+                // Right-padded (the decoder refuses other batches): the last real
+                // token of sequence b is row b·T + len − 1.
                 let t = batch.seq_len;
                 let mut out = Array2::zeros((batch.batch, hidden.ncols()));
-                for (b, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
-                    let len = batch.mask[b * t..(b + 1) * t]
-                        .iter()
-                        .take_while(|&&m| m)
-                        .count()
-                        .max(1);
-                    row.assign(&hidden.row(b * t + len - 1));
+                for (b, (mut row, len)) in
+                    out.axis_iter_mut(Axis(0)).zip(batch.lengths()).enumerate()
+                {
+                    row.assign(&hidden.row(b * t + len.max(1) - 1));
                 }
                 out
             }

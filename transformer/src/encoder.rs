@@ -100,9 +100,9 @@ pub struct Forward<F> {
 
 /// Optional taps into a forward pass.
 #[derive(Debug, Default)]
-struct Tap<'a, F> {
-    embedding_noise: Option<&'a Array2<F>>,
-    layer_outputs: Option<&'a mut Vec<Array2<F>>>,
+pub(crate) struct Tap<'a, F> {
+    pub embedding_noise: Option<&'a Array2<F>>,
+    pub layer_outputs: Option<&'a mut Vec<Array2<F>>>,
 }
 
 /// LoRA dropout, as PEFT applies it: on the adapter's input only.
@@ -215,8 +215,9 @@ pub(crate) struct BackwardCtx<'h, 'm, F> {
     pub seq_len: usize,
 }
 
-/// How far down a layer's backward must go: 0 = output dense, 1 = intermediate,
-/// 2 = attention output, 3 = q/k/v, 4 = the layer's input.
+/// How far down a layer's backward must go: 0 = output dense (LLaMA: down), 1 =
+/// intermediate (LLaMA: gate and up), 2 = attention output, 3 = q/k/v, 4 = the layer's
+/// input. The encoder and the decoder share the order.
 fn depth(kind: SiteKind) -> u8 {
     match kind {
         SiteKind::Output => 0,
@@ -224,6 +225,45 @@ fn depth(kind: SiteKind) -> u8 {
         SiteKind::AttentionOutput => 2,
         SiteKind::Query | SiteKind::Key | SiteKind::Value => 3,
     }
+}
+
+/// The lowest layer a backward pass visits: layer 0 when it goes on to the input,
+/// else the lowest adapted layer; `None` when nothing is adapted and the input is not
+/// asked for.
+pub(crate) fn lowest_layer<F>(params: &LoraParams<F>, to_input: bool) -> Option<usize> {
+    if to_input {
+        return Some(0);
+    }
+    params.sites.keys().map(|s| s.layer).min()
+}
+
+/// How deep layer `l`'s backward must go ([`depth`]): all the way above the lowest
+/// layer or on the way to the input, else as deep as that layer's deepest site.
+pub(crate) fn layer_depth<F>(
+    params: &LoraParams<F>,
+    l: usize,
+    lowest: usize,
+    to_input: bool,
+) -> u8 {
+    if l > lowest || to_input {
+        return 4;
+    }
+    params
+        .sites
+        .keys()
+        .filter(|s| s.layer == l)
+        .map(|s| depth(s.kind))
+        .max()
+        .unwrap_or(0)
+}
+
+/// 1 for real tokens, 0 for padding: the hook's mask.
+pub(crate) fn mask_values<F: Real>(batch: &Batch) -> Array1<F> {
+    batch
+        .mask
+        .iter()
+        .map(|&m| if m { F::one() } else { F::zero() })
+        .collect()
 }
 
 const QKV: [SiteKind; 3] = [SiteKind::Query, SiteKind::Key, SiteKind::Value];
@@ -642,16 +682,10 @@ impl<F: Real> BertModel<F> {
         );
         grads.head.bias = dlogits.sum_axis(Axis(0));
         hook.head(fwd.pooled.view(), dlogits.view());
-        let lowest = match params.sites.keys().map(|s| s.layer).min() {
-            _ if to_input => 0,
-            Some(l) => l,
-            None => return Ok((grads, None)),
+        let Some(lowest) = lowest_layer(params, to_input) else {
+            return Ok((grads, None));
         };
-        let mask: Array1<F> = batch
-            .mask
-            .iter()
-            .map(|&m| if m { F::one() } else { F::zero() })
-            .collect();
+        let mask: Array1<F> = mask_values(batch);
         let mut dh = pool_backward(&dlogits.dot(&params.head.weight), batch, &mask);
         let mut ctx = BackwardCtx {
             hook,
@@ -662,17 +696,7 @@ impl<F: Real> BertModel<F> {
         for l in (lowest..self.layers.len()).rev() {
             let layer = &self.layers[l];
             let cache = &fwd.layers[l];
-            let need = if l > lowest || to_input {
-                4
-            } else {
-                params
-                    .sites
-                    .keys()
-                    .filter(|s| s.layer == l)
-                    .map(|s| depth(s.kind))
-                    .max()
-                    .unwrap_or(0)
-            };
+            let need = layer_depth(params, l, lowest, to_input);
             // One site: base dx (when needed) plus the adapter's part.
             let mut site = |kind: SiteKind,
                             dy: &ArrayView2<'_, F>,

@@ -39,8 +39,8 @@ use rand_chacha::rand_core::SeedableRng;
 
 use crate::ModelError;
 use crate::encoder::{
-    Adapter, BackwardCtx, Dropout, NoHook, SiteCache, SiteHook, SiteState, lora_backward,
-    lora_forward,
+    Adapter, BackwardCtx, Dropout, NoHook, SiteCache, SiteHook, SiteState, Tap, layer_depth,
+    lora_backward, lora_forward, lowest_layer, mask_values,
 };
 use crate::ops::{add_assign, causal_softmax_rows, softmax_backward_rows};
 use crate::par;
@@ -368,6 +368,14 @@ struct LayerCache<F> {
     sites: BTreeMap<SiteKind, SiteCache<F>>,
 }
 
+/// What [`LlamaModel::run`] returns: the final norm's input (B·T × hidden), each
+/// sequence's last real row, and with `record` what backward needs.
+struct Pass<F> {
+    hidden: Array2<F>,
+    last: Vec<usize>,
+    layers: Vec<LayerCache<F>>,
+}
+
 /// A training forward pass of the decoder: the label words' logits and what backward
 /// needs.
 #[derive(Debug, Clone)]
@@ -381,24 +389,6 @@ pub struct DecoderForward<F> {
     last_hidden: Array2<F>,
     last_rstd: Array1<F>,
     layers: Vec<LayerCache<F>>,
-}
-
-/// Optional taps into a forward pass (as the encoder's).
-#[derive(Default)]
-struct Tap<'a, F> {
-    embedding_noise: Option<&'a Array2<F>>,
-    layer_outputs: Option<&'a mut Vec<Array2<F>>>,
-}
-
-/// How far down a layer's backward must go for a site: 0 = down, 1 = gate/up,
-/// 2 = o, 3 = q/k/v, 4 = the layer's input.
-fn depth(kind: SiteKind) -> u8 {
-    match kind {
-        SiteKind::Output => 0,
-        SiteKind::Gate | SiteKind::Intermediate => 1,
-        SiteKind::AttentionOutput => 2,
-        SiteKind::Query | SiteKind::Key | SiteKind::Value => 3,
-    }
 }
 
 impl<F: Real> LlamaModel<F> {
@@ -447,29 +437,23 @@ impl<F: Real> LlamaModel<F> {
         let c = &config;
         let (d, kv) = (c.hidden_size, c.kv_heads * c.head_dim);
         let embed = m(c.vocab_size, d).mapv(|v| v * F::from_f64(10.0));
+        // The norms draw from their own stream, so the matrices' draws do not depend
+        // on them.
+        let mut norm_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let mut norm = || -> Array1<F> {
+            Array1::from_shape_simple_fn(d, || F::from_f64(1.0 + norm_rng.random_range(-0.1..0.1)))
+        };
         let layers = (0..c.layers)
             .map(|_| Layer {
-                attn_norm: Array1::zeros(0),
+                attn_norm: norm(),
                 q: m(d, d),
                 k: m(kv, d),
                 v: m(kv, d),
                 o: m(d, d),
-                ffn_norm: Array1::zeros(0),
+                ffn_norm: norm(),
                 gate: m(c.ffn_size, d),
                 up: m(c.ffn_size, d),
                 down: m(d, c.ffn_size),
-            })
-            .collect::<Vec<_>>();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-        let mut norm = || -> Array1<F> {
-            Array1::from_shape_simple_fn(d, || F::from_f64(1.0 + rng.random_range(-0.1..0.1)))
-        };
-        let layers = layers
-            .into_iter()
-            .map(|l| Layer {
-                attn_norm: norm(),
-                ffn_norm: norm(),
-                ..l
             })
             .collect();
         Self {
@@ -697,8 +681,8 @@ impl<F: Real> LlamaModel<F> {
         (dq, dk, dv)
     }
 
-    /// Runs the decoder to the final norm's input (B·T × hidden); with `record`, keeps
-    /// what backward needs.
+    /// Runs the decoder to the final norm's input (B·T × hidden); returns it with each
+    /// sequence's last real row and, with `record`, what backward needs.
     fn run(
         &self,
         batch: &Batch,
@@ -706,9 +690,9 @@ impl<F: Real> LlamaModel<F> {
         mut dropout: Option<Dropout<'_>>,
         record: bool,
         tap: &mut Tap<'_, F>,
-    ) -> Result<(Array2<F>, Vec<LayerCache<F>>), ModelError> {
+    ) -> Result<Pass<F>, ModelError> {
         par::init();
-        self.check_batch(batch)?;
+        let last = self.check_batch(batch)?;
         if let Some(a) = adapter {
             self.check_adapter(a.params)?;
         }
@@ -791,7 +775,11 @@ impl<F: Real> LlamaModel<F> {
             }
             h = h2;
         }
-        Ok((h, caches))
+        Ok(Pass {
+            hidden: h,
+            last,
+            layers: caches,
+        })
     }
 
     /// The final norm on each sequence's last real row: (its input, 1/rms, its output).
@@ -804,14 +792,19 @@ impl<F: Real> LlamaModel<F> {
         (x, rstd, xn)
     }
 
-    /// The LM head's logits of the label words (B × labels) from the normed last rows.
-    fn verbalize(&self, xn: &Array2<F>, labels: &[u32]) -> Array2<F> {
+    /// The LM head's rows of the label words (labels × hidden).
+    fn label_rows(&self, labels: &[u32]) -> Array2<F> {
         let head = self.head_weight();
-        let mut words = Array2::zeros((labels.len(), xn.ncols()));
+        let mut words = Array2::zeros((labels.len(), head.ncols()));
         for (mut row, &id) in words.axis_iter_mut(Axis(0)).zip(labels) {
             row.assign(&head.row(id as usize));
         }
-        xn.dot(&words.t())
+        words
+    }
+
+    /// The LM head's logits of the label words (B × labels) from the normed last rows.
+    fn verbalize(&self, xn: &Array2<F>, labels: &[u32]) -> Array2<F> {
+        xn.dot(&self.label_rows(labels).t())
     }
 
     /// The verbalizer's logits for evaluation: the LM head's logits of `labels` (token
@@ -822,11 +815,7 @@ impl<F: Real> LlamaModel<F> {
         adapter: Option<Adapter<'_, F>>,
         labels: &[u32],
     ) -> Result<Array2<F>, ModelError> {
-        self.check_labels(labels)?;
-        let last = self.check_batch(batch)?;
-        let (hidden, _) = self.run(batch, adapter, None, false, &mut Tap::default())?;
-        let (_, _, xn) = self.last_rows(&hidden, &last);
-        Ok(self.verbalize(&xn, labels))
+        self.evaluate(batch, adapter, labels, &mut Tap::default())
     }
 
     /// [`LlamaModel::label_logits`] with `noise` (B·T × hidden) added to the input
@@ -838,14 +827,24 @@ impl<F: Real> LlamaModel<F> {
         labels: &[u32],
         noise: &Array2<F>,
     ) -> Result<Array2<F>, ModelError> {
-        self.check_labels(labels)?;
-        let last = self.check_batch(batch)?;
         let mut tap = Tap {
             embedding_noise: Some(noise),
             layer_outputs: None,
         };
-        let (hidden, _) = self.run(batch, adapter, None, false, &mut tap)?;
-        let (_, _, xn) = self.last_rows(&hidden, &last);
+        self.evaluate(batch, adapter, labels, &mut tap)
+    }
+
+    /// The label words' logits of a pass that keeps nothing for backward.
+    fn evaluate(
+        &self,
+        batch: &Batch,
+        adapter: Option<Adapter<'_, F>>,
+        labels: &[u32],
+        tap: &mut Tap<'_, F>,
+    ) -> Result<Array2<F>, ModelError> {
+        self.check_labels(labels)?;
+        let pass = self.run(batch, adapter, None, false, tap)?;
+        let (_, _, xn) = self.last_rows(&pass.hidden, &pass.last);
         Ok(self.verbalize(&xn, labels))
     }
 
@@ -859,9 +858,11 @@ impl<F: Real> LlamaModel<F> {
         labels: &[u32],
     ) -> Result<DecoderForward<F>, ModelError> {
         self.check_labels(labels)?;
-        let last = self.check_batch(batch)?;
-        let (hidden, layers) =
-            self.run(batch, Some(adapter), dropout, true, &mut Tap::default())?;
+        let Pass {
+            hidden,
+            last,
+            layers,
+        } = self.run(batch, Some(adapter), dropout, true, &mut Tap::default())?;
         let (last_hidden, last_rstd, xn) = self.last_rows(&hidden, &last);
         Ok(DecoderForward {
             logits: self.verbalize(&xn, labels),
@@ -951,30 +952,19 @@ impl<F: Real> LlamaModel<F> {
             )));
         }
         let mut grads = params.zeros_like();
-        let lowest = match params.sites.keys().map(|s| s.layer).min() {
-            _ if to_input => 0,
-            Some(l) => l,
-            None => return Ok((grads, None)),
+        let Some(lowest) = lowest_layer(params, to_input) else {
+            return Ok((grads, None));
         };
         let c = &self.config;
         // Verbalizer: logits = norm(h_last)·Eᵀ over the label rows of the head.
-        let head = self.head_weight();
-        let mut words = Array2::zeros((fwd.labels.len(), c.hidden_size));
-        for (mut row, &id) in words.axis_iter_mut(Axis(0)).zip(&fwd.labels) {
-            row.assign(&head.row(id as usize));
-        }
-        let dxn = dlogits.dot(&words);
+        let dxn = dlogits.dot(&self.label_rows(&fwd.labels));
         let dlast = rms_backward(&dxn, &fwd.last_hidden, &self.norm, &fwd.last_rstd);
         let n = batch.batch * batch.seq_len;
         let mut dh = Array2::<F>::zeros((n, c.hidden_size));
         for (row, &r) in dlast.axis_iter(Axis(0)).zip(&fwd.last) {
             dh.row_mut(r).assign(&row);
         }
-        let mask: Array1<F> = batch
-            .mask
-            .iter()
-            .map(|&m| if m { F::one() } else { F::zero() })
-            .collect();
+        let mask: Array1<F> = mask_values(batch);
         let mut ctx = BackwardCtx {
             hook,
             mask: &mask,
@@ -985,17 +975,7 @@ impl<F: Real> LlamaModel<F> {
         for l in (lowest..self.layers.len()).rev() {
             let layer = &self.layers[l];
             let cache = &fwd.layers[l];
-            let need = if l > lowest || to_input {
-                4
-            } else {
-                params
-                    .sites
-                    .keys()
-                    .filter(|s| s.layer == l)
-                    .map(|s| depth(s.kind))
-                    .max()
-                    .unwrap_or(0)
-            };
+            let need = layer_depth(params, l, lowest, to_input);
             // One site: the base dx (when needed) plus the adapter's part.
             let mut site = |kind: SiteKind,
                             dy: &ArrayView2<'_, F>,
@@ -1103,7 +1083,9 @@ impl<F: Real> LlamaModel<F> {
         }
         let t = ids.len();
         let batch = Batch::from_parts(1, t, ids.to_vec(), vec![0; t], vec![true; t])?;
-        let (hidden, _) = self.run(&batch, None, None, false, &mut Tap::default())?;
+        let hidden = self
+            .run(&batch, None, None, false, &mut Tap::default())?
+            .hidden;
         let (x, _) = rms_norm(&hidden, &self.norm, F::from_f32(self.config.rms_eps));
         Ok(x.dot(&self.head_weight().t()))
     }
